@@ -1,0 +1,1 @@
+"""Corpora, tokenizers, tfds text datasets and batch pipelines."""

@@ -1,0 +1,1 @@
+"""Dense and elastic Flax NNX models."""
