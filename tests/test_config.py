@@ -1,0 +1,117 @@
+"""Configs: every variant loads, validation names the bad field, the CLI fails clearly."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from elm_jax import config as config_lib
+from elm_jax.config import ConfigError, load_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("task", ["mlm", "clm"])
+@pytest.mark.parametrize("variant", ["", ":demo", ":test"])
+def test_cpu_variants_validate(task, variant):
+    cfg = load_config(f"configs/{task}.py{variant}")
+    config_lib.validate(cfg)
+    assert cfg.task == task and cfg.variant == (variant[1:] or "demo")
+
+
+def test_paper_variants_need_the_teacher_checkpoint():
+    mlm = load_config("configs/mlm.py:paper")
+    assert (mlm.space.hidden, mlm.space.layers, mlm.data.seq_len, mlm.data.batch_size) == (528, 12, 128, 256)
+    assert mlm.teacher.train.lr == 1e-4 and mlm.data.tokenizer.vocab_size == 30522
+    with pytest.raises(ConfigError, match=r"config\.data\.tokenizer\.path"):
+        config_lib.validate(mlm)
+    clm = load_config("configs/clm.py:paper")
+    config_lib.validate(clm, ["data"])
+    with pytest.raises(ConfigError, match=r"config\.teacher\.source.*needs a directory"):
+        config_lib.validate(clm, ["teacher"])
+
+
+def test_unknown_variant():
+    with pytest.raises(ValueError, match="unknown config variant 'huge'"):
+        load_config("configs/mlm.py:huge")
+
+
+BAD = [
+    ("task", "seq2seq", "task"),
+    ("seed", -1, "seed"),
+    ("seed", "0", "seed"),
+    ("data.corpus", "web", "data.corpus"),
+    ("data.seq_len", 4, "data.seq_len"),
+    ("data.seq_len", 32.5, "data.seq_len"),
+    ("data.batch_size", 0, "data.batch_size"),
+    ("data.mask_rate", 0.0, "data.mask_rate"),
+    ("data.mask_rate", 1.5, "data.mask_rate"),
+    ("data.random_token_frac", 0.5, "data.random_token_frac"),
+    ("data.tokenizer.kind", "bpe", "data.tokenizer.kind"),
+    ("data.tokenizer.vocab_size", 3, "data.tokenizer.vocab_size"),
+    ("mesh.data", 0, "mesh.data"),
+    ("mesh.fsdp", 0, "mesh.fsdp"),
+    ("teacher.source", "hub:bert-base", "teacher.source"),
+    ("teacher.source", "hf_bert:/no/such/dir", "teacher.source"),
+    ("teacher.model.heads", 5, "teacher.model.heads"),
+    ("teacher.model.family", "lstm", "teacher.model.family"),
+    ("teacher.train.steps", 0, "teacher.train.steps"),
+    ("teacher.train.lr", -1e-3, "teacher.train.lr"),
+    ("teacher.train.warmup_frac", 2.0, "teacher.train.warmup_frac"),
+    ("teacher.train.nan_policy", "ignore", "teacher.train.nan_policy"),
+]
+
+
+@pytest.mark.parametrize("field,value,named", BAD)
+def test_bad_value_names_the_field(field, value, named):
+    cfg = load_config("configs/mlm.py:test")
+    node = cfg
+    *parents, leaf = field.split(".")
+    for p in parents:
+        node = node[p]
+    with node.ignore_type():
+        node[leaf] = value
+    with pytest.raises(ConfigError, match="^" + re.escape(f"config.{named}:")):
+        config_lib.validate(cfg)
+
+
+def test_files_corpus_needs_files():
+    cfg = load_config("configs/mlm.py:test")
+    cfg.data.corpus = "files"
+    with pytest.raises(ConfigError, match=r"config\.data\.train_files"):
+        config_lib.validate(cfg)
+
+
+def test_parse_stages():
+    assert config_lib.parse_stages("all") == list(config_lib.STAGES)
+    assert config_lib.parse_stages("search,data") == ["data", "search"]
+    with pytest.raises(ConfigError, match=r"unknown stage\(s\) \['trian'\]"):
+        config_lib.parse_stages("data,trian")
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "elm_jax.main", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_data_stage_and_clear_errors(tmp_path):
+    ok = _cli("--config=configs/mlm.py:test", f"--workdir={tmp_path}", "--stages=data")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "train" in ok.stdout and "validation" in ok.stdout and "chars/tok" in ok.stdout
+    assert (tmp_path / "data" / "stats.json").is_file()
+
+    bad = _cli("--config=configs/mlm.py:test", f"--workdir={tmp_path}", "--stages=data",
+               "--config.data.seq_len=3")
+    assert bad.returncode == 2 and "config.data.seq_len: must be >= 8" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+    unknown = _cli("--config=configs/mlm.py:test", f"--workdir={tmp_path}", "--stages=bogus")
+    assert unknown.returncode == 2 and "unknown stage" in unknown.stderr
+
+    nowork = _cli("--config=configs/mlm.py:test", "--stages=data")
+    assert nowork.returncode == 2 and "--workdir is required" in nowork.stderr
+
+    locked = _cli("--config=configs/mlm.py:test", f"--workdir={tmp_path}", "--config.data.no_such_field=1")
+    assert locked.returncode != 0 and "no_such_field" in locked.stderr
