@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import ml_collections
 
 STAGES = ("data", "teacher", "supernet", "search", "export", "retrain", "finetune", "evaluate")
-IMPLEMENTED_STAGES = ("data",)
+IMPLEMENTED_STAGES = ("data", "teacher")
 TEACHER_KINDS = ("train", "hf_bert", "hf_gpt2", "checkpoint")
 
 

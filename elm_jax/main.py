@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from elm_jax import config as config_lib
@@ -18,23 +18,44 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory for all outputs.
 _STAGES = flags.DEFINE_string("stages", "all", "'all' or a comma list of: " + ",".join(config_lib.STAGES))
 
 
-def run_stage(stage: str, cfg, workdir: str) -> None:
-    if stage == "data":
-        from elm_jax.data.prepare import prepare_data
+class _Run:
+    """One invocation: the config, the work directory, and the data shared by its stages."""
 
-        prepare_data(cfg, workdir, verbose=True)
-        return
-    raise config_lib.ConfigError(
-        f"stage {stage!r} is not available yet in this version of elm-jax "
-        f"(available: {', '.join(config_lib.IMPLEMENTED_STAGES)})"
-    )
+    def __init__(self, cfg, workdir: str):
+        self.cfg, self.workdir, self._data = cfg, workdir, None
+
+    @property
+    def data(self):
+        if self._data is None:
+            import jax
+
+            from elm_jax.data.prepare import prepare_data
+
+            main_process = jax.process_index() == 0  # only process 0 writes and prints
+            self._data = prepare_data(self.cfg, self.workdir if main_process else None,
+                                      verbose=main_process)
+        return self._data
+
+    def stage(self, name: str) -> None:
+        if name == "data":
+            self.data  # noqa: B018  (prepares and prints the statistics)
+        elif name == "teacher":
+            from elm_jax.teacher import run_teacher_stage
+
+            run_teacher_stage(self.cfg, self.workdir, self.data)
+        else:
+            raise config_lib.ConfigError(
+                f"stage {name!r} is not available yet in this version of elm-jax "
+                f"(available: {', '.join(config_lib.IMPLEMENTED_STAGES)})")
 
 
 def main(argv) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from elm_jax.data.corpus import DataError
+    from elm_jax.models.hf import TeacherLoadError
 
+    logging.set_verbosity(logging.WARNING)  # orbax/tfds chatter; stages print their own progress
     try:
         if not _WORKDIR.value:
             raise config_lib.ConfigError("--workdir is required (the directory for all outputs)")
@@ -42,6 +63,10 @@ def main(argv) -> int:
         stages = config_lib.parse_stages(requested)
         cfg = _CONFIG.value
         config_lib.validate(cfg, stages)
+        from elm_jax.distributed import maybe_initialize
+
+        maybe_initialize(cfg.distributed)
+        run = _Run(cfg, _WORKDIR.value)
         run_all = requested == "all"
         for stage in stages:
             if run_all and stage not in config_lib.IMPLEMENTED_STAGES:
@@ -49,8 +74,8 @@ def main(argv) -> int:
                       f"(done: {', '.join(s for s in stages if s in config_lib.IMPLEMENTED_STAGES)})")
                 break
             print(f"[elm-jax] stage {stage}")
-            run_stage(stage, cfg, _WORKDIR.value)
-    except (config_lib.ConfigError, DataError) as e:
+            run.stage(stage)
+    except (config_lib.ConfigError, DataError, TeacherLoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
