@@ -23,21 +23,17 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from elm_jax.models.dense import DenseConfig, DenseLM
+from elm_jax.models.dense import DenseConfig, DenseLM, empty_model
 
 CONFIG_FILE = "config.json"
 PARAMS_FILE = "model.safetensors"
 
 
-def _key(path) -> str:
-    return ".".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
-
-
 def flat_params(model: DenseLM) -> dict[str, np.ndarray]:
     """``{dotted.path: array}`` of every parameter of ``model``."""
     state = nnx.state(model, nnx.Param)
-    leaves = jax.tree_util.tree_leaves_with_path(state)
-    return {_key(p): np.asarray(jax.device_get(v)) for p, v in leaves}
+    return {".".join(map(str, k)): np.asarray(jax.device_get(v.get_value()))
+            for k, v in nnx.to_flat_state(state)}
 
 
 def save_model(path: str | os.PathLike, model: DenseLM, meta: dict[str, Any] | None = None) -> Path:
@@ -71,18 +67,23 @@ def load_model(path: str | os.PathLike) -> tuple[DenseLM, dict[str, Any]]:
             f"{p} is not an elm-jax model directory (it needs {CONFIG_FILE} and {PARAMS_FILE})")
     info = json.loads((p / CONFIG_FILE).read_text())
     cfg = DenseConfig.from_dict(info["dense_config"])
-    model = DenseLM(cfg, rngs=nnx.Rngs(0))
+    return model_from_flat(cfg, load_file(os.fspath(p / PARAMS_FILE)), where=str(p / PARAMS_FILE)), info.get("meta", {})
+
+
+def model_from_flat(cfg: DenseConfig, tensors: dict[str, np.ndarray], where: str = "parameters") -> DenseLM:
+    """A DenseLM of ``cfg`` holding ``tensors`` (``{dotted.path: array}``, every parameter, exact
+    shapes); extra or missing names are errors."""
+    model = empty_model(cfg)
     state = nnx.state(model, nnx.Param)
-    tensors = load_file(os.fspath(p / PARAMS_FILE))
-    leaves = jax.tree_util.tree_leaves_with_path(state)
-    missing = [_key(k) for k, _ in leaves if _key(k) not in tensors]
-    if missing:
-        raise ValueError(f"{p / PARAMS_FILE} lacks parameters {missing[:5]}")
-    values = []
-    for k, a in leaves:
-        v = tensors[_key(k)]
-        if tuple(v.shape) != tuple(a.shape):
-            raise ValueError(f"{p / PARAMS_FILE}: {_key(k)} has shape {v.shape}, expected {a.shape}")
-        values.append(jax.numpy.asarray(v, a.dtype))
-    nnx.update(model, jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(state), values))
-    return model, info.get("meta", {})
+    flat = {".".join(map(str, k)): v for k, v in nnx.to_flat_state(state)}
+    missing = sorted(set(flat) - set(tensors))
+    extra = sorted(set(tensors) - set(flat))
+    if missing or extra:
+        raise ValueError(f"{where}: missing parameters {missing[:5]}, unexpected {extra[:5]}")
+    for k, var in flat.items():
+        want = tuple(var.get_value().shape)
+        if tuple(tensors[k].shape) != want:
+            raise ValueError(f"{where}: {k} has shape {tuple(tensors[k].shape)}, expected {want}")
+        var.set_value(jax.numpy.asarray(tensors[k], jax.numpy.float32))
+    nnx.update(model, state)
+    return model

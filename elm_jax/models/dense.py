@@ -436,6 +436,14 @@ def init_dense(cfg: DenseConfig, seed: int = 0) -> DenseLM:
     return DenseLM(cfg, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
 
 
+def empty_model(cfg: DenseConfig) -> DenseLM:
+    """A :class:`DenseLM` whose parameters are abstract placeholders (no random init, which
+    takes seconds for a real teacher); fill every one before use (loaders, extraction)."""
+    model = nnx.eval_shape(lambda: init_dense(cfg, 0))
+    model.dropout = nnx.Dropout(cfg.dropout, rngs=nnx.Rngs(dropout=1))
+    return model
+
+
 def count_params(model_or_state: Any) -> int:
     """Number of parameters (``nnx.Param`` entries only; RNG state is not counted).
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from elm_jax.models.dense import BlockSpec, DenseConfig, DenseLM, init_dense
+from elm_jax.models.dense import BlockSpec, DenseConfig, DenseLM, empty_model
 
 Path_ = tuple  # parameter path inside DenseLM, e.g. ('blocks', 0, 'attn', 'query', 'kernel')
 
@@ -155,14 +155,6 @@ def _assign(model: DenseLM, values: dict[Path_, np.ndarray], sources: dict[Path_
                 if isinstance(x, jax.ShapeDtypeStruct)]
     if leftover:
         raise AssertionError("internal: abstract values left in the loaded model")
-    return model
-
-
-def _empty_model(cfg: DenseConfig) -> DenseLM:
-    """A :class:`DenseLM` whose parameters are abstract placeholders (no random init,
-    which takes seconds for a real teacher); :func:`_assign` fills every one."""
-    model = nnx.eval_shape(lambda: init_dense(cfg, 0))
-    model.dropout = nnx.Dropout(cfg.dropout, rngs=nnx.Rngs(dropout=1))
     return model
 
 
@@ -316,7 +308,7 @@ def load_hf_bert(path: str | Path, *, head: str | None = None,
                 )
     _raise_missing(t, where, "The file is not a complete BERT checkpoint for its "
                    "config.json; re-save it with save_pretrained.")
-    model = _empty_model(cfg)
+    model = empty_model(cfg)
     return _assign(model, vals, srcs, where), cfg
 
 
@@ -422,7 +414,7 @@ def load_hf_gpt2(path: str | Path, *, head: str = "clm",
             )
     _raise_missing(t, where, "The file is not a complete GPT-2 checkpoint for its "
                    "config.json; re-save it with save_pretrained.")
-    model = _empty_model(cfg)
+    model = empty_model(cfg)
     return _assign(model, vals, srcs, where), cfg
 
 
