@@ -85,6 +85,20 @@ def base_config(task: str, variant: str) -> ml_collections.ConfigDict:
         train=train_config(steps=400, lr=1e-3, eval_every=200, checkpoint_every=100),
     ))
 
+    # Supernet pre-training (DESIGN §1.2-1.5).
+    c.supernet = ml_collections.ConfigDict(dict(
+        train=train_config(steps=300, lr=1e-3, eval_every=150, checkpoint_every=100),
+        sample_per="step",             # 'step': one architecture per step; 'device': one per device
+        sandwich=False,                # with sample_per='device': largest, smallest, random others
+        kd_loss="pearson",             # 'pearson' (ELM's relational loss) | 'mse'
+        gt_weight=0.0,                 # weight of the ground-truth MLM/CLM loss
+        grow=True,                     # PCA width growth (False: fixed initial widths)
+        calc_every=10,                 # PCA statistic / CKA logging interval (steps)
+        epoch_steps=0,                 # widths grow at every epoch end; 0 = one pass over the data
+        num_add=2,                     # candidates widened per epoch
+        upper_params=0,                # skip growth when the mean params of 1000 random archs exceed it (0 = never)
+    ))
+
     # The search space of the elastic supernet (DESIGN §1.1); used from the supernet stage on.
     c.space = ml_collections.ConfigDict(dict(
         layers=4, hidden=128, inner=32, embed_size=64, candidates=3, f0=64,
@@ -99,6 +113,9 @@ def base_config(task: str, variant: str) -> ml_collections.ConfigDict:
         c.teacher.model.update(layers=2, hidden=32, heads=2, ffn=64, embed_size=16, dropout=0.0)
         c.teacher.train = train_config(steps=20, lr=3e-3, batch_log_every=5, eval_every=10,
                                        checkpoint_every=10)
+        c.supernet.train = train_config(steps=12, lr=3e-3, batch_log_every=4, eval_every=6,
+                                        checkpoint_every=6)
+        c.supernet.update(calc_every=2, epoch_steps=6, num_add=1)
         c.space.update(layers=2, hidden=32, inner=16, embed_size=16, candidates=2, f0=16,
                        base_heads=2, min_layers=1)
         c.space.max_ffn.update(bert=64, mobilebert=32)
@@ -106,6 +123,10 @@ def base_config(task: str, variant: str) -> ml_collections.ConfigDict:
         c.data.update(seq_len=128, batch_size=256, eval_batch_size=256)
         c.teacher.train = train_config(steps=100_000, lr=1e-4, batch_log_every=100,
                                        eval_every=5_000, checkpoint_every=2_000)
+        # 10 epochs; with a real corpus set epoch_steps to one pass over it.
+        c.supernet.train = train_config(steps=100_000, lr=1e-4, batch_log_every=100,
+                                        eval_every=5_000, checkpoint_every=2_000)
+        c.supernet.update(calc_every=100, epoch_steps=10_000, num_add=4, upper_params=15_700_000)
         c.space.update(layers=12, hidden=528, inner=132, embed_size=128, candidates=6, f0=132,
                        base_heads=12, min_layers=6)
         # Candidates start at f0*(j+1) (132..792) and grow by f0 up to these caps.

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import ml_collections
 
 STAGES = ("data", "teacher", "supernet", "search", "export", "retrain", "finetune", "evaluate")
-IMPLEMENTED_STAGES = ("data", "teacher")
+IMPLEMENTED_STAGES = ("data", "teacher", "supernet")
 TEACHER_KINDS = ("train", "hf_bert", "hf_gpt2", "checkpoint")
 
 
@@ -176,3 +176,27 @@ def validate(cfg: ml_collections.ConfigDict, stages: Sequence[str] = STAGES) -> 
             _int(cfg, f"{m}.embed_size", 1)
             _float(cfg, f"{m}.dropout", 0.0, 1.0)
             validate_train(cfg, "teacher.train")
+    if "supernet" in stages:
+        validate_space(cfg)
+        sc = "supernet"
+        validate_train(cfg, f"{sc}.train")
+        mode = _choice(cfg, f"{sc}.sample_per", ("step", "device"))
+        if _get(cfg, f"{sc}.sandwich") and mode != "device":
+            _fail(f"{sc}.sandwich", "the sandwich rule needs supernet.sample_per='device'", True)
+        _choice(cfg, f"{sc}.kd_loss", ("pearson", "mse"))
+        _float(cfg, f"{sc}.gt_weight", 0.0)
+        _int(cfg, f"{sc}.calc_every", 1)
+        _int(cfg, f"{sc}.epoch_steps", 0)
+        _int(cfg, f"{sc}.num_add", 0)
+        _float(cfg, f"{sc}.upper_params", 0.0)
+
+
+def validate_space(cfg) -> None:
+    """The search space section, through SearchSpace's own checks (clear ArchError text)."""
+    from elm_jax.arch import ArchError, SearchSpace
+
+    try:
+        SearchSpace.from_config(cfg.space, vocab_size=max(cfg.data.tokenizer.vocab_size, 16),
+                                max_len=cfg.data.seq_len, task=cfg.task)
+    except ArchError as e:
+        raise ConfigError(f"config.space: {e}") from None

@@ -43,6 +43,10 @@ class _Run:
             from elm_jax.teacher import run_teacher_stage
 
             run_teacher_stage(self.cfg, self.workdir, self.data)
+        elif name == "supernet":
+            from elm_jax.supernet import run_supernet_stage
+
+            run_supernet_stage(self.cfg, self.workdir, self.data)
         else:
             raise config_lib.ConfigError(
                 f"stage {name!r} is not available yet in this version of elm-jax "

@@ -52,19 +52,21 @@ def _lm_sums(model: Supernet, batch: dict) -> dict:
     return weighted_cross_entropy(out.logits, batch["targets"], batch["weights"])
 
 
-def sharded_sums(mesh: Mesh, sums_fn: Callable[[nnx.Module, dict], dict]) -> Callable:
-    """``(model, batch) -> sums`` run per device under ``shard_map`` and summed over devices."""
+def sharded_sums(mesh: Mesh, sums_fn: Callable[..., dict]) -> Callable:
+    """``(model, batch, *frozen) -> sums``: ``sums_fn`` per device under ``shard_map``, summed
+    over devices. ``frozen`` pytrees (a teacher's weights) are passed whole to every device."""
     axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
 
-    def run(model: nnx.Module, batch: dict) -> dict:
+    def run(model: nnx.Module, batch: dict, *frozen: Any) -> dict:
         graphdef, state = nnx.split(model)
 
-        def per_device(state, batch):
-            sums = sums_fn(nnx.merge(graphdef, state), batch)
+        def per_device(state, batch, *frozen):
+            sums = sums_fn(nnx.merge(graphdef, state), batch, *frozen)
             return jax.tree.map(lambda v: jax.lax.psum(v, axes), sums)
 
-        return jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(axes)), out_specs=P(),
-                             check_vma=False)(state, batch)
+        specs = (P(), P(axes)) + (P(),) * len(frozen)
+        return jax.shard_map(per_device, mesh=mesh, in_specs=specs, out_specs=P(),
+                             check_vma=False)(state, batch, *frozen)
 
     return run
 
@@ -92,16 +94,26 @@ class ArchBatches:
     """
 
     def __init__(self, source: Any, space: SearchSpace, widths: Callable[[], np.ndarray], *,
-                 mode: str, num_devices: int, seed: int):
+                 mode: str, num_devices: int, seed: int, sandwich: bool = False):
         if mode not in ("step", "device"):
             raise ValueError(f"supernet.sample_per must be 'step' or 'device', got {mode!r}")
+        if sandwich and (mode != "device" or num_devices < 3):
+            raise ValueError("the sandwich rule needs supernet.sample_per='device' and at least 3 "
+                             f"data-parallel devices (largest, smallest, random); got {mode!r} "
+                             f"with {num_devices}")
         self.source, self.space, self.widths = source, space, widths
-        self.mode, self.num_devices, self.seed = mode, num_devices, seed
+        self.mode, self.num_devices, self.seed, self.sandwich = mode, num_devices, seed, sandwich
 
     def archs(self, step: int) -> list[Arch]:
+        """The architectures of step ``step``: one, or one per device (sandwich: the largest
+        and the smallest under the current widths on the first two devices, random ones on
+        the rest)."""
         rng = np.random.default_rng([self.seed, 0xA5C7, step])
         n = self.num_devices if self.mode == "device" else 1
-        return [self.space.sample(rng) for _ in range(n)]
+        if not self.sandwich:
+            return [self.space.sample(rng) for _ in range(n)]
+        w = self.widths()
+        return [self.space.largest(w), self.space.smallest(w)] + [self.space.sample(rng) for _ in range(n - 2)]
 
     def batch(self, step: int, process_index: int = 0, process_count: int = 1) -> dict[str, np.ndarray]:
         local = self.source.batch(step, process_index, process_count)
@@ -115,11 +127,14 @@ class ArchBatches:
 
 
 class FixedArchBatches:
-    """Evaluation batches of one fixed architecture (for validation of a given sub-network)."""
+    """Evaluation batches of one fixed architecture; ``widths`` is an array or a callable
+    returning the current widths state (read at each evaluation)."""
 
-    def __init__(self, source: Any, space: SearchSpace, arch: Arch, widths: np.ndarray):
-        self.source, self.arrays = source, space.to_arrays(arch, widths)
+    def __init__(self, source: Any, space: SearchSpace, arch: Arch, widths: Any):
+        self.source, self.space, self.arch, self.widths = source, space, arch, widths
 
     def batches(self, process_index: int = 0, process_count: int = 1):
+        w = self.widths() if callable(self.widths) else self.widths
+        arrays = self.space.to_arrays(self.arch, w)
         for b in self.source.batches(process_index, process_count):
-            yield b | arch_rows([self.arrays], len(b["inputs"]))
+            yield b | arch_rows([arrays], len(b["inputs"]))

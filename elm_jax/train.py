@@ -170,6 +170,19 @@ class TrainState:
   rng: jax.Array
 
 
+class _WithFrozen:
+  """A jitted ``f(state, batch, frozen)`` called as ``f(state, batch)``; ``frozen`` is bound."""
+
+  def __init__(self, jitted: Any, frozen: Any):
+    self.jitted, self.frozen = jitted, frozen
+
+  def __call__(self, state: Any, batch: Any) -> Any:
+    return self.jitted(state, batch, self.frozen)
+
+  def _cache_size(self) -> int:
+    return self.jitted._cache_size()  # pylint: disable=protected-access
+
+
 def _where(pred: jax.Array, new: Any, old: Any) -> Any:
   return jax.tree.map(lambda n, o: jnp.where(pred, n, o), new, old)
 
@@ -224,7 +237,8 @@ class Trainer:
   """
 
   def __init__(self, model: nnx.Module, loss_fn: LossFn, eval_fn: EvalFn | None, tc: Any,
-               mesh: Mesh, *, optimizer: optax.GradientTransformation | None = None):
+               mesh: Mesh, *, optimizer: optax.GradientTransformation | None = None,
+               frozen: Any = None):
     self.tc = tc
     self.mesh = mesh
     self.loss_fn = loss_fn
@@ -247,12 +261,16 @@ class Trainer:
     self.batch_sharding = shd.batch_sharding(mesh)
     self.train_step_traces = 0
     repl = shd.replicated(mesh)
-    self.train_step = jax.jit(
-        self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
-        out_shardings=(self.state_shardings, repl), donate_argnums=0)
-    self.eval_step = jax.jit(
-        self._eval_step, in_shardings=(self.state_shardings, self.batch_sharding),
-        out_shardings=repl)
+    self.has_frozen = frozen is not None
+    frozen_tree = frozen if self.has_frozen else {}
+    frozen_sh = shd.state_shardings(jax.eval_shape(lambda: frozen_tree), mesh)
+    self.frozen = self._place(frozen_tree, frozen_sh)
+    self.train_step = _WithFrozen(jax.jit(
+        self._train_step, in_shardings=(self.state_shardings, self.batch_sharding, frozen_sh),
+        out_shardings=(self.state_shardings, repl), donate_argnums=0), self.frozen)
+    self.eval_step = _WithFrozen(jax.jit(
+        self._eval_step, in_shardings=(self.state_shardings, self.batch_sharding, frozen_sh),
+        out_shardings=repl), self.frozen)
     self._accumulate = jax.jit(_reduce_metrics, out_shardings=repl)
     self._add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b), out_shardings=repl)
     self._init_jit = jax.jit(self._new_state, out_shardings=self.state_shardings)
@@ -294,7 +312,7 @@ class Trainer:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(self.abstract_state.params)))
 
   # -- compiled steps ---------------------------------------------------------
-  def _train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+  def _train_step(self, state: TrainState, batch: dict, frozen: Any) -> tuple[TrainState, dict]:
     self.train_step_traces += 1  # Python side effect: runs once per trace/compile
     key = jax.random.wrap_key_data(state.rng)
     next_key, step_key = jax.random.split(key)
@@ -303,7 +321,7 @@ class Trainer:
       # copy=True: fresh Variables owned by this (grad) trace, so the model may
       # mutate its non-param state (RNG counts, batch stats) inside jax.grad.
       model = nnx.merge(self.graphdef, params, state.other, copy=True)
-      loss, sums = self.loss_fn(model, batch, step_key)
+      loss, sums = self.loss_fn(model, batch, step_key, *self._frozen_args(frozen))
       _, _, new_other = nnx.split(model, nnx.Param, ...)
       return loss, (sums, new_other)
 
@@ -333,9 +351,12 @@ class Trainer:
     )
     return new_state, metrics
 
-  def _eval_step(self, state: TrainState, batch: dict) -> dict:
+  def _frozen_args(self, frozen: Any) -> tuple:
+    return (frozen,) if self.has_frozen else ()
+
+  def _eval_step(self, state: TrainState, batch: dict, frozen: Any) -> dict:
     model = nnx.merge(self.graphdef, state.params, state.other, copy=True)
-    out = self.eval_fn(model, batch)
+    out = self.eval_fn(model, batch, *self._frozen_args(frozen))
     return {k: jnp.asarray(v, jnp.float32) for k, v in out.items()}
 
 
@@ -373,6 +394,23 @@ def _write_json_atomic(path: str, obj: Any) -> None:
 def _tokens_per_step(local: Mapping[str, np.ndarray]) -> int:
   x = local.get("inputs", next(iter(local.values())))
   return int(np.size(x)) * jax.process_count()
+
+
+class Hooks(Protocol):
+  """Stage-specific work between steps whose state is saved with every checkpoint.
+
+  ``after_step(done, state, local_batch, writer)`` runs after step ``done - 1`` was queued
+  (``local_batch`` is that step's batch); ``meta()`` returns JSON-able state stored in each
+  checkpoint; ``on_restore(meta)`` restores it when a run resumes. With hooks that are pure
+  functions of (state, batch, step), a resumed run stays identical to an uninterrupted one.
+  """
+
+  def after_step(self, done: int, state: TrainState, local_batch: Mapping[str, np.ndarray],
+                 writer: Any) -> None: ...
+
+  def meta(self) -> dict: ...
+
+  def on_restore(self, meta: Mapping[str, Any]) -> None: ...
 
 
 class _PreemptionWatch:
@@ -414,7 +452,8 @@ class _PreemptionWatch:
 
 def fit(trainer: Trainer, train_source: TrainSource, eval_source: EvalSource | None,
         workdir: str | os.PathLike, *, name: str = "teacher",
-        meta: Mapping[str, Any] | None = None) -> tuple[TrainState, dict[str, Any]]:
+        meta: Mapping[str, Any] | None = None,
+        hooks: "Hooks | None" = None) -> tuple[TrainState, dict[str, Any]]:
   """Trains to ``tc.steps``, resuming from ``<workdir>/<name>/checkpoints``.
 
   Writes ``<workdir>/<name>/{checkpoints/, metrics.jsonl, tb/, summary.json}``.
@@ -450,6 +489,8 @@ def fit(trainer: Trainer, train_source: TrainSource, eval_source: EvalSource | N
     restored = ckpt.restore_latest(trainer.abstract_state)
     if restored is not None:
       state, ck_meta, start = restored
+      if hooks is not None:
+        hooks.on_restore(ck_meta.get("hooks", {}))
       skipped_total = int(ck_meta.get("skipped_total", 0))
       log.info("%s: resuming from step %d", name, start)
     else:
@@ -506,6 +547,8 @@ def fit(trainer: Trainer, train_source: TrainSource, eval_source: EvalSource | N
         partial_skipped = int(part["s"])
       ck = {"step": step, "skipped_total": skipped_total + partial_skipped, "name": name}
       ck.update(dict(meta or {}))
+      if hooks is not None:
+        ck["hooks"] = hooks.meta()
       ckpt.save(step, state, ck, force=True)
 
     def run_eval(step: int, log_it: bool = True) -> None:
@@ -525,6 +568,8 @@ def fit(trainer: Trainer, train_source: TrainSource, eval_source: EvalSource | N
         if not tokens_per_step:
           tokens_per_step = _tokens_per_step(local)
         state, m = trainer.train_step(state, shd.global_batch(local, trainer.mesh))
+        if hooks is not None:
+          hooks.after_step(step + 1, state, local, writer)
         window = m if window is None else trainer._accumulate(window, m)  # pylint: disable=protected-access
         flush()  # the previous log step's metrics, now that this step is queued
         done = step + 1

@@ -1,0 +1,263 @@
+"""The supernet stage: ELM supernet pre-training under relational distillation (DESIGN §1.2-1.5).
+
+Each step samples architectures (one per step, one per data-parallel device, or the sandwich
+rule across devices) from a host RNG derived from ``(seed, step)``; the frozen teacher (from the
+teacher stage; passed to the engine as ``frozen``, never checkpointed with the student) and the
+supernet run on the same inputs, and the loss is
+
+    L = D(E_T, P E_S) + sum_{active l} [ D(A_T^{m(l)}, P_fam(l) A_S^l) + D(H_T^{m(l)}, P H_S^l) ]
+        + gt_weight * CE(student logits, targets)
+
+with ``D`` the relational (Pearson) loss by default (``supernet.kd_loss``). Every
+``calc_every`` steps the PCA statistic ``k`` of the sampled architectures' FFNs is accumulated
+per (layer, family, candidate) and the mean off-diagonal head CKA per layer is logged; at every
+epoch end the top ``num_add`` candidates by mean ``k`` widen by ``f0`` (DESIGN §1.2). Widths,
+the accumulated statistics and the growth history are saved with every checkpoint, so a
+resumed run continues exactly.
+
+Output: ``WORKDIR/supernet/final/`` with the supernet weights (``supernet.safetensors``),
+``widths.json`` (widths, space, growth history) and ``WORKDIR/supernet/result.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+from ml_collections import ConfigDict
+from safetensors.numpy import load_file, save_file
+
+from elm_jax import arch as arch_lib
+from elm_jax import sharding
+from elm_jax import train as train_lib
+from elm_jax.arch import SearchSpace
+from elm_jax.data.prepare import DataBundle
+from elm_jax.distill import init_projections, supernet_distill_loss
+from elm_jax.dynamic import PCAAccumulator, grow_widths, layer_head_cka, layer_pca_stats
+from elm_jax.fileio import atomic_write_json
+from elm_jax.losses import weighted_cross_entropy
+from elm_jax.models.dense import DenseLM
+from elm_jax.models.elastic import Supernet
+from elm_jax.supernet_steps import BATCH_AXES, ArchBatches, FixedArchBatches, local_arch, sharded_sums
+from elm_jax.teacher import load_teacher
+
+
+class Student(nnx.Module):
+    """The supernet plus the learned distillation projections to the teacher width."""
+
+    def __init__(self, space: SearchSpace, teacher_hidden: int, seed: int):
+        self.net = Supernet(space, rngs=nnx.Rngs(params=seed))
+        proj = init_projections(jax.random.key(seed + 1), space.hidden, space.inner, teacher_hidden,
+                                space.families)
+        self.proj = nnx.Dict({name: nnx.Dict({k: nnx.Param(v) for k, v in d.items()})
+                              for name, d in proj.items()})
+
+    def projections(self) -> dict[str, dict[str, jax.Array]]:
+        return {name: {k: v[...] for k, v in d.items()} for name, d in self.proj.items()}
+
+
+def space_of(cfg, vocab_size: int) -> SearchSpace:
+    return SearchSpace.from_config(cfg.space, vocab_size=vocab_size, max_len=cfg.data.seq_len,
+                                   task=cfg.task)
+
+
+def distill_sums_fn(teacher_graphdef: Any, teacher_rest: Any, kind: str):
+    """Per-device sums of the supernet objective for the rows' architecture."""
+
+    def sums(student: Student, batch: dict, teacher_params: Any) -> dict:
+        teacher = nnx.merge(teacher_graphdef, teacher_params, teacher_rest)
+        t = teacher(batch["inputs"], batch["mask"], batch["segment_ids"])
+        t_emb, t_attn, t_block = jax.tree.map(jax.lax.stop_gradient, (t.embedding, t.attn_outs, t.block_outs))
+        arch = local_arch(batch)
+        out = student.net(batch["inputs"], arch, batch["mask"], batch["segment_ids"])
+        kd, parts = supernet_distill_loss(out, t_emb, t_attn, t_block, arch, batch["mask"],
+                                          student.projections(), kind)
+        ce = weighted_cross_entropy(out.logits, batch["targets"], batch["weights"])
+        # kd_* are per-device means (summed over devices, divided by kd_count); not named
+        # *_sum so the engine does not divide them by the token weight.
+        return ce | {"kd_total": kd, "kd_count": jnp.ones((), jnp.float32),
+                     **{f"kd_{k}_total": v for k, v in parts.items()}}
+
+    return sums
+
+
+def _kd_mean(s: Mapping[str, jax.Array]) -> jax.Array:
+    return s["kd_total"] / jnp.maximum(s["kd_count"], 1.0)
+
+
+class SupernetHooks:
+    """PCA statistics, CKA logging and epoch-end width growth between steps (checkpointed)."""
+
+    def __init__(self, cfg, space: SearchSpace, trainer: train_lib.Trainer, epoch_steps: int):
+        self.cfg, self.space, self.trainer, self.epoch_steps = cfg, space, trainer, epoch_steps
+        self.widths = space.initial_widths()
+        self.acc = PCAAccumulator(space.layers, space.candidates)
+        self.history: list[dict] = []
+        self._stats = self._build_stats()
+
+    def _build_stats(self):
+        mesh, graphdef = self.trainer.mesh, self.trainer.graphdef
+        axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+        base_heads = self.space.base_heads
+
+        def per_device(params, other, batch):
+            net = nnx.merge(graphdef, params, other).net
+            arch = local_arch(batch)
+            out = net(batch["inputs"], arch, batch["mask"], batch["segment_ids"], return_internals=True)
+            f = out.layers
+            k = layer_pca_stats(f.ffn_pre_bert, f.ffn_pre_mobilebert, arch, batch["mask"])
+            cka = layer_head_cka(f.ctx_bert, f.ctx_mobilebert, arch, base_heads, batch["mask"])
+            return k[None], cka[None]
+
+        fn = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(axes)),
+                           out_specs=(P(axes), P(axes)), check_vma=False)
+        return jax.jit(fn)
+
+    def after_step(self, done: int, state, local_batch, writer) -> None:
+        sc = self.cfg.supernet
+        if sc.grow and done % sc.calc_every == 0:
+            batch = sharding.global_batch(local_batch, self.trainer.mesh)
+            k, cka = jax.device_get(self._stats(state.params, state.other, batch))
+            rows = len(local_batch["inputs"]) // len(k)
+            for d in range(len(k)):  # each device's rows carry that device's architecture
+                arrays = arch_lib.ArchArrays(**{f: local_batch[f"arch_{f}"][d * rows]
+                                                for f in ("family", "candidate", "width", "heads", "active")})
+                self.acc.add(k[d], arrays)
+            with warnings.catch_warnings():  # layers no device ran with >1 head are all-NaN
+                warnings.simplefilter("ignore", RuntimeWarning)
+                per_layer = np.nanmean(cka, axis=0)
+            writer.write_scalars(done, {f"cka/layer{l}": float(v) for l, v in enumerate(per_layer)
+                                        if np.isfinite(v)})
+        if sc.grow and done % self.epoch_steps == 0:
+            self.grow(done, writer)
+
+    def mean_params(self) -> float:
+        rng = np.random.default_rng(12345)
+        return float(np.mean([arch_lib.count_params(self.space, self.space.sample(rng), self.widths)
+                              for _ in range(1000)]))
+
+    def grow(self, done: int, writer) -> None:
+        sc = self.cfg.supernet
+        new, grown = grow_widths(self.widths, self.acc, sc.num_add, self.space.f0,
+                                 self.space.max_widths(), self.space.families,
+                                 mean_params_fn=self.mean_params,
+                                 upper_params=float(sc.upper_params) if sc.upper_params > 0 else None)
+        event = {"step": done, "grown": [list(map(int, g)) for g in grown],
+                 "mean_k": np.nan_to_num(self.acc.mean(), nan=-1.0).round(3).tolist()}
+        self.history.append(event)
+        self.widths = new
+        self.acc.reset()
+        writer.write_scalars(done, {"widths/total": float(new.sum()), "widths/grown": float(len(grown))})
+
+    def meta(self) -> dict:
+        acc = self.acc.state_dict()
+        return {"widths": self.widths.tolist(), "history": self.history,
+                "acc": {k: np.asarray(v).tolist() for k, v in acc.items()}}
+
+    def on_restore(self, meta: Mapping[str, Any]) -> None:
+        if not meta:
+            return
+        self.widths = self.space.validate_widths(np.asarray(meta["widths"], np.int32))
+        self.history = list(meta["history"])
+        self.acc = PCAAccumulator.from_state_dict({k: np.asarray(v) for k, v in meta["acc"].items()})
+
+
+def _flat(module: nnx.Module) -> dict[str, np.ndarray]:
+    return {".".join(map(str, k)): np.asarray(v.get_value())
+            for k, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+
+
+def save_supernet(path: Path, net: Supernet, widths: np.ndarray, history: list) -> None:
+    """``path/supernet.safetensors`` and ``path/widths.json`` (space, widths, growth history)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file(_flat(net), os.fspath(tmp / "supernet.safetensors"))
+    atomic_write_json(tmp / "widths.json", {"space": dataclasses.asdict(net.space),
+                                            "widths": np.asarray(widths).tolist(), "history": history})
+    if path.exists():
+        import shutil
+
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def load_supernet(path: str | os.PathLike) -> tuple[Supernet, np.ndarray, dict]:
+    """The trained supernet, its widths and the widths.json record of a supernet directory."""
+    p = Path(path)
+    info = json.loads((p / "widths.json").read_text())
+    space_d = dict(info["space"])
+    space_d = {k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
+               for k, v in space_d.items()}
+    space = SearchSpace(**space_d)
+    net = nnx.eval_shape(lambda: Supernet(space, rngs=nnx.Rngs(0)))
+    state = nnx.state(net, nnx.Param)
+    tensors = load_file(os.fspath(p / "supernet.safetensors"))
+    for k, var in nnx.to_flat_state(state):
+        var.set_value(jnp.asarray(tensors[".".join(map(str, k))]))
+    nnx.update(net, state)
+    return net, space.validate_widths(np.asarray(info["widths"], np.int32)), info
+
+
+def run_supernet_stage(cfg, workdir: str | os.PathLike, data: DataBundle) -> dict[str, Any]:
+    """Trains the supernet (resuming when a checkpoint exists) and writes its final weights."""
+    out = Path(workdir) / "supernet"
+    final = out / "final"
+    result_path = out / "result.json"
+    if (final / "widths.json").is_file() and result_path.is_file():
+        print(f"[supernet] complete already: {final}")
+        return json.loads(result_path.read_text())
+    teacher: DenseLM = load_teacher(workdir)
+    space = space_of(cfg, data.tokenizer.vocab_size)
+    if teacher.cfg.vocab_size != space.vocab_size:
+        raise ValueError(f"teacher vocabulary {teacher.cfg.vocab_size} != tokenizer {space.vocab_size}")
+    sc = cfg.supernet
+    mesh = sharding.make_mesh(cfg.mesh)
+    num_devices = int(np.prod([mesh.shape[a] for a in BATCH_AXES if a in mesh.axis_names]))
+    t_graphdef, t_params, t_rest = nnx.split(teacher, nnx.Param, ...)
+    sums = sharded_sums(mesh, distill_sums_fn(t_graphdef, t_rest, sc.kd_loss))
+    gt = float(sc.gt_weight)
+
+    def loss_fn(model, batch, rng, frozen):
+        del rng
+        s = sums(model, batch, frozen)
+        return _kd_mean(s) + gt * s["loss_sum"] / jnp.maximum(s["weight_sum"], 1.0), s
+
+    def eval_fn(model, batch, frozen):
+        return sums(model, batch, frozen)
+
+    student = Student(space, teacher.cfg.hidden, cfg.seed)
+    tc = ConfigDict(sc.train.to_dict() | {"seed": cfg.seed})
+    trainer = train_lib.Trainer(student, loss_fn, eval_fn, tc, mesh, frozen=t_params)
+    epoch_steps = int(sc.epoch_steps) or max(1, int(round(data.train.steps_per_epoch)))
+    hooks = SupernetHooks(cfg, space, trainer, epoch_steps)
+    train_src = ArchBatches(data.train, space, lambda: hooks.widths, mode=sc.sample_per,
+                            num_devices=num_devices, seed=cfg.seed, sandwich=sc.sandwich)
+    eval_src = FixedArchBatches(data.eval, space, space.largest(), lambda: hooks.widths)
+    print(f"[supernet] {space.layers} layers x {space.candidates} candidates x {list(space.families)}, "
+          f"{trainer.num_params():,} parameters (with projections); {tc.steps} steps, "
+          f"{sc.kd_loss} distillation, architectures per {sc.sample_per}"
+          f"{' (sandwich)' if sc.sandwich else ''}, epoch = {epoch_steps} steps")
+    state, summary = train_lib.fit(trainer, train_src, eval_src, workdir, name="supernet",
+                                   meta={"task": cfg.task}, hooks=hooks)
+    model = trainer.model_from_state(state)
+    eval_metrics = summary["eval"]
+    if eval_metrics.get("kd_count"):
+        eval_metrics["kd"] = eval_metrics["kd_total"] / eval_metrics["kd_count"]
+    result = {"space": dataclasses.asdict(space), "widths": hooks.widths.tolist(),
+              "growth": hooks.history, "eval_largest": eval_metrics, "train": summary}
+    if jax.process_index() == 0:
+        save_supernet(final, model.net, hooks.widths, hooks.history)
+        atomic_write_json(result_path, result)
+    grown = sum(len(e["grown"]) for e in hooks.history)
+    print(f"[supernet] done: largest-architecture validation kd {eval_metrics.get('kd', float('nan')):.4f}, "
+          f"MLM/CLM loss {eval_metrics.get('loss', float('nan')):.4f}; {grown} width increments")
+    return result
