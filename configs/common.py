@@ -99,6 +99,25 @@ def base_config(task: str, variant: str) -> ml_collections.ConfigDict:
         upper_params=0,                # skip growth when the mean params of 1000 random archs exceed it (0 = never)
     ))
 
+    # Evolutionary search (DESIGN §1.6) under budgets; each budget is a dict of optional
+    # min_/max_ params, flops (per sequence of data.seq_len) and latency_ms (predicted).
+    c.search = ml_collections.ConfigDict(dict(
+        population=24,
+        generations=6,
+        parents=8,                     # top-k kept as parents
+        mutations=8,                   # children by mutation per generation
+        crossovers=8,                  # children by uniform crossover per generation
+        mutation_prob=0.2,             # each gene resampled with this probability
+        eval_batches=4,                # fixed validation batches scoring every candidate
+        budgets=[{"name": "small", "max_params": 450_000}, {"name": "medium", "max_params": 600_000}],
+    ))
+    # Per-device latency table (DESIGN §2): measured once per device, cached.
+    c.latency = ml_collections.ConfigDict(dict(
+        batch=1, seq_len=0,            # 0 -> data.seq_len
+        repeats=20, warmup=3,
+        cache_dir="",                  # '' -> data cache dir / latency
+    ))
+
     # The search space of the elastic supernet (DESIGN §1.1); used from the supernet stage on.
     c.space = ml_collections.ConfigDict(dict(
         layers=4, hidden=128, inner=32, embed_size=64, candidates=3, f0=64,
