@@ -28,171 +28,175 @@ log = logging.getLogger(__name__)
 
 
 def is_prng_key(x: Any) -> bool:
-  """True for typed PRNG key arrays (and their ShapeDtypeStructs)."""
-  dtype = getattr(x, "dtype", None)
-  return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+    """True for typed PRNG key arrays (and their ShapeDtypeStructs)."""
+    dtype = getattr(x, "dtype", None)
+    return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
 
 
 def keys_to_data(tree: Any) -> Any:
-  """Typed PRNG key leaves -> their uint32 key data (orbax stores plain arrays)."""
-  return jax.tree.map(lambda x: jax.random.key_data(x) if is_prng_key(x) else x, tree)
+    """Typed PRNG key leaves -> their uint32 key data (orbax stores plain arrays)."""
+    return jax.tree.map(lambda x: jax.random.key_data(x) if is_prng_key(x) else x, tree)
 
 
 def _abstract_keys_to_data(abstract: Any) -> Any:
-  """Same as ``keys_to_data`` for ``ShapeDtypeStruct`` leaves (keeps shardings)."""
+    """Same as ``keys_to_data`` for ``ShapeDtypeStruct`` leaves (keeps shardings)."""
 
-  def one(x: Any) -> Any:
-    if not is_prng_key(x):
-      return x
-    data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(x.shape, x.dtype))
-    sharding = getattr(x, "sharding", None)
-    if isinstance(sharding, NamedSharding):
-      spec = tuple(sharding.spec) + (None,) * (len(data.shape) - len(sharding.spec))
-      sharding = NamedSharding(sharding.mesh, P(*spec))
-    return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=sharding)
+    def one(x: Any) -> Any:
+        if not is_prng_key(x):
+            return x
+        data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(x.shape, x.dtype))
+        sharding = getattr(x, "sharding", None)
+        if isinstance(sharding, NamedSharding):
+            spec = tuple(sharding.spec) + (None,) * (len(data.shape) - len(sharding.spec))
+            sharding = NamedSharding(sharding.mesh, P(*spec))
+        return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=sharding)
 
-  return jax.tree.map(one, abstract)
+    return jax.tree.map(one, abstract)
 
 
 def _data_to_keys(tree: Any, abstract: Any) -> Any:
-  """Re-wraps key data into typed keys where ``abstract`` has a key dtype."""
+    """Re-wraps key data into typed keys where ``abstract`` has a key dtype."""
 
-  def one(x: Any, a: Any) -> Any:
-    if is_prng_key(a):
-      # KeyTy._impl is the PRNG implementation the key type was made with.
-      return jax.random.wrap_key_data(x, impl=a.dtype._impl)  # pylint: disable=protected-access
-    return x
+    def one(x: Any, a: Any) -> Any:
+        if is_prng_key(a):
+            # KeyTy._impl is the PRNG implementation the key type was made with.
+            return jax.random.wrap_key_data(x, impl=a.dtype._impl)  # pylint: disable=protected-access
+        return x
 
-  return jax.tree.map(one, tree, abstract)
+    return jax.tree.map(one, tree, abstract)
 
 
 @jax.jit
 def _all_finite(tree: Any) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(x.dtype, jnp.inexact)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
 def tree_all_finite(tree: Any) -> bool:
-  """True when every float leaf of ``tree`` is finite (one host sync)."""
-  return bool(_all_finite(keys_to_data(tree)))
+    """True when every float leaf of ``tree`` is finite (one host sync)."""
+    return bool(_all_finite(keys_to_data(tree)))
 
 
 class Checkpointer:
-  """Periodic checkpoints of one training run.
+    """Periodic checkpoints of one training run.
 
-  Args:
-    directory: where the step directories live (created if missing).
-    keep: how many most recent steps to keep (>= 2 so that a damaged newest step
-      still leaves one to fall back to).
-    save_every: ``save(step, ...)`` writes only when ``step % save_every == 0``
-      (or ``force=True``).
-    async_save: write in a background thread; training continues while the
-      arrays (already copied off the device buffers) are written.
-  """
-
-  def __init__(self, directory: str | os.PathLike, keep: int, save_every: int,
-               async_save: bool = True):
-    self.directory = os.path.abspath(os.fspath(directory))
-    self.keep = int(keep)
-    self.save_every = max(int(save_every), 1)
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=self.keep if self.keep > 0 else None,
-        create=True,
-        enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True,
-    )
-    self._mngr = ocp.CheckpointManager(self.directory, options=options)
-
-  def all_steps(self) -> list[int]:
-    """The committed steps on disk, ascending."""
-    self._mngr.reload()
-    return sorted(self._mngr.all_steps())
-
-  def latest_step(self) -> int | None:
-    steps = self.all_steps()
-    return steps[-1] if steps else None
-
-  def should_save(self, step: int) -> bool:
-    return step % self.save_every == 0
-
-  def save(self, step: int, state_pytree: Any, meta: dict[str, Any] | None = None,
-           force: bool = False) -> bool:
-    """Starts saving ``state_pytree`` (and the JSON-able ``meta``) as ``step``.
-
-    Returns whether a save was started: not when ``step`` is off the save interval
-    (unless ``force``) or already on disk. Collective: every process must call it
-    with the same step.
+    Args:
+      directory: where the step directories live (created if missing).
+      keep: how many most recent steps to keep (>= 2 so that a damaged newest step
+        still leaves one to fall back to).
+      save_every: ``save(step, ...)`` writes only when ``step % save_every == 0``
+        (or ``force=True``).
+      async_save: write in a background thread; training continues while the
+        arrays (already copied off the device buffers) are written.
     """
-    step = int(step)
-    if not (force or self.should_save(step)):
-      return False
-    if step in self._mngr.all_steps():
-      return False
-    args = ocp.args.Composite(
-        state=ocp.args.StandardSave(keys_to_data(state_pytree)),
-        meta=ocp.args.JsonSave(dict(meta or {})),
-    )
-    return bool(self._mngr.save(step, args=args, force=True))
 
-  def _restore_step(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
-    target = _abstract_keys_to_data(abstract_state)
-    out = self._mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-    state = _data_to_keys(out.state, abstract_state)
-    return state, dict(out.meta or {})
+    def __init__(self, directory: str | os.PathLike, keep: int, save_every: int, async_save: bool = True):
+        self.directory = os.path.abspath(os.fspath(directory))
+        self.keep = int(keep)
+        self.save_every = max(int(save_every), 1)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=self.keep if self.keep > 0 else None,
+            create=True,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,
+        )
+        self._mngr = ocp.CheckpointManager(self.directory, options=options)
 
-  def restore_latest(self, abstract_state: Any
-                     ) -> tuple[Any, dict[str, Any], int] | None:
-    """Restores the newest readable, finite checkpoint into ``abstract_state``'s layout.
+    def all_steps(self) -> list[int]:
+        """The committed steps on disk, ascending."""
+        self._mngr.reload()
+        return sorted(self._mngr.all_steps())
 
-    ``abstract_state`` is a pytree of ``jax.ShapeDtypeStruct`` whose ``sharding``
-    fields say where each restored array goes (restored straight into those
-    shardings, no host copy of the whole state). Damaged newer steps are reported
-    with a warning naming them and deleted (so the resumed run can save those steps
-    again). Returns ``(state, meta, step)`` or ``None`` when no step is usable.
-    """
-    self.wait()
-    bad: list[int] = []
-    for step in reversed(self.all_steps()):
-      try:
-        state, meta = self._restore_step(step, abstract_state)
-        if not tree_all_finite(state):
-          raise ValueError("restored state has non-finite values")
-      except Exception as exc:  # pylint: disable=broad-except
-        log.warning("checkpoint step %d in %s is unusable (%s: %s); falling back to "
-                    "the previous checkpoint", step, self.directory,
-                    type(exc).__name__, str(exc)[:300])
-        bad.append(step)
-        continue
-      for b in bad:
-        self._delete(b)
-      return state, meta, step
-    if bad:
-      log.warning("no usable checkpoint in %s (bad steps: %s); starting from scratch",
-                  self.directory, bad)
-      for b in bad:
-        self._delete(b)
-    return None
+    def latest_step(self) -> int | None:
+        steps = self.all_steps()
+        return steps[-1] if steps else None
 
-  def _delete(self, step: int) -> None:
-    try:
-      self._mngr.delete(step)
-      log.warning("deleted unusable checkpoint step %d in %s", step, self.directory)
-    except Exception as exc:  # pylint: disable=broad-except
-      log.warning("could not delete unusable checkpoint step %d: %s", step, exc)
+    def should_save(self, step: int) -> bool:
+        return step % self.save_every == 0
 
-  def wait(self) -> None:
-    """Blocks until pending async saves are committed."""
-    self._mngr.wait_until_finished()
+    def save(
+        self, step: int, state_pytree: Any, meta: dict[str, Any] | None = None, force: bool = False
+    ) -> bool:
+        """Starts saving ``state_pytree`` (and the JSON-able ``meta``) as ``step``.
 
-  def close(self) -> None:
-    """Waits for pending saves and releases the manager's threads."""
-    self._mngr.wait_until_finished()
-    self._mngr.close()
+        Returns whether a save was started: not when ``step`` is off the save interval
+        (unless ``force``) or already on disk. Collective: every process must call it
+        with the same step.
+        """
+        step = int(step)
+        if not (force or self.should_save(step)):
+            return False
+        if step in self._mngr.all_steps():
+            return False
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(keys_to_data(state_pytree)),
+            meta=ocp.args.JsonSave(dict(meta or {})),
+        )
+        return bool(self._mngr.save(step, args=args, force=True))
 
-  def __enter__(self) -> "Checkpointer":
-    return self
+    def _restore_step(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+        target = _abstract_keys_to_data(abstract_state)
+        out = self._mngr.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
+        )
+        state = _data_to_keys(out.state, abstract_state)
+        return state, dict(out.meta or {})
 
-  def __exit__(self, *exc: Any) -> None:
-    self.close()
+    def restore_latest(self, abstract_state: Any) -> tuple[Any, dict[str, Any], int] | None:
+        """Restores the newest readable, finite checkpoint into ``abstract_state``'s layout.
+
+        ``abstract_state`` is a pytree of ``jax.ShapeDtypeStruct`` whose ``sharding``
+        fields say where each restored array goes (restored straight into those
+        shardings, no host copy of the whole state). Damaged newer steps are reported
+        with a warning naming them and deleted (so the resumed run can save those steps
+        again). Returns ``(state, meta, step)`` or ``None`` when no step is usable.
+        """
+        self.wait()
+        bad: list[int] = []
+        for step in reversed(self.all_steps()):
+            try:
+                state, meta = self._restore_step(step, abstract_state)
+                if not tree_all_finite(state):
+                    raise ValueError("restored state has non-finite values")
+            except Exception as exc:  # pylint: disable=broad-except
+                log.warning(
+                    "checkpoint step %d in %s is unusable (%s: %s); falling back to the previous checkpoint",
+                    step,
+                    self.directory,
+                    type(exc).__name__,
+                    str(exc)[:300],
+                )
+                bad.append(step)
+                continue
+            for b in bad:
+                self._delete(b)
+            return state, meta, step
+        if bad:
+            log.warning(
+                "no usable checkpoint in %s (bad steps: %s); starting from scratch", self.directory, bad
+            )
+            for b in bad:
+                self._delete(b)
+        return None
+
+    def _delete(self, step: int) -> None:
+        try:
+            self._mngr.delete(step)
+            log.warning("deleted unusable checkpoint step %d in %s", step, self.directory)
+        except Exception as exc:  # pylint: disable=broad-except
+            log.warning("could not delete unusable checkpoint step %d: %s", step, exc)
+
+    def wait(self) -> None:
+        """Blocks until pending async saves are committed."""
+        self._mngr.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for pending saves and releases the manager's threads."""
+        self._mngr.wait_until_finished()
+        self._mngr.close()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -25,60 +25,64 @@ _INITIALIZED = False
 
 
 def _get(cfg: Any, name: str, default: Any = None) -> Any:
-  if cfg is None:
-    return default
-  if isinstance(cfg, dict):
-    return cfg.get(name, default)
-  return getattr(cfg, name, default) if hasattr(cfg, name) else default
+    if cfg is None:
+        return default
+    if isinstance(cfg, dict):
+        return cfg.get(name, default)
+    return getattr(cfg, name, default) if hasattr(cfg, name) else default
 
 
 def _env_int(name: str) -> int | None:
-  v = os.environ.get(name)
-  return int(v) if v not in (None, "") else None
+    v = os.environ.get(name)
+    return int(v) if v not in (None, "") else None
 
 
 def maybe_initialize(dist_cfg: Any = None) -> bool:
-  """Calls ``jax.distributed.initialize`` when ``dist_cfg.enabled``; idempotent.
+    """Calls ``jax.distributed.initialize`` when ``dist_cfg.enabled``; idempotent.
 
-  Config fields read (all optional except ``enabled``): ``coordinator_address``,
-  ``num_processes``, ``process_id``, ``local_device_ids``, ``initialization_timeout``
-  (seconds) and ``cpu_collectives`` (default ``'gloo'``: the cross-process collective
-  implementation for CPU devices; without it CPU computations cannot span processes).
+    Config fields read (all optional except ``enabled``): ``coordinator_address``,
+    ``num_processes``, ``process_id``, ``local_device_ids``, ``initialization_timeout``
+    (seconds) and ``cpu_collectives`` (default ``'gloo'``: the cross-process collective
+    implementation for CPU devices; without it CPU computations cannot span processes).
 
-  Returns:
-    True when the distributed runtime is (now) initialised by this module.
-  """
-  global _INITIALIZED
-  if _INITIALIZED:
+    Returns:
+      True when the distributed runtime is (now) initialised by this module.
+    """
+    global _INITIALIZED
+    if _INITIALIZED:
+        return True
+    if not bool(_get(dist_cfg, "enabled", False)):
+        return False
+    coordinator = _get(dist_cfg, "coordinator_address") or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    num_processes = _get(dist_cfg, "num_processes")
+    if num_processes is None or int(num_processes) < 1:
+        num_processes = _env_int("JAX_NUM_PROCESSES")
+    process_id = _get(dist_cfg, "process_id")
+    if process_id is None or int(process_id) < 0:
+        process_id = _env_int("JAX_PROCESS_ID")
+    local_device_ids = _get(dist_cfg, "local_device_ids")
+    timeout = int(_get(dist_cfg, "initialization_timeout", 300) or 300)
+    # Only affects CPU devices; harmless on GPU/TPU. Must be set before the CPU client
+    # is created (i.e. before initialize()).
+    cpu_coll = _get(dist_cfg, "cpu_collectives", "gloo") or "gloo"
+    jax.config.update("jax_cpu_collectives_implementation", cpu_coll)
+    log.info(
+        "jax.distributed.initialize(coordinator=%s, num_processes=%s, process_id=%s)",
+        coordinator,
+        num_processes,
+        process_id,
+    )
+    jax.distributed.initialize(
+        coordinator_address=coordinator or None,
+        num_processes=None if num_processes is None else int(num_processes),
+        process_id=None if process_id is None else int(process_id),
+        local_device_ids=local_device_ids or None,
+        initialization_timeout=timeout,
+    )
+    _INITIALIZED = True
     return True
-  if not bool(_get(dist_cfg, "enabled", False)):
-    return False
-  coordinator = _get(dist_cfg, "coordinator_address") or os.environ.get("JAX_COORDINATOR_ADDRESS")
-  num_processes = _get(dist_cfg, "num_processes")
-  if num_processes is None or int(num_processes) < 1:
-    num_processes = _env_int("JAX_NUM_PROCESSES")
-  process_id = _get(dist_cfg, "process_id")
-  if process_id is None or int(process_id) < 0:
-    process_id = _env_int("JAX_PROCESS_ID")
-  local_device_ids = _get(dist_cfg, "local_device_ids")
-  timeout = int(_get(dist_cfg, "initialization_timeout", 300) or 300)
-  # Only affects CPU devices; harmless on GPU/TPU. Must be set before the CPU client
-  # is created (i.e. before initialize()).
-  cpu_coll = _get(dist_cfg, "cpu_collectives", "gloo") or "gloo"
-  jax.config.update("jax_cpu_collectives_implementation", cpu_coll)
-  log.info("jax.distributed.initialize(coordinator=%s, num_processes=%s, process_id=%s)",
-           coordinator, num_processes, process_id)
-  jax.distributed.initialize(
-      coordinator_address=coordinator or None,
-      num_processes=None if num_processes is None else int(num_processes),
-      process_id=None if process_id is None else int(process_id),
-      local_device_ids=local_device_ids or None,
-      initialization_timeout=timeout,
-  )
-  _INITIALIZED = True
-  return True
 
 
 def is_main_process() -> bool:
-  """True on process 0, the one that writes logs, summaries and reports."""
-  return jax.process_index() == 0
+    """True on process 0, the one that writes logs, summaries and reports."""
+    return jax.process_index() == 0

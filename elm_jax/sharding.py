@@ -23,115 +23,117 @@ BATCH_AXES: tuple[str, str] = ("data", "fsdp")
 
 
 def _field(cfg: Any, name: str, default: Any) -> Any:
-  """Reads ``cfg.name`` from a ConfigDict / dataclass / mapping, else default."""
-  if cfg is None:
-    return default
-  if isinstance(cfg, Mapping):
-    return cfg.get(name, default)
-  return getattr(cfg, name, default) if hasattr(cfg, name) else default
+    """Reads ``cfg.name`` from a ConfigDict / dataclass / mapping, else default."""
+    if cfg is None:
+        return default
+    if isinstance(cfg, Mapping):
+        return cfg.get(name, default)
+    return getattr(cfg, name, default) if hasattr(cfg, name) else default
 
 
 def make_mesh(mesh_cfg: Any = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """Builds the ``('data', 'fsdp')`` mesh over all (global) devices.
+    """Builds the ``('data', 'fsdp')`` mesh over all (global) devices.
 
-  Args:
-    mesh_cfg: object with ``data`` (int, ``-1`` = all devices not used by the other
-      axes) and ``fsdp`` (int, default 1). ``None`` means data=-1, fsdp=1.
-    devices: devices to use (default ``jax.devices()``, i.e. all processes'
-      devices). Tests pass a subset, e.g. one device.
+    Args:
+      mesh_cfg: object with ``data`` (int, ``-1`` = all devices not used by the other
+        axes) and ``fsdp`` (int, default 1). ``None`` means data=-1, fsdp=1.
+      devices: devices to use (default ``jax.devices()``, i.e. all processes'
+        devices). Tests pass a subset, e.g. one device.
 
-  Raises:
-    ValueError: naming the field (``mesh.data`` / ``mesh.fsdp``) when the axis sizes
-      are invalid or their product differs from the device count.
-  """
-  devices = list(jax.devices() if devices is None else devices)
-  n = len(devices)
-  data = int(_field(mesh_cfg, "data", -1))
-  fsdp = int(_field(mesh_cfg, "fsdp", 1))
-  if fsdp < 1:
-    raise ValueError(f"mesh.fsdp must be >= 1, got {fsdp}")
-  if data == -1:
-    if n % fsdp:
-      raise ValueError(
-          f"mesh.fsdp={fsdp} does not divide the device count {n}, so mesh.data=-1 "
-          "cannot take the remaining devices")
-    data = n // fsdp
-  elif data < 1:
-    raise ValueError(f"mesh.data must be >= 1 or -1 (all remaining devices), got {data}")
-  if data * fsdp != n:
-    raise ValueError(
-        f"mesh.data * mesh.fsdp = {data} * {fsdp} = {data * fsdp} does not match the "
-        f"device count {n}; set mesh.data=-1 to use all remaining devices")
-  # Auto axis types: shardings are given explicitly to jax.jit (the lm1b_nnx style),
-  # not carried in the types of traced values.
-  return jax.make_mesh((data, fsdp), MESH_AXES, axis_types=(AxisType.Auto,) * 2,
-                       devices=devices)
+    Raises:
+      ValueError: naming the field (``mesh.data`` / ``mesh.fsdp``) when the axis sizes
+        are invalid or their product differs from the device count.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    data = int(_field(mesh_cfg, "data", -1))
+    fsdp = int(_field(mesh_cfg, "fsdp", 1))
+    if fsdp < 1:
+        raise ValueError(f"mesh.fsdp must be >= 1, got {fsdp}")
+    if data == -1:
+        if n % fsdp:
+            raise ValueError(
+                f"mesh.fsdp={fsdp} does not divide the device count {n}, so mesh.data=-1 "
+                "cannot take the remaining devices"
+            )
+        data = n // fsdp
+    elif data < 1:
+        raise ValueError(f"mesh.data must be >= 1 or -1 (all remaining devices), got {data}")
+    if data * fsdp != n:
+        raise ValueError(
+            f"mesh.data * mesh.fsdp = {data} * {fsdp} = {data * fsdp} does not match the "
+            f"device count {n}; set mesh.data=-1 to use all remaining devices"
+        )
+    # Auto axis types: shardings are given explicitly to jax.jit (the lm1b_nnx style),
+    # not carried in the types of traced values.
+    return jax.make_mesh((data, fsdp), MESH_AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) dim split over all mesh axes; other dims whole."""
-  return NamedSharding(mesh, P(BATCH_AXES))
+    """Leading (batch) dim split over all mesh axes; other dims whole."""
+    return NamedSharding(mesh, P(BATCH_AXES))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
-  """Fully replicated on every device of the mesh."""
-  return NamedSharding(mesh, P())
+    """Fully replicated on every device of the mesh."""
+    return NamedSharding(mesh, P())
 
 
 def _leaf_spec(shape: tuple[int, ...], fsdp: int, min_ndim: int) -> P:
-  """The FSDP partition spec of one array: largest dim divisible by ``fsdp``."""
-  if fsdp <= 1 or len(shape) < min_ndim:
-    return P()
-  best = None
-  for i, d in enumerate(shape):
-    if d % fsdp == 0 and d >= fsdp and (best is None or d > shape[best]):
-      best = i
-  if best is None:
-    return P()
-  spec: list[Any] = [None] * len(shape)
-  spec[best] = "fsdp"
-  return P(*spec)
+    """The FSDP partition spec of one array: largest dim divisible by ``fsdp``."""
+    if fsdp <= 1 or len(shape) < min_ndim:
+        return P()
+    best = None
+    for i, d in enumerate(shape):
+        if d % fsdp == 0 and d >= fsdp and (best is None or d > shape[best]):
+            best = i
+    if best is None:
+        return P()
+    spec: list[Any] = [None] * len(shape)
+    spec[best] = "fsdp"
+    return P(*spec)
 
 
 def state_shardings(abstract_state: Any, mesh: Mesh, *, min_ndim: int = 2) -> Any:
-  """Shardings for every leaf of an abstract (``jax.eval_shape``) state.
+    """Shardings for every leaf of an abstract (``jax.eval_shape``) state.
 
-  With ``fsdp == 1`` everything is replicated (pure data parallelism). Otherwise
-  each array with ``ndim >= min_ndim`` is split over ``'fsdp'`` along its largest
-  dimension divisible by the fsdp size, and replicated when none is. Vectors
-  (biases, norm scales, the step counter, PRNG key data) stay replicated: they are
-  small and sharding them only adds collectives. Optimizer moments have the same
-  shapes as their parameters, so the rule gives them the same sharding ("optimizer
-  state follows params") without needing to know the optimizer's tree.
+    With ``fsdp == 1`` everything is replicated (pure data parallelism). Otherwise
+    each array with ``ndim >= min_ndim`` is split over ``'fsdp'`` along its largest
+    dimension divisible by the fsdp size, and replicated when none is. Vectors
+    (biases, norm scales, the step counter, PRNG key data) stay replicated: they are
+    small and sharding them only adds collectives. Optimizer moments have the same
+    shapes as their parameters, so the rule gives them the same sharding ("optimizer
+    state follows params") without needing to know the optimizer's tree.
 
-  Returns a pytree of ``NamedSharding`` with the structure of ``abstract_state``.
-  """
-  fsdp = int(mesh.shape["fsdp"])
+    Returns a pytree of ``NamedSharding`` with the structure of ``abstract_state``.
+    """
+    fsdp = int(mesh.shape["fsdp"])
 
-  def one(leaf: Any) -> NamedSharding:
-    shape = tuple(getattr(leaf, "shape", np.shape(leaf)))
-    return NamedSharding(mesh, _leaf_spec(shape, fsdp, min_ndim))
+    def one(leaf: Any) -> NamedSharding:
+        shape = tuple(getattr(leaf, "shape", np.shape(leaf)))
+        return NamedSharding(mesh, _leaf_spec(shape, fsdp, min_ndim))
 
-  return jax.tree.map(one, abstract_state)
+    return jax.tree.map(one, abstract_state)
 
 
 def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """Assembles global ``jax.Array`` batches from each process's local shard.
+    """Assembles global ``jax.Array`` batches from each process's local shard.
 
-  Every process passes only the rows it loaded (its ``1/process_count`` slice of the
-  global batch, in process order); ``jax.make_array_from_process_local_data`` infers
-  the global shape and places the rows on the process's devices. On one process this
-  is simply a sharded ``device_put``.
-  """
-  sharding = batch_sharding(mesh)
-  n_batch_shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
-  out = {}
-  for k, v in local_batch.items():
-    v = np.asarray(v)
-    global_rows = v.shape[0] * jax.process_count()
-    if global_rows % n_batch_shards:
-      raise ValueError(
-          f"batch '{k}': global batch size {global_rows} is not divisible by the "
-          f"{n_batch_shards} batch shards of the mesh {dict(mesh.shape)}")
-    out[k] = jax.make_array_from_process_local_data(sharding, v)
-  return out
+    Every process passes only the rows it loaded (its ``1/process_count`` slice of the
+    global batch, in process order); ``jax.make_array_from_process_local_data`` infers
+    the global shape and places the rows on the process's devices. On one process this
+    is simply a sharded ``device_put``.
+    """
+    sharding = batch_sharding(mesh)
+    n_batch_shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    out = {}
+    for k, v in local_batch.items():
+        v = np.asarray(v)
+        global_rows = v.shape[0] * jax.process_count()
+        if global_rows % n_batch_shards:
+            raise ValueError(
+                f"batch '{k}': global batch size {global_rows} is not divisible by the "
+                f"{n_batch_shards} batch shards of the mesh {dict(mesh.shape)}"
+            )
+        out[k] = jax.make_array_from_process_local_data(sharding, v)
+    return out

@@ -23,42 +23,44 @@ STEPS = 12
 
 
 def _host(tree):
-  """Params as a {path: np.ndarray} dict (a copy, safe from donation)."""
-  tree = ckpt_lib.keys_to_data(tree)
-  return {jax.tree_util.keystr(k): np.array(v)
-          for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    """Params as a {path: np.ndarray} dict (a copy, safe from donation)."""
+    tree = ckpt_lib.keys_to_data(tree)
+    return {jax.tree_util.keystr(k): np.array(v) for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _with(trainer: train.Trainer, **overrides) -> train.Trainer:
-  """The same compiled trainer with loop-only config fields changed."""
-  t = copy.copy(trainer)
-  t.tc = copy.deepcopy(trainer.tc)
-  t.tc.update(overrides)
-  if "nan_policy" in overrides:
-    t.nan_policy = overrides["nan_policy"]
-  return t
+    """The same compiled trainer with loop-only config fields changed."""
+    t = copy.copy(trainer)
+    t.tc = copy.deepcopy(trainer.tc)
+    t.tc.update(overrides)
+    if "nan_policy" in overrides:
+        t.nan_policy = overrides["nan_policy"]
+    return t
 
 
 @pytest.fixture(scope="module")
 def mesh1():
-  return shd.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1)),
-                       devices=jax.devices()[:1])
+    return shd.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1)), devices=jax.devices()[:1])
 
 
 @pytest.fixture(scope="module")
 def trainer1(mesh1):
-  return train.Trainer(T.make_model(), T.loss_fn, T.eval_fn, T.make_tc(steps=STEPS), mesh1)
+    return train.Trainer(T.make_model(), T.loss_fn, T.eval_fn, T.make_tc(steps=STEPS), mesh1)
 
 
 @pytest.fixture(scope="module")
 def reference_run(trainer1, tmp_path_factory):
-  """One uninterrupted 12-step fit, shared by the resume tests."""
-  workdir = tmp_path_factory.mktemp("ref")
-  init_eval = train.evaluate(trainer1, trainer1.init_state(), T.ToyEvalSource())
-  state, summary = train.fit(_with(trainer1, eval_every=6), T.ToySource(), T.ToyEvalSource(),
-                             workdir)
-  return {"params": _host(state.params), "other": _host(state.other), "summary": summary,
-          "workdir": workdir, "init_eval": init_eval}
+    """One uninterrupted 12-step fit, shared by the resume tests."""
+    workdir = tmp_path_factory.mktemp("ref")
+    init_eval = train.evaluate(trainer1, trainer1.init_state(), T.ToyEvalSource())
+    state, summary = train.fit(_with(trainer1, eval_every=6), T.ToySource(), T.ToyEvalSource(), workdir)
+    return {
+        "params": _host(state.params),
+        "other": _host(state.other),
+        "summary": summary,
+        "workdir": workdir,
+        "init_eval": init_eval,
+    }
 
 
 # ----------------------------------------------------------------------------
@@ -66,32 +68,40 @@ def reference_run(trainer1, tmp_path_factory):
 
 
 def test_schedule_matches_formula():
-  tc = T.make_tc(lr=1e-3, warmup_frac=0.1)
-  sched = train.lr_schedule(tc, 100)  # W = 10
-  for t, want in [(0, 0.0), (5, 5e-4), (10, 1e-3), (55, 5e-4), (90, 1e-3 * 10 / 90), (100, 0.0),
-                  (120, 0.0)]:
-    assert float(sched(t)) == pytest.approx(want, abs=1e-9), t
-  no_warm = train.lr_schedule(T.make_tc(lr=1e-3, warmup_frac=0.0), 100)
-  assert float(no_warm(0)) == pytest.approx(1e-3)
-  assert float(no_warm(50)) == pytest.approx(5e-4)
+    tc = T.make_tc(lr=1e-3, warmup_frac=0.1)
+    sched = train.lr_schedule(tc, 100)  # W = 10
+    for t, want in [
+        (0, 0.0),
+        (5, 5e-4),
+        (10, 1e-3),
+        (55, 5e-4),
+        (90, 1e-3 * 10 / 90),
+        (100, 0.0),
+        (120, 0.0),
+    ]:
+        assert float(sched(t)) == pytest.approx(want, abs=1e-9), t
+    no_warm = train.lr_schedule(T.make_tc(lr=1e-3, warmup_frac=0.0), 100)
+    assert float(no_warm(0)) == pytest.approx(1e-3)
+    assert float(no_warm(50)) == pytest.approx(5e-4)
 
 
 def test_no_weight_decay_on_vectors(trainer1):
-  params = trainer1._init_params
-  mask = train.decay_mask(params)
-  for (path, p), (_, m) in zip(jax.tree_util.tree_flatten_with_path(params)[0],
-                               jax.tree_util.tree_flatten_with_path(mask)[0]):
-    assert bool(m) == (p.ndim > 1), jax.tree_util.keystr(path)
-  # Behaviour: with zero gradients Adam's step is 0, so the update is the decay alone.
-  tc = T.make_tc(lr=0.1, warmup_frac=0.0, weight_decay=0.5, clip_norm=0.0)
-  tx = train.make_optimizer(tc, 10)
-  zeros = jax.tree.map(jnp.zeros_like, params)
-  updates, _ = tx.update(zeros, tx.init(params), params)
-  for (path, p), (_, u) in zip(jax.tree_util.tree_flatten_with_path(params)[0],
-                               jax.tree_util.tree_flatten_with_path(updates)[0]):
-    want = -0.1 * 0.5 * np.asarray(p) if p.ndim > 1 else np.zeros(p.shape)
-    np.testing.assert_allclose(np.asarray(u), want, atol=1e-7,
-                               err_msg=jax.tree_util.keystr(path))
+    params = trainer1._init_params
+    mask = train.decay_mask(params)
+    for (path, p), (_, m) in zip(
+        jax.tree_util.tree_flatten_with_path(params)[0], jax.tree_util.tree_flatten_with_path(mask)[0]
+    ):
+        assert bool(m) == (p.ndim > 1), jax.tree_util.keystr(path)
+    # Behaviour: with zero gradients Adam's step is 0, so the update is the decay alone.
+    tc = T.make_tc(lr=0.1, warmup_frac=0.0, weight_decay=0.5, clip_norm=0.0)
+    tx = train.make_optimizer(tc, 10)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    for (path, p), (_, u) in zip(
+        jax.tree_util.tree_flatten_with_path(params)[0], jax.tree_util.tree_flatten_with_path(updates)[0]
+    ):
+        want = -0.1 * 0.5 * np.asarray(p) if p.ndim > 1 else np.zeros(p.shape)
+        np.testing.assert_allclose(np.asarray(u), want, atol=1e-7, err_msg=jax.tree_util.keystr(path))
 
 
 # ----------------------------------------------------------------------------
@@ -99,40 +109,40 @@ def test_no_weight_decay_on_vectors(trainer1):
 
 
 def test_make_mesh_errors_name_the_field():
-  with pytest.raises(ValueError, match="mesh.data"):
-    shd.make_mesh(ml_collections.ConfigDict(dict(data=3, fsdp=1)))
-  with pytest.raises(ValueError, match="mesh.fsdp"):
-    shd.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=3)))
-  mesh = shd.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=2)))
-  assert dict(mesh.shape) == {"data": 4, "fsdp": 2}
+    with pytest.raises(ValueError, match="mesh.data"):
+        shd.make_mesh(ml_collections.ConfigDict(dict(data=3, fsdp=1)))
+    with pytest.raises(ValueError, match="mesh.fsdp"):
+        shd.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=3)))
+    mesh = shd.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=2)))
+    assert dict(mesh.shape) == {"data": 4, "fsdp": 2}
 
 
 @pytest.mark.parametrize("data,fsdp", [(4, 2), (8, 1)])
 def test_sharded_step_equals_single_device(trainer1, data, fsdp):
-  mesh = shd.make_mesh(ml_collections.ConfigDict(dict(data=data, fsdp=fsdp)))
-  tr = train.Trainer(T.make_model(), T.loss_fn, T.eval_fn, T.make_tc(steps=STEPS), mesh)
-  if fsdp > 1:
-    emb_spec = tr.state_shardings.params["embed"]["embedding"].get_value().spec
-    assert "fsdp" in tuple(emb_spec)
-    mu = tr.state_shardings.opt_state
-    specs = {s.spec for s in jax.tree.leaves(mu) if "fsdp" in tuple(s.spec)}
-    assert emb_spec in specs  # Adam moments follow their params
-  src = T.ToySource()
-  results = []
-  for t in (trainer1, tr):
-    state = t.init_state()
-    losses = []
-    for step in range(3):
-      state, m = t.train_step(state, shd.global_batch(src.batch(step, 0, 1), t.mesh))
-      losses.append(float(m["loss"]))
-    results.append((_host(state.params), losses))
-  (p1, l1), (p8, l8) = results
-  np.testing.assert_allclose(l8, l1, rtol=1e-6, atol=1e-6)
-  for k in p1:
-    np.testing.assert_allclose(p8[k], p1[k], atol=1e-6, rtol=1e-6, err_msg=k)
-  if fsdp > 1:  # params really are split over devices
-    emb = state.params["embed"]["embedding"].get_value()
-    assert emb.addressable_shards[0].data.shape[0] == emb.shape[0] // fsdp
+    mesh = shd.make_mesh(ml_collections.ConfigDict(dict(data=data, fsdp=fsdp)))
+    tr = train.Trainer(T.make_model(), T.loss_fn, T.eval_fn, T.make_tc(steps=STEPS), mesh)
+    if fsdp > 1:
+        emb_spec = tr.state_shardings.params["embed"]["embedding"].get_value().spec
+        assert "fsdp" in tuple(emb_spec)
+        mu = tr.state_shardings.opt_state
+        specs = {s.spec for s in jax.tree.leaves(mu) if "fsdp" in tuple(s.spec)}
+        assert emb_spec in specs  # Adam moments follow their params
+    src = T.ToySource()
+    results = []
+    for t in (trainer1, tr):
+        state = t.init_state()
+        losses = []
+        for step in range(3):
+            state, m = t.train_step(state, shd.global_batch(src.batch(step, 0, 1), t.mesh))
+            losses.append(float(m["loss"]))
+        results.append((_host(state.params), losses))
+    (p1, l1), (p8, l8) = results
+    np.testing.assert_allclose(l8, l1, rtol=1e-6, atol=1e-6)
+    for k in p1:
+        np.testing.assert_allclose(p8[k], p1[k], atol=1e-6, rtol=1e-6, err_msg=k)
+    if fsdp > 1:  # params really are split over devices
+        emb = state.params["embed"]["embedding"].get_value()
+        assert emb.addressable_shards[0].data.shape[0] == emb.shape[0] // fsdp
 
 
 # ----------------------------------------------------------------------------
@@ -140,104 +150,108 @@ def test_sharded_step_equals_single_device(trainer1, data, fsdp):
 
 
 def test_loss_decreases_and_summary(reference_run):
-  ref = reference_run
-  rows = metrics_lib.read_metrics(os.path.join(ref["workdir"], "teacher", "metrics.jsonl"))
-  train_losses = [r["train/loss"] for r in rows if "train/loss" in r]
-  assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, STEPS + 1))
-  assert train_losses[-1] < 0.7 * train_losses[0]
-  summary = json.loads((ref["workdir"] / "teacher" / "summary.json").read_text())
-  assert summary["final_step"] == STEPS
-  assert summary["eval"]["loss"] < ref["init_eval"]["loss"] - 0.5
-  assert summary["eval"]["loss"] == pytest.approx(
-      summary["eval"]["loss_sum"] / summary["eval"]["weight_sum"])
-  assert summary["skipped_steps"] == 0
-  assert [r["step"] for r in rows if "eval/loss" in r] == [6, STEPS]
-  # final checkpoint at the end, the "other" state (token counter) advanced
-  assert ckpt_lib.Checkpointer(ref["workdir"] / "teacher" / "checkpoints", 3, 4).latest_step() == STEPS
-  assert ref["other"]["['tokens_seen'].value"] == STEPS * T.BATCH * T.SEQ
+    ref = reference_run
+    rows = metrics_lib.read_metrics(os.path.join(ref["workdir"], "teacher", "metrics.jsonl"))
+    train_losses = [r["train/loss"] for r in rows if "train/loss" in r]
+    assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, STEPS + 1))
+    assert train_losses[-1] < 0.7 * train_losses[0]
+    summary = json.loads((ref["workdir"] / "teacher" / "summary.json").read_text())
+    assert summary["final_step"] == STEPS
+    assert summary["eval"]["loss"] < ref["init_eval"]["loss"] - 0.5
+    assert summary["eval"]["loss"] == pytest.approx(
+        summary["eval"]["loss_sum"] / summary["eval"]["weight_sum"]
+    )
+    assert summary["skipped_steps"] == 0
+    assert [r["step"] for r in rows if "eval/loss" in r] == [6, STEPS]
+    # final checkpoint at the end, the "other" state (token counter) advanced
+    assert ckpt_lib.Checkpointer(ref["workdir"] / "teacher" / "checkpoints", 3, 4).latest_step() == STEPS
+    assert ref["other"]["['tokens_seen'].value"] == STEPS * T.BATCH * T.SEQ
 
 
 def test_kill_and_resume_is_bitwise_identical(trainer1, reference_run, tmp_path):
-  tr = _with(trainer1, checkpoint_every=4)
-  with pytest.raises(RuntimeError, match="simulated crash at step 7"):
-    train.fit(tr, T.ToySource(fail_at=7), T.ToyEvalSource(), tmp_path)
-  ck = ckpt_lib.Checkpointer(tmp_path / "teacher" / "checkpoints", 3, 4)
-  assert ck.all_steps() == [4]
-  ck.close()
-  state, summary = train.fit(tr, T.ToySource(), T.ToyEvalSource(), tmp_path)
-  assert summary["resumed_from"] == 4
-  got = _host(state.params)
-  for k, v in reference_run["params"].items():
-    np.testing.assert_array_equal(got[k], v, err_msg=k)
-  got_other = _host(state.other)  # non-param state (counter, RNG key) restored too
-  for k, v in reference_run["other"].items():
-    np.testing.assert_array_equal(got_other[k], v, err_msg=k)
-  steps = [r["step"] for r in metrics_lib.read_metrics(
-      tmp_path / "teacher" / "metrics.jsonl") if "train/loss" in r]
-  assert steps == list(range(1, STEPS + 1))  # no duplicates from the crashed attempt
-  assert trainer1.train_step_traces == 1  # one compiled step for every fit call
-  # rerunning a finished run trains nothing and changes nothing
-  state2, summary2 = train.fit(tr, T.ToySource(), T.ToyEvalSource(), tmp_path)
-  assert summary2["resumed_from"] == STEPS and summary2["final_step"] == STEPS
-  np.testing.assert_array_equal(_host(state2.params)["['out']['kernel'].value"],
-                                reference_run["params"]["['out']['kernel'].value"])
+    tr = _with(trainer1, checkpoint_every=4)
+    with pytest.raises(RuntimeError, match="simulated crash at step 7"):
+        train.fit(tr, T.ToySource(fail_at=7), T.ToyEvalSource(), tmp_path)
+    ck = ckpt_lib.Checkpointer(tmp_path / "teacher" / "checkpoints", 3, 4)
+    assert ck.all_steps() == [4]
+    ck.close()
+    state, summary = train.fit(tr, T.ToySource(), T.ToyEvalSource(), tmp_path)
+    assert summary["resumed_from"] == 4
+    got = _host(state.params)
+    for k, v in reference_run["params"].items():
+        np.testing.assert_array_equal(got[k], v, err_msg=k)
+    got_other = _host(state.other)  # non-param state (counter, RNG key) restored too
+    for k, v in reference_run["other"].items():
+        np.testing.assert_array_equal(got_other[k], v, err_msg=k)
+    steps = [
+        r["step"]
+        for r in metrics_lib.read_metrics(tmp_path / "teacher" / "metrics.jsonl")
+        if "train/loss" in r
+    ]
+    assert steps == list(range(1, STEPS + 1))  # no duplicates from the crashed attempt
+    assert trainer1.train_step_traces == 1  # one compiled step for every fit call
+    # rerunning a finished run trains nothing and changes nothing
+    state2, summary2 = train.fit(tr, T.ToySource(), T.ToyEvalSource(), tmp_path)
+    assert summary2["resumed_from"] == STEPS and summary2["final_step"] == STEPS
+    np.testing.assert_array_equal(
+        _host(state2.params)["['out']['kernel'].value"], reference_run["params"]["['out']['kernel'].value"]
+    )
 
 
 def test_sigterm_checkpoints_and_resumes(trainer1, reference_run, tmp_path):
-  tr = _with(trainer1, checkpoint_every=100)
-  before = signal.getsignal(signal.SIGTERM)
-  with pytest.raises(train.Preempted, match="preempted") as info:
-    train.fit(tr, T.ToySource(sigterm_at=5), None, tmp_path)
-  assert info.value.step == 6  # the step in flight was finished
-  assert signal.getsignal(signal.SIGTERM) is before  # handler only inside fit
-  ck = ckpt_lib.Checkpointer(tmp_path / "teacher" / "checkpoints", 3, 100)
-  assert ck.all_steps() == [6]
-  ck.close()
-  state, summary = train.fit(tr, T.ToySource(), None, tmp_path)
-  assert summary["resumed_from"] == 6
-  got = _host(state.params)
-  for k, v in reference_run["params"].items():
-    np.testing.assert_array_equal(got[k], v, err_msg=k)
+    tr = _with(trainer1, checkpoint_every=100)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(train.Preempted, match="preempted") as info:
+        train.fit(tr, T.ToySource(sigterm_at=5), None, tmp_path)
+    assert info.value.step == 6  # the step in flight was finished
+    assert signal.getsignal(signal.SIGTERM) is before  # handler only inside fit
+    ck = ckpt_lib.Checkpointer(tmp_path / "teacher" / "checkpoints", 3, 100)
+    assert ck.all_steps() == [6]
+    ck.close()
+    state, summary = train.fit(tr, T.ToySource(), None, tmp_path)
+    assert summary["resumed_from"] == 6
+    got = _host(state.params)
+    for k, v in reference_run["params"].items():
+        np.testing.assert_array_equal(got[k], v, err_msg=k)
 
 
 @pytest.mark.parametrize("log_every", [1, 100])
 def test_nan_stop_raises_and_never_saves_nonfinite(trainer1, tmp_path, log_every):
-  tr = _with(trainer1, nan_policy="stop", checkpoint_every=2, log_every=log_every)
-  with pytest.raises(train.NonFiniteError, match="step 5") as info:
-    train.fit(tr, T.ToySource(nan_steps=(5,)), None, tmp_path)
-  assert info.value.step == 5
-  ck = ckpt_lib.Checkpointer(tmp_path / "teacher" / "checkpoints", 3, 2)
-  steps = ck.all_steps()
-  assert steps and max(steps) <= 5
-  for s in steps:
-    state, _ = ck._restore_step(s, trainer1.abstract_state)
-    assert ckpt_lib.tree_all_finite(state), s
-  ck.close()
+    tr = _with(trainer1, nan_policy="stop", checkpoint_every=2, log_every=log_every)
+    with pytest.raises(train.NonFiniteError, match="step 5") as info:
+        train.fit(tr, T.ToySource(nan_steps=(5,)), None, tmp_path)
+    assert info.value.step == 5
+    ck = ckpt_lib.Checkpointer(tmp_path / "teacher" / "checkpoints", 3, 2)
+    steps = ck.all_steps()
+    assert steps and max(steps) <= 5
+    for s in steps:
+        state, _ = ck._restore_step(s, trainer1.abstract_state)
+        assert ckpt_lib.tree_all_finite(state), s
+    ck.close()
 
 
 def test_nan_skip_leaves_state_unchanged(trainer1, tmp_path):
-  src = T.ToySource(nan_steps=(1,))
-  state = trainer1.init_state()
-  state, m = trainer1.train_step(state, shd.global_batch(src.batch(0, 0, 1), trainer1.mesh))
-  before = _host((state.params, state.opt_state))
-  state, m = trainer1.train_step(state, shd.global_batch(src.batch(1, 0, 1), trainer1.mesh))
-  assert int(m["skipped"]) == 1 and int(state.step) == 2
-  after = _host((state.params, state.opt_state))
-  for k in before:
-    np.testing.assert_array_equal(after[k], before[k], err_msg=k)
-  state, m = trainer1.train_step(state, shd.global_batch(src.batch(2, 0, 1), trainer1.mesh))
-  assert int(m["skipped"]) == 0
-  assert any(not np.array_equal(v, before[k]) for k, v in _host((state.params,
-                                                                 state.opt_state)).items())
-  # and through fit: counted, no exception, finite result
-  tr = _with(trainer1, nan_policy="skip", checkpoint_every=100, log_every=5)
-  state, summary = train.fit(tr, src, None, tmp_path)
-  assert summary["skipped_steps"] == 1
-  assert ckpt_lib.tree_all_finite(state.params)
+    src = T.ToySource(nan_steps=(1,))
+    state = trainer1.init_state()
+    state, m = trainer1.train_step(state, shd.global_batch(src.batch(0, 0, 1), trainer1.mesh))
+    before = _host((state.params, state.opt_state))
+    state, m = trainer1.train_step(state, shd.global_batch(src.batch(1, 0, 1), trainer1.mesh))
+    assert int(m["skipped"]) == 1 and int(state.step) == 2
+    after = _host((state.params, state.opt_state))
+    for k in before:
+        np.testing.assert_array_equal(after[k], before[k], err_msg=k)
+    state, m = trainer1.train_step(state, shd.global_batch(src.batch(2, 0, 1), trainer1.mesh))
+    assert int(m["skipped"]) == 0
+    assert any(not np.array_equal(v, before[k]) for k, v in _host((state.params, state.opt_state)).items())
+    # and through fit: counted, no exception, finite result
+    tr = _with(trainer1, nan_policy="skip", checkpoint_every=100, log_every=5)
+    state, summary = train.fit(tr, src, None, tmp_path)
+    assert summary["skipped_steps"] == 1
+    assert ckpt_lib.tree_all_finite(state.params)
 
 
 def test_model_from_state(trainer1):
-  state = trainer1.init_state()
-  model = trainer1.model_from_state(state)
-  logits = model(jnp.zeros((2, T.SEQ), jnp.int32))
-  assert logits.shape == (2, T.SEQ, T.VOCAB)
+    state = trainer1.init_state()
+    model = trainer1.model_from_state(state)
+    logits = model(jnp.zeros((2, T.SEQ), jnp.int32))
+    assert logits.shape == (2, T.SEQ, T.VOCAB)
