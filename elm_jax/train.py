@@ -28,7 +28,6 @@ mean over the whole eval set, independent of how it is split into batches.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -47,6 +46,7 @@ from jax.sharding import Mesh
 from elm_jax import checkpoint as ckpt_lib
 from elm_jax import metrics as metrics_lib
 from elm_jax import sharding as shd
+from elm_jax.fileio import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -406,13 +406,6 @@ def evaluate(trainer: Trainer, state: TrainState, eval_source: EvalSource) -> di
 # The loop
 
 
-def _write_json_atomic(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
-
-
 def _tokens_per_step(local: Mapping[str, np.ndarray]) -> int:
     x = local.get("inputs", next(iter(local.values())))
     return int(np.size(x)) * jax.process_count()
@@ -664,7 +657,7 @@ def fit(
             "mesh": {k: int(v) for k, v in trainer.mesh.shape.items()},
         }
         if main:
-            _write_json_atomic(os.path.join(run_dir, "summary.json"), summary)
+            atomic_write_json(os.path.join(run_dir, "summary.json"), summary)
         return state, summary
     finally:
         if pbar is not None:

@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-from flax import nnx
 
 from elm_jax import supernet as supernet_lib
 from elm_jax.config import load_config
