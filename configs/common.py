@@ -111,6 +111,18 @@ def base_config(task: str, variant: str) -> ml_collections.ConfigDict:
         eval_batches=4,                # fixed validation batches scoring every candidate
         budgets=[{"name": "small", "max_params": 450_000}, {"name": "medium", "max_params": 600_000}],
     ))
+    # Export: the CKA head module (DESIGN §1.3) re-splits each layer into fewer, wider heads.
+    c.export = ml_collections.ConfigDict(dict(cka_heads=True, cka_threshold=0.9))
+    # KD re-training of each exported model from its inherited weights (DESIGN §1.7).
+    c.retrain = ml_collections.ConfigDict(dict(
+        train=train_config(steps=200, lr=1e-3, eval_every=100, checkpoint_every=100),
+        kd_loss="pearson", gt_weight=1.0,
+    ))
+    # Sentence-polarity fine-tuning of the final MLM models (classifier on [CLS]).
+    c.finetune = ml_collections.ConfigDict(dict(
+        train=train_config(steps=300, lr=1e-4, eval_every=150, checkpoint_every=150),
+        batch_size=32,
+    ))
     # Per-device latency table (DESIGN §2): measured once per device, cached.
     c.latency = ml_collections.ConfigDict(dict(
         batch=1, seq_len=0,            # 0 -> data.seq_len
@@ -135,6 +147,14 @@ def base_config(task: str, variant: str) -> ml_collections.ConfigDict:
         c.supernet.train = train_config(steps=12, lr=3e-3, batch_log_every=4, eval_every=6,
                                         checkpoint_every=6)
         c.supernet.update(calc_every=2, epoch_steps=6, num_add=1)
+        c.retrain.train = train_config(steps=6, lr=3e-3, batch_log_every=3, eval_every=6,
+                                       checkpoint_every=3)
+        c.search.update(population=8, generations=2, parents=3, mutations=3, crossovers=2,
+                        eval_batches=1)
+        c.search.budgets = [{"name": "small", "max_params": 16_000}]
+        c.finetune.train = train_config(steps=6, lr=1e-3, batch_log_every=3, eval_every=6,
+                                        checkpoint_every=3)
+        c.finetune.batch_size = 8
         c.space.update(layers=2, hidden=32, inner=16, embed_size=16, candidates=2, f0=16,
                        base_heads=2, min_layers=1)
         c.space.max_ffn.update(bert=64, mobilebert=32)
@@ -146,6 +166,14 @@ def base_config(task: str, variant: str) -> ml_collections.ConfigDict:
         c.supernet.train = train_config(steps=100_000, lr=1e-4, batch_log_every=100,
                                         eval_every=5_000, checkpoint_every=2_000)
         c.supernet.update(calc_every=100, epoch_steps=10_000, num_add=4, upper_params=15_700_000)
+        c.retrain.train = train_config(steps=50_000, lr=1e-4, batch_log_every=100,
+                                       eval_every=5_000, checkpoint_every=2_000)
+        c.search.update(population=100, generations=20, parents=25, mutations=25, crossovers=25,
+                        eval_batches=16,
+                        budgets=[{"name": "small", "max_params": 15_700_000},
+                                 {"name": "tiny", "max_params": 10_000_000}])
+        c.finetune.train = train_config(steps=3_000, lr=2e-5, batch_log_every=50,
+                                        eval_every=500, checkpoint_every=500)
         c.space.update(layers=12, hidden=528, inner=132, embed_size=128, candidates=6, f0=132,
                        base_heads=12, min_layers=6)
         # Candidates start at f0*(j+1) (132..792) and grow by f0 up to these caps.

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import ml_collections
 
 STAGES = ("data", "teacher", "supernet", "search", "export", "retrain", "finetune", "evaluate")
-IMPLEMENTED_STAGES = ("data", "teacher", "supernet")
+IMPLEMENTED_STAGES = STAGES
 TEACHER_KINDS = ("train", "hf_bert", "hf_gpt2", "checkpoint")
 
 
@@ -189,6 +189,37 @@ def validate(cfg: ml_collections.ConfigDict, stages: Sequence[str] = STAGES) -> 
         _int(cfg, f"{sc}.epoch_steps", 0)
         _int(cfg, f"{sc}.num_add", 0)
         _float(cfg, f"{sc}.upper_params", 0.0)
+
+
+    if "search" in stages:
+        validate_space(cfg)
+        for f in ("population", "generations", "parents", "eval_batches"):
+            _int(cfg, f"search.{f}", 1)
+        for f in ("mutations", "crossovers"):
+            _int(cfg, f"search.{f}", 0)
+        _float(cfg, "search.mutation_prob", 0.0, 1.0)
+        if cfg.search.parents > cfg.search.population:
+            _fail("search.parents", "must be <= search.population", cfg.search.parents)
+        budgets = _get(cfg, "search.budgets")
+        if not isinstance(budgets, (list, tuple)) or not budgets:
+            _fail("search.budgets", "must be a non-empty list of dicts", budgets)
+        allowed = {"name"} | {f"{m}_{q}" for m in ("min", "max") for q in ("params", "flops", "latency_ms")}
+        for i, b in enumerate(budgets):
+            if not hasattr(b, "keys") or "name" not in b:
+                _fail(f"search.budgets[{i}]", "must be a dict with a 'name'", b)
+            bad = sorted(set(b) - allowed)
+            if bad:
+                _fail(f"search.budgets[{i}]", f"unknown keys {bad}; allowed: {sorted(allowed)}", dict(b))
+            for k, v in b.items():
+                if k != "name" and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0):
+                    _fail(f"search.budgets[{i}].{k}", "must be a non-negative number", v)
+    if "retrain" in stages:
+        validate_train(cfg, "retrain.train")
+        _choice(cfg, "retrain.kd_loss", ("pearson", "mse"))
+        _float(cfg, "retrain.gt_weight", 0.0)
+    if "finetune" in stages and cfg.task == "mlm":
+        validate_train(cfg, "finetune.train")
+        _int(cfg, "finetune.batch_size", 1)
 
 
 def validate_space(cfg) -> None:

@@ -4,6 +4,9 @@ A model directory holds::
 
   config.json          {"dense_config": DenseConfig.to_dict(), "meta": {...}}
   model.safetensors    every nnx.Param of the DenseLM, keyed by its dotted path
+  orbax/               the same parameters as an orbax checkpoint (exported models)
+  arch.json            architecture, widths, heads after CKA, params, FLOPs, latency (exported)
+  <tokenizer file>     the tokenizer the model was trained with (exported)
 
 It is written to a temporary sibling and renamed into place, so a directory that exists is
 complete. ``load_model(path)`` needs no config file or code from the run that made it.
@@ -23,6 +26,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
+from elm_jax.fileio import atomic_write_bytes
 from elm_jax.models.dense import DenseConfig, DenseLM, empty_model
 
 CONFIG_FILE = "config.json"
@@ -87,3 +91,103 @@ def model_from_flat(cfg: DenseConfig, tensors: dict[str, np.ndarray], where: str
         var.set_value(jax.numpy.asarray(tensors[k], jax.numpy.float32))
     nnx.update(model, state)
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# The export stage
+
+
+def cka_head_counts(model: DenseLM, batches: list[dict], threshold: float = 0.9,
+                    allowed: tuple[int, ...] | None = None) -> list[dict]:
+    """DESIGN §1.3 on a dense model: per layer, linear CKA between its heads' contexts over the
+    given batches' examples; heads ``k > j`` with ``CKA(j, k) > threshold`` are redundant and the
+    new head count is the number of non-redundant heads reduced to a divisor of the width."""
+    from elm_jax.dynamic import head_cka_matrix, mean_offdiag_cka, reduced_head_count
+
+    ctxs = [model(b["inputs"], b["mask"], b["segment_ids"], return_internals=True).head_ctx
+            for b in batches]
+    out = []
+    for i, spec in enumerate(model.cfg.blocks):
+        ctx = jax.numpy.concatenate([c[i] for c in ctxs])  # [N, S, heads, d]
+        mask = jax.numpy.concatenate([jax.numpy.asarray(b["mask"]) for b in batches])
+        ctx = ctx.reshape(*ctx.shape[:2], -1)
+        cka = np.asarray(head_cka_matrix(ctx, spec.heads, mask))
+        width = model.cfg.hidden if spec.family != "mobilebert" else model.cfg.inner
+        new = reduced_head_count(cka, width, threshold, allowed)
+        out.append({"layer": i, "heads": spec.heads, "new_heads": min(new, spec.heads),
+                    "mean_offdiag_cka": mean_offdiag_cka(cka)})
+    return out
+
+
+def with_heads(model: DenseLM, heads: list[int]) -> DenseLM:
+    """The same parameters re-split into ``heads[i]`` heads per layer (no tensor changes)."""
+    import dataclasses
+
+    blocks = tuple(dataclasses.replace(b, heads=h) for b, h in zip(model.cfg.blocks, heads))
+    return model_from_flat(dataclasses.replace(model.cfg, blocks=blocks), flat_params(model))
+
+
+def save_orbax_params(path: str | os.PathLike, model: DenseLM) -> None:
+    """The parameters as an orbax checkpoint (``path``), next to the safetensors copy."""
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.abspath(path), flat_params(model))
+
+
+def run_export_stage(cfg, workdir: str | os.PathLike, data) -> dict[str, Any]:
+    """Each budget's best architecture from the search -> a standalone model directory
+    ``WORKDIR/export/<budget>/`` (config.json, model.safetensors, orbax/, arch.json,
+    tokenizer), with the CKA head module applied when ``export.cka_heads``."""
+    from elm_jax import arch as arch_lib
+    from elm_jax.fileio import atomic_write_json
+    from elm_jax.models.elastic import extract
+    from elm_jax.supernet import load_supernet
+
+    root = Path(workdir) / "export"
+    done_path = root / "result.json"
+    if done_path.is_file():
+        print(f"[export] complete already: {root}")
+        return json.loads(done_path.read_text())
+    search_path = Path(workdir) / "search" / "result.json"
+    if not search_path.is_file():
+        raise FileNotFoundError(f"{search_path} is missing: run --stages=search first")
+    search = json.loads(search_path.read_text())
+    net, widths, _ = load_supernet(Path(workdir) / "supernet" / "final")
+    space = net.space
+    batches = [data.eval.global_batch(k) for k in range(min(2, len(data.eval)))]
+    result = {}
+    for name, entry in search["budgets"].items():
+        arch = arch_lib.Arch.from_dict(entry["arch"])
+        model = extract(net, widths, arch)
+        heads_report = None
+        if cfg.export.cka_heads:
+            heads_report = cka_head_counts(model, batches, cfg.export.cka_threshold,
+                                           tuple(space.head_choices))
+            model = with_heads(model, [r["new_heads"] for r in heads_report])
+        info = {
+            "budget": name,
+            "arch": arch.to_dict(), "arch_id": arch.arch_id, "describe": arch.describe(),
+            "widths": [b.ffn for b in model.cfg.blocks],
+            "heads": [b.heads for b in model.cfg.blocks],
+            "cka_heads": heads_report,
+            "params": arch_lib.count_params(space, arch, widths),
+            "flops": arch_lib.count_flops(space, arch, widths, cfg.data.seq_len),
+            "predicted_latency_ms": entry.get("latency_ms"),
+            "search_score": entry.get("score"),
+            "config": cfg.to_dict(),
+        }
+        assert info["params"] == sum(v.size for v in flat_params(model).values())
+        out = root / name
+        save_model(out, model, meta={"role": "exported", "budget": name, "arch_id": arch.arch_id})
+        save_orbax_params(out / "orbax", model)
+        tok = getattr(data.tokenizer, "path", None)
+        if tok is not None:
+            atomic_write_bytes(out / Path(tok).name, Path(tok).read_bytes())
+        atomic_write_json(out / "arch.json", info)
+        result[name] = {k: info[k] for k in ("arch_id", "describe", "params", "flops", "heads",
+                                             "predicted_latency_ms")} | {"path": os.fspath(out)}
+        print(f"[export] {name}: {arch.describe()} heads {info['heads']} -> {out} "
+              f"({info['params']:,} params)")
+    atomic_write_json(done_path, result)
+    return result

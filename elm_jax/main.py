@@ -47,6 +47,29 @@ class _Run:
             from elm_jax.supernet import run_supernet_stage
 
             run_supernet_stage(self.cfg, self.workdir, self.data)
+        elif name == "search":
+            from elm_jax.search import run_search_stage
+
+            run_search_stage(self.cfg, self.workdir, self.data)
+        elif name == "export":
+            from elm_jax.export import run_export_stage
+
+            run_export_stage(self.cfg, self.workdir, self.data)
+        elif name == "retrain":
+            from elm_jax.retrain import run_retrain_stage
+
+            run_retrain_stage(self.cfg, self.workdir, self.data)
+        elif name == "finetune":
+            from elm_jax.finetune import run_finetune_stage
+
+            if self.cfg.task == "mlm":
+                run_finetune_stage(self.cfg, self.workdir, self.data)
+            else:
+                print("[finetune] skipped: sentence polarity needs an MLM encoder (CLM: see evaluate)")
+        elif name == "evaluate":
+            from elm_jax.finetune import run_evaluate_stage
+
+            run_evaluate_stage(self.cfg, self.workdir, self.data)
         else:
             raise config_lib.ConfigError(
                 f"stage {name!r} is not available yet in this version of elm-jax "
@@ -57,7 +80,9 @@ def main(argv) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from elm_jax.data.corpus import DataError
+    from elm_jax.arch import ArchError
     from elm_jax.models.hf import TeacherLoadError
+    from elm_jax.search import SearchError
 
     logging.set_verbosity(logging.WARNING)  # orbax/tfds chatter; stages print their own progress
     try:
@@ -79,7 +104,8 @@ def main(argv) -> int:
                 break
             print(f"[elm-jax] stage {stage}")
             run.stage(stage)
-    except (config_lib.ConfigError, DataError, TeacherLoadError) as e:
+    except (config_lib.ConfigError, DataError, TeacherLoadError, SearchError, ArchError,
+            FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

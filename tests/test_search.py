@@ -1,0 +1,373 @@
+"""Search: one-compile population scoring == extracted dense models, constraints, feasibility,
+Pareto fronts, resume == uninterrupted, and the search stage end to end."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from ml_collections import ConfigDict
+
+from elm_jax import sharding
+from elm_jax.arch import Arch, LayerChoice, SearchSpace, count_flops, count_params
+from elm_jax.models.elastic import init_supernet
+from elm_jax.search import (
+    Constraints,
+    PopulationScorer,
+    ScoreCache,
+    SearchError,
+    check_feasible,
+    evolutionary_search,
+    pareto_front,
+    plot_pareto,
+    reachable_ranges,
+    run_search_stage,
+)
+
+VOCAB, SEQ, CAPACITY = 97, 12, 8
+
+
+def make_space(task: str) -> SearchSpace:
+    base = {"layers": 3, "hidden": 24, "inner": 12, "embed_size": 8, "candidates": 3, "f0": 4,
+            "base_heads": 4, "families": ("bert", "mobilebert"), "elastic_depth": True,
+            "min_layers": 1, "max_ffn": {"bert": 20, "mobilebert": 16}}
+    return SearchSpace.from_config(ConfigDict(base), vocab_size=VOCAB, max_len=SEQ, task=task)
+
+
+def grown_widths(space: SearchSpace, rng: np.random.Generator) -> np.ndarray:
+    w = space.initial_widths() + space.f0 * rng.integers(0, 3, space.initial_widths().shape)
+    return np.minimum(w, space.max_widths()).astype(np.int32)
+
+
+def random_supernet(space: SearchSpace, seed: int):
+    """A supernet with large random weights: its architectures' losses differ clearly (the
+    default init gives near-uniform logits, every loss ~ log V)."""
+    net = init_supernet(space, seed=seed)
+    rng = np.random.default_rng(seed)
+    state = nnx.state(net, nnx.Param)
+    state = jax.tree.map(lambda v: jnp.asarray(np.asarray(v) + 0.3 * rng.standard_normal(v.shape)
+                                               .astype(v.dtype)), state)
+    nnx.update(net, state)
+    return net
+
+
+def make_batches(task: str, rng: np.random.Generator, k: int = 2, b: int = 4) -> list[dict]:
+    out = []
+    for _ in range(k):
+        ids = rng.integers(5, VOCAB, (b, SEQ)).astype(np.int32)
+        mask = np.ones((b, SEQ), np.int32)
+        mask[1, 8:] = 0
+        mask[3, 5:] = 0
+        if task == "clm":
+            targets = np.roll(ids, -1, axis=1)
+            weights = mask * np.roll(mask, -1, axis=1)
+            weights[:, -1] = 0
+        else:
+            targets = rng.integers(5, VOCAB, (b, SEQ)).astype(np.int32)
+            weights = (rng.random((b, SEQ)) < 0.4) * mask
+        out.append({"inputs": ids, "targets": targets.astype(np.int32),
+                    "weights": weights.astype(np.float32), "mask": mask,
+                    "segment_ids": np.zeros((b, SEQ), np.int32)})
+    return out
+
+
+SEARCH_CFG = ConfigDict({"population": 8, "generations": 4, "parents": 3, "mutations": 3,
+                         "crossovers": 2, "mutation_prob": 0.3, "eval_batches": 2})
+
+
+@pytest.fixture(scope="module")
+def mlm():
+    space = make_space("mlm")
+    rng = np.random.default_rng(0)
+    widths = grown_widths(space, rng)
+    net = random_supernet(space, seed=3)
+    mesh = sharding.make_mesh(ConfigDict({"data": 4, "fsdp": 2}))  # archs split over both axes
+    scorer = PopulationScorer(net, widths, make_batches("mlm", rng), mesh, capacity=CAPACITY)
+    return space, widths, scorer
+
+
+def test_population_scores_equal_extracted_dense_models(mlm):
+    space, widths, scorer = mlm
+    rng = np.random.default_rng(1)
+    archs = [space.sample(rng) for _ in range(7)] + [space.largest(widths), space.smallest(widths)]
+    got = scorer.scores(archs)  # 9 > capacity 8: two calls, the second padded
+    assert got.shape == (len(archs),) and np.isfinite(got).all()
+    ref = np.array([scorer.score_one(a) for a in archs])
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+    assert np.ptp(got) > 0.1 and len(set(np.round(got, 3))) > 5  # architectures really differ
+    assert scorer.compilations() == 1
+
+
+def test_clm_scores_and_perplexity():
+    space = make_space("clm")
+    rng = np.random.default_rng(2)
+    widths = grown_widths(space, rng)
+    scorer = PopulationScorer(random_supernet(space, seed=4), widths, make_batches("clm", rng, k=1),
+                              sharding.make_mesh(ConfigDict({"data": -1, "fsdp": 1})))
+    archs = [space.sample(rng) for _ in range(4)]
+    ev = scorer.evaluate(archs)
+    assert scorer.capacity == 8  # first call fixed it: 4 rounded up to the 8 devices
+    np.testing.assert_allclose(ev["loss"], [scorer.score_one(a) for a in archs], atol=1e-4)
+    np.testing.assert_allclose(ev["perplexity"], np.exp(ev["loss"]), rtol=1e-12)
+
+
+def test_one_compilation_for_any_population(mlm):
+    space, _widths, scorer = mlm
+    rng = np.random.default_rng(3)
+    fixed = space.sample(rng)
+    seen = []
+    for n in (1, 3, 8, 5, 13):
+        pop = [space.sample(rng) for _ in range(n - 1)] + [fixed]
+        rng.shuffle(pop)
+        s = scorer.scores(pop)
+        seen.append(s[[a is fixed for a in pop].index(True)])
+    assert scorer.compilations() == 1
+    np.testing.assert_allclose(seen, seen[0], atol=1e-6)  # position and company do not matter
+
+
+def test_constraints_measures_and_violation(mlm):
+    space, widths, _ = mlm
+    rng = np.random.default_rng(4)
+    lo, hi = reachable_ranges(space, widths, SEQ)["params"]
+    mid = (lo + hi) / 2
+    c = Constraints.from_budget({"name": "mid", "min_params": lo + 0.1 * (hi - lo), "max_params": mid,
+                                 "max_flops": 1e12}, space, widths, SEQ)
+    seen = {True: 0, False: 0}
+    for _ in range(200):
+        a = space.sample(rng)
+        p = count_params(space, a, widths)
+        assert c.measures(a) == {"params": p, "flops": count_flops(space, a, widths, SEQ)}
+        want = max(0.0, (p - mid) / mid) + max(0.0, (lo + 0.1 * (hi - lo) - p) / (lo + 0.1 * (hi - lo)))
+        assert c.violation(a) == pytest.approx(want)
+        assert c.ok(a) == (lo + 0.1 * (hi - lo) <= p <= mid)
+        seen[c.ok(a)] += 1
+    assert seen[True] and seen[False]
+    with pytest.raises(SearchError, match="latency table"):
+        Constraints.from_budget({"name": "fast", "max_latency_ms": 1.0}, space, widths, SEQ)
+    with pytest.raises(SearchError, match="unknown keys"):
+        Constraints.from_budget({"name": "x", "max_param": 1}, space, widths, SEQ)
+    with pytest.raises(SearchError, match="exceeds max_params"):
+        Constraints.from_budget({"name": "x", "min_params": 2, "max_params": 1}, space, widths, SEQ)
+
+
+def _all_archs(space: SearchSpace):
+    """Every canonical architecture of the (small) space."""
+    per_layer = [LayerChoice(f, j, h, True) for f in space.families
+                 for j in range(space.candidates) for h in space.head_choices]
+    per_layer.append(LayerChoice(space.families[0], 0, space.head_choices[0], False))
+    for layers in itertools.product(per_layer, repeat=space.layers):
+        if sum(lc.active for lc in layers) >= space.min_layers:
+            yield Arch(layers)
+
+
+def test_reachable_ranges_are_exact_and_impossible_budgets_raise(mlm):
+    space, widths, _ = mlm
+    params, flops = [], []
+    for a in _all_archs(space):
+        params.append(count_params(space, a, widths))
+        flops.append(count_flops(space, a, widths, SEQ))
+    r = reachable_ranges(space, widths, SEQ)
+    assert r["params"] == (min(params), max(params)) and r["flops"] == (min(flops), max(flops))
+    lo, hi = r["params"]
+    rng_text = f"[{lo:,.0f}, {hi:,.0f}]"
+    for budget, what in (({"name": "tiny", "max_params": lo - 1}, "max_params"),
+                         ({"name": "huge", "min_params": hi + 1}, "min_params"),
+                         ({"name": "cheap", "max_flops": r["flops"][0] / 2}, "max_flops")):
+        c = Constraints.from_budget(budget, space, widths, SEQ)
+        with pytest.raises(SearchError) as e:
+            check_feasible(space, widths, c)
+        msg = str(e.value)
+        assert budget["name"] in msg and what in msg and "reachable" in msg
+        if "params" in what:
+            assert rng_text in msg
+    # feasible bounds pass; an exactly unreachable value passes the range check but the search
+    # finds no legal architecture and says so
+    ok = Constraints.from_budget({"name": "edge", "max_params": lo}, space, widths, SEQ)
+    check_feasible(space, widths, ok)
+    never = Constraints.from_budget({"name": "never", "min_params": lo + 0.5, "max_params": lo + 0.5},
+                                    space, widths, SEQ)
+    check_feasible(space, widths, never)
+    with pytest.raises(SearchError, match="no legal architecture"):
+        evolutionary_search(space, widths, None, never, SEARCH_CFG, seed=0, progress=False)
+
+
+class Recording:
+    """Wraps a scorer; records every architecture it is asked to score."""
+
+    def __init__(self, scorer):
+        self.scorer, self.seen = scorer, []
+
+    def scores(self, archs):
+        self.seen.extend(archs)
+        return self.scorer.scores(archs)
+
+    def fingerprint(self):
+        return self.scorer.fingerprint()
+
+
+@pytest.fixture(scope="module")
+def budget(mlm):
+    space, widths, _ = mlm
+    lo, hi = reachable_ranges(space, widths, SEQ)["params"]
+    return Constraints.from_budget({"name": "half", "max_params": lo + 0.5 * (hi - lo)},
+                                   space, widths, SEQ)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(mlm, budget, tmp_path_factory):
+    space, widths, scorer = mlm
+    rec = Recording(scorer)
+    pops = []
+    path = tmp_path_factory.mktemp("search") / "state_half.json"
+    res = evolutionary_search(space, widths, rec, budget, SEARCH_CFG, seed=7, state_path=path,
+                              progress=False, callback=lambda g, st: pops.append(st["population"]))
+    return res, rec, pops, path
+
+
+def test_search_respects_constraints_and_finds_the_best_scored(uninterrupted, mlm, budget):
+    space, widths, scorer = mlm
+    res, rec, pops, path = uninterrupted
+    assert len(pops) == SEARCH_CFG.generations and res.complete
+    assert rec.seen and all(budget.ok(a) for a in rec.seen)
+    ids = [a.arch_id for a in rec.seen]
+    assert len(ids) == len(set(ids)) == len(res.scored)  # every arch scored once (cache)
+    for pop in pops:
+        archs = [Arch.from_dict(d) for d in pop]
+        assert len(archs) == SEARCH_CFG.population
+        assert len({a.arch_id for a in archs}) == len(archs)
+        assert all(budget.ok(a) and space.canonical(a) == a for a in archs)
+    assert budget.ok(res.best) and res.params <= budget.bounds["max_params"]
+    assert res.score == min(res.scored.values())
+    assert res.score == pytest.approx(scorer.score_one(res.best), abs=1e-4)
+    assert res.params == count_params(space, res.best, widths)
+    best = [h["best_so_far"] for h in res.history]
+    assert best == sorted(best, reverse=True) and best[-1] == res.score
+    state = json.loads(path.read_text())
+    assert state["generation"] == SEARCH_CFG.generations - 1 and state["cache"] == res.scored
+
+
+def test_resume_after_interrupt_gives_the_same_result(uninterrupted, mlm, budget, tmp_path):
+    space, widths, scorer = mlm
+    res = uninterrupted[0]
+    # stopped after 2 generations, then resumed from the state file
+    path = tmp_path / "state_half.json"
+    part = evolutionary_search(space, widths, scorer, budget, SEARCH_CFG, seed=7, state_path=path,
+                               progress=False, max_generations=2)
+    assert not part.complete and json.loads(path.read_text())["generation"] == 1
+    rec = Recording(scorer)
+    resumed = evolutionary_search(space, widths, rec, budget, SEARCH_CFG, seed=7, state_path=path,
+                                  progress=False)
+    assert resumed.to_dict() == res.to_dict()
+    assert not {a.arch_id for a in rec.seen} & set(part.scored)  # nothing scored twice
+    # a crash inside generation 2 (after its state was written), then a restart
+    path2 = tmp_path / "crash.json"
+
+    def crash(g, state):
+        if g == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        evolutionary_search(space, widths, scorer, budget, SEARCH_CFG, seed=7, state_path=path2,
+                            progress=False, callback=crash)
+    again = evolutionary_search(space, widths, scorer, budget, SEARCH_CFG, seed=7, state_path=path2,
+                                progress=False)
+    assert again.to_dict() == res.to_dict()
+    # a state of another search is refused, not silently reused
+    other = Constraints.from_budget({"name": "half", "max_params": budget.bounds["max_params"] - 1},
+                                    space, widths, SEQ)
+    with pytest.raises(SearchError, match="different search"):
+        evolutionary_search(space, widths, scorer, other, SEARCH_CFG, seed=7, state_path=path2,
+                            progress=False)
+
+
+def test_shared_cache_and_latency_budgets(mlm, budget):
+    space, widths, scorer = mlm
+    latency = lambda a: 0.01 * a.num_active + 1e-6 * count_params(space, a, widths)
+    c = Constraints.from_budget({"name": "fast", "max_latency_ms": 0.025}, space, widths, SEQ,
+                                latency_fn=latency)
+    cache = ScoreCache()
+    cfg = ConfigDict(SEARCH_CFG.to_dict() | {"generations": 2})
+    r1 = evolutionary_search(space, widths, scorer, budget, cfg, seed=1, progress=False, cache=cache)
+    n1 = len(cache)
+    rec = Recording(scorer)
+    r2 = evolutionary_search(space, widths, rec, c, cfg, seed=1, progress=False, cache=cache)
+    assert r2.latency_ms is not None and r2.latency_ms <= 0.025 and r1.latency_ms is None
+    assert all(latency(a) <= 0.025 for a in rec.seen)
+    assert len(cache) == n1 + len(rec.seen)  # the second budget reuses the first's scores
+    legal = [s for k, s in cache.scores.items() if c.ok(cache.archs[k])]
+    assert r2.score == min(legal)
+
+
+def test_pareto_front_matches_brute_force():
+    rng = np.random.default_rng(5)
+    for trial in range(60):
+        n = int(rng.integers(1, 40))
+        pts = [(float(q), float(c)) for q, c in rng.integers(0, 6 if trial % 2 else 1000, (n, 2))]
+        if trial % 7 == 0:
+            pts.append((math.nan, 0.0))
+        brute = [i for i, (q, c) in enumerate(pts)
+                 if math.isfinite(q) and not any(
+                     (q2 <= q and c2 <= c and (q2 < q or c2 < c)) for q2, c2 in pts
+                     if math.isfinite(q2))]
+        got = pareto_front(pts)
+        assert sorted(got) == brute
+        costs = [pts[i][1] for i in got]
+        assert costs == sorted(costs)
+        qs = [pts[i][0] for i in got]
+        assert qs == sorted(qs, reverse=True)  # cheaper points on the front are worse
+    assert pareto_front([]) == []
+    assert pareto_front([(1.0, 2.0), (1.0, 2.0)]) == [0, 1]  # identical: neither dominates
+
+
+def test_plot_pareto_writes_a_png(tmp_path):
+    rng = np.random.default_rng(6)
+    entries = [{"score": float(s), "params": int(p), "latency_ms": float(p) / 1e5,
+                "best_for": ["small"] if i == 3 else []}
+               for i, (s, p) in enumerate(zip(rng.random(30) + 3, rng.integers(1e4, 1e5, 30)))]
+    out = plot_pareto(entries, tmp_path / "pareto.png")
+    data = out.read_bytes()
+    assert len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_search_stage_end_to_end(tmp_path, capsys):
+    from elm_jax.config import load_config
+    from elm_jax.data.prepare import prepare_data
+    from elm_jax.supernet import save_supernet, space_of
+
+    cfg = load_config("configs/mlm.py:test")
+    data = prepare_data(cfg)
+    space = space_of(cfg, data.tokenizer.vocab_size)
+    widths = space.initial_widths()
+    save_supernet(tmp_path / "supernet" / "final", init_supernet(space, seed=0), widths, history=[])
+    lo, hi = reachable_ranges(space, widths, cfg.data.seq_len)["params"]
+    cfg.search.update(population=8, generations=2, parents=3, mutations=3, crossovers=2,
+                      eval_batches=2)
+    cfg.search.budgets = [{"name": "small", "max_params": int(lo + 0.4 * (hi - lo))},
+                          {"name": "any"}]
+    result = run_search_stage(cfg, tmp_path, data, progress=False)
+    out = tmp_path / "search"
+    assert json.loads((out / "result.json").read_text()) == json.loads(json.dumps(result))
+    assert (out / "pareto.png").stat().st_size > 1000
+    assert (out / "state_small.json").is_file() and (out / "state_any.json").is_file()
+    assert result["complete"] and list(result["budgets"]) == ["small", "any"]
+    small, anyb = result["budgets"]["small"], result["budgets"]["any"]
+    assert small["params"] <= lo + 0.4 * (hi - lo)
+    assert Arch.from_dict(small["arch"]).arch_id == small["arch_id"]
+    assert anyb["score"] == min(e["score"] for e in result["scored"])  # shared cache
+    assert anyb["score"] <= small["score"]
+    front = result["pareto"]["params"]
+    assert front and all(e["arch_id"] for e in front)
+    assert [e["params"] for e in front] == sorted(e["params"] for e in front)
+    assert result["scorer"]["compilations"] == 1
+    lines = [l for l in capsys.readouterr().out.splitlines() if " loss " in l and "FLOPs" in l]
+    assert len(lines) == 2
+    # a complete result is reused, not recomputed
+    assert run_search_stage(cfg, tmp_path, data, progress=False) == json.loads(
+        (out / "result.json").read_text())
+    assert "complete already" in capsys.readouterr().out
