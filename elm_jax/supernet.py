@@ -46,7 +46,7 @@ from elm_jax.dynamic import PCAAccumulator, grow_widths, layer_head_cka, layer_p
 from elm_jax.fileio import atomic_write_json
 from elm_jax.losses import weighted_cross_entropy
 from elm_jax.models.dense import DenseLM
-from elm_jax.models.elastic import Supernet
+from elm_jax.models.elastic import Supernet, block_discrimination
 from elm_jax.supernet_steps import BATCH_AXES, ArchBatches, FixedArchBatches, local_arch, sharded_sums
 from elm_jax.teacher import load_teacher
 
@@ -102,6 +102,7 @@ class SupernetHooks:
         self.widths = space.initial_widths()
         self.acc = PCAAccumulator(space.layers, space.candidates)
         self.history: list[dict] = []
+        self.discrimination: list[float] | None = None  # latest block discrimination per layer
         self._stats = self._build_stats()
 
     def _build_stats(self):
@@ -109,24 +110,28 @@ class SupernetHooks:
         axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
         base_heads = self.space.base_heads
 
-        def per_device(params, other, batch):
+        def per_device(params, other, batch, widths):
             net = nnx.merge(graphdef, params, other).net
             arch = local_arch(batch)
             out = net(batch["inputs"], arch, batch["mask"], batch["segment_ids"], return_internals=True)
             f = out.layers
             k = layer_pca_stats(f.ffn_pre_bert, f.ffn_pre_mobilebert, arch, batch["mask"])
             cka = layer_head_cka(f.ctx_bert, f.ctx_mobilebert, arch, base_heads, batch["mask"])
-            return k[None], cka[None]
+            disc = block_discrimination(net, out.embedding, f.block, widths, batch["mask"])
+            return k[None], cka[None], disc[None]
 
-        fn = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(axes)),
-                           out_specs=(P(axes), P(axes)), check_vma=False)
+        fn = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(axes), P()),
+                           out_specs=(P(axes), P(axes), P(axes)), check_vma=False)
         return jax.jit(fn)
 
     def after_step(self, done: int, state, local_batch, writer) -> None:
         sc = self.cfg.supernet
-        if sc.grow and done % sc.calc_every == 0:
+        if done % sc.calc_every == 0:
             batch = sharding.global_batch(local_batch, self.trainer.mesh)
-            k, cka = jax.device_get(self._stats(state.params, state.other, batch))
+            k, cka, disc = jax.device_get(self._stats(state.params, state.other, batch, self.widths))
+            self.discrimination = disc.mean(axis=0).tolist()
+            writer.write_scalars(done, {f"discrimination/layer{l}": float(v)
+                                        for l, v in enumerate(self.discrimination)})
             rows = len(local_batch["inputs"]) // len(k)
             for d in range(len(k)):  # each device's rows carry that device's architecture
                 arrays = arch_lib.ArchArrays(**{f: local_batch[f"arch_{f}"][d * rows]
@@ -161,6 +166,7 @@ class SupernetHooks:
     def meta(self) -> dict:
         acc = self.acc.state_dict()
         return {"widths": self.widths.tolist(), "history": self.history,
+                "discrimination": self.discrimination,
                 "acc": {k: np.asarray(v).tolist() for k, v in acc.items()}}
 
     def on_restore(self, meta: Mapping[str, Any]) -> None:
@@ -168,6 +174,7 @@ class SupernetHooks:
             return
         self.widths = self.space.validate_widths(np.asarray(meta["widths"], np.int32))
         self.history = list(meta["history"])
+        self.discrimination = meta.get("discrimination")
         self.acc = PCAAccumulator.from_state_dict({k: np.asarray(v) for k, v in meta["acc"].items()})
 
 
@@ -253,7 +260,9 @@ def run_supernet_stage(cfg, workdir: str | os.PathLike, data: DataBundle) -> dic
     if eval_metrics.get("kd_count"):
         eval_metrics["kd"] = eval_metrics["kd_total"] / eval_metrics["kd_count"]
     result = {"space": dataclasses.asdict(space), "widths": hooks.widths.tolist(),
-              "growth": hooks.history, "eval_largest": eval_metrics, "train": summary}
+              "growth": hooks.history, "eval_largest": eval_metrics, "train": summary,
+              "block_discrimination": hooks.discrimination,
+              "train_step_compilations": trainer.train_step._cache_size()}
     if jax.process_index() == 0:
         save_supernet(final, model.net, hooks.widths, hooks.history)
         atomic_write_json(result_path, result)

@@ -218,3 +218,30 @@ def test_supernet_training_reduces_the_loss(engine):
         state, _ = trainer.train_step(state, sharding.global_batch(src.batch(step), mesh))
     after = train_lib.evaluate(trainer, state, ev)["loss"]
     assert after < before - 0.2, (before, after)
+
+
+def test_block_discrimination_matches_the_extracted_candidates():
+    from elm_jax.arch import Arch, LayerChoice
+    from elm_jax.models.elastic import block_discrimination
+
+    space = make_space("mlm")
+    sn = init_supernet(space, seed=8)
+    rng = np.random.default_rng(9)
+    widths = grown_widths(space, rng)
+    ids, mask = batch(rng, False)
+    arch = space.sample(rng)
+    out = sn(ids, space.to_arrays(arch, widths), mask)
+    got = np.asarray(block_discrimination(sn, out.embedding, out.layers.block, widths, mask))
+    # independent: layer 0 of every candidate as a one-layer dense model on the same embedding
+    ys = []
+    for f in sn.families:
+        for c in range(space.candidates):
+            first = LayerChoice(f, c, space.base_heads, True)
+            rest = [LayerChoice(f, 0, space.base_heads, False)] * (space.layers - 1)
+            dense = extract(sn, widths, Arch((first, *rest)))
+            y = np.asarray(dense(ids, mask).block_outs[0]) * mask[..., None]
+            ys.append(y.reshape(-1) / np.linalg.norm(y))
+    cos = np.array([[a @ b for b in ys] for a in ys])
+    n = len(ys)
+    want = (cos.sum() - np.trace(cos)) / (n * (n - 1))
+    assert abs(got[0] - want) < 1e-5 and got.shape == (space.layers,)

@@ -66,7 +66,7 @@ def test_widths_grow_where_the_pca_statistic_is_largest(uninterrupted, cfg):
     assert (widths > net.space.initial_widths()).any()
 
 
-def test_trained_supernet_extracts_and_distils(uninterrupted, data):
+def test_trained_supernet_extracts_and_distils(uninterrupted, data, cfg):
     wd, result = uninterrupted
     net, widths, _ = load_supernet(wd / "supernet" / "final")
     arch = net.space.largest(widths)
@@ -79,6 +79,9 @@ def test_trained_supernet_extracts_and_distils(uninterrupted, data):
     rows = [json.loads(x) for x in (wd / "supernet" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["train/loss"] for r in rows if "train/loss" in r]
     assert losses[-1] < losses[0]  # the distillation loss goes down
+    assert result["train_step_compilations"] == 1  # 12 steps of sampled architectures, one compile
+    disc = result["block_discrimination"]
+    assert len(disc) == cfg.space.layers and all(-1.0 <= d <= 1.0 for d in disc)
 
 
 def test_teacher_is_not_in_the_checkpoint(uninterrupted):

@@ -306,3 +306,41 @@ def extract(supernet: Supernet, widths: Any, arch: Arch) -> DenseLM:
 
     cfg, flat = extract_flat(supernet, widths, arch)
     return model_from_flat(cfg, flat)
+
+
+def block_discrimination(net: Supernet, embedding: jax.Array, block_outs_L: jax.Array,
+                         widths: jax.Array, mask_BxS: jax.Array | None = None) -> jax.Array:
+    """Per layer, the mean cosine similarity between the outputs of the different candidate
+    blocks (every candidate of every family on the menu, at its current width and the full
+    base head count) run on the same input: the layer's input under the sampled architecture
+    (the embedding for layer 0, else the previous layer's output). Over flattened real tokens::
+
+        disc_l = mean_{a < b} cos(Y_a, Y_b),    Y_c = block_c(x_l)[mask]
+
+    Lower means the candidates compute more distinguishable functions, which the relational
+    loss is meant to protect (DESIGN §1.4). ``widths`` is the ``[L, 2, T]`` widths state.
+    Returns float32 ``[L]``.
+    """
+    space, t = net.space, net.template
+    amask = layers.attention_mask(mask_BxS, embedding.shape[1], t.causal)
+    tok = (jnp.ones(embedding.shape[:2], jnp.float32) if mask_BxS is None
+           else (mask_BxS != 0).astype(jnp.float32))
+    inputs = jnp.concatenate([embedding[None], block_outs_L[:-1]], axis=0)  # [L, B, S, H]
+    heads = jnp.asarray(space.base_heads, jnp.int32)
+
+    def layer(l, x):
+        outs = []
+        for f in net.families:
+            stacked = {k: v[...][l] for k, v in net.blocks[f].p.items()}
+            for c in range(space.candidates):
+                p = jax.tree.map(lambda w: w[c], stacked)
+                y = BLOCK_FNS[f](p, x, amask, widths[l, FAMILY_INDEX[f], c], heads,
+                                 space.base_heads, t.ln_eps)[0]
+                outs.append((y * tok[..., None]).reshape(-1).astype(jnp.float32))
+        y = jnp.stack(outs)
+        y = y / jnp.maximum(jnp.linalg.norm(y, axis=1, keepdims=True), 1e-12)
+        cos = y @ y.T
+        n = len(outs)
+        return (jnp.sum(cos) - jnp.trace(cos)) / (n * (n - 1))
+
+    return jnp.stack([layer(l, inputs[l]) for l in range(space.layers)])
