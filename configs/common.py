@@ -82,19 +82,19 @@ def base_config(task: str, variant: str) -> ml_collections.ConfigDict:
             layers=4, hidden=192, heads=4, ffn=768,
             embedding="standard", embed_size=128, dropout=0.1,
         )),
-        train=train_config(steps=400, lr=1e-3, eval_every=200, checkpoint_every=100),
+        train=train_config(steps=200, lr=1e-3, eval_every=200, checkpoint_every=100),
     ))
 
     # Supernet pre-training (DESIGN §1.2-1.5).
     c.supernet = ml_collections.ConfigDict(dict(
-        train=train_config(steps=300, lr=1e-3, eval_every=150, checkpoint_every=100),
+        train=train_config(steps=150, lr=1e-3, eval_every=150, checkpoint_every=50),
         sample_per="step",             # 'step': one architecture per step; 'device': one per device
         sandwich=False,                # with sample_per='device': largest, smallest, random others
         kd_loss="pearson",             # 'pearson' (ELM's relational loss) | 'mse'
         gt_weight=0.0,                 # weight of the ground-truth MLM/CLM loss
         grow=True,                     # PCA width growth (False: fixed initial widths)
-        calc_every=10,                 # PCA statistic / CKA logging interval (steps)
-        epoch_steps=0,                 # widths grow at every epoch end; 0 = one pass over the data
+        calc_every=5,                  # PCA statistic / CKA logging interval (steps)
+        epoch_steps=30,                # widths grow at every epoch end; 0 = one pass over the data
         num_add=2,                     # candidates widened per epoch
         upper_params=0,                # skip growth when the mean params of 1000 random archs exceed it (0 = never)
     ))
@@ -102,25 +102,25 @@ def base_config(task: str, variant: str) -> ml_collections.ConfigDict:
     # Evolutionary search (DESIGN §1.6) under budgets; each budget is a dict of optional
     # min_/max_ params, flops (per sequence of data.seq_len) and latency_ms (predicted).
     c.search = ml_collections.ConfigDict(dict(
-        population=24,
-        generations=6,
+        population=16,
+        generations=4,
         parents=8,                     # top-k kept as parents
         mutations=8,                   # children by mutation per generation
         crossovers=8,                  # children by uniform crossover per generation
         mutation_prob=0.2,             # each gene resampled with this probability
-        eval_batches=4,                # fixed validation batches scoring every candidate
+        eval_batches=2,                # fixed validation batches scoring every candidate
         budgets=[{"name": "small", "max_params": 450_000}, {"name": "medium", "max_params": 600_000}],
     ))
     # Export: the CKA head module (DESIGN §1.3) re-splits each layer into fewer, wider heads.
     c.export = ml_collections.ConfigDict(dict(cka_heads=True, cka_threshold=0.9))
     # KD re-training of each exported model from its inherited weights (DESIGN §1.7).
     c.retrain = ml_collections.ConfigDict(dict(
-        train=train_config(steps=200, lr=1e-3, eval_every=100, checkpoint_every=100),
+        train=train_config(steps=100, lr=1e-3, eval_every=100, checkpoint_every=50),
         kd_loss="pearson", gt_weight=1.0,
     ))
     # Sentence-polarity fine-tuning of the final MLM models (classifier on [CLS]).
     c.finetune = ml_collections.ConfigDict(dict(
-        train=train_config(steps=300, lr=1e-4, eval_every=150, checkpoint_every=150),
+        train=train_config(steps=100, lr=5e-4, eval_every=100, checkpoint_every=50),
         batch_size=32,
     ))
     # Per-device latency table (DESIGN §2): measured once per device, cached.
