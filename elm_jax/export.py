@@ -127,6 +127,31 @@ def with_heads(model: DenseLM, heads: list[int]) -> DenseLM:
     return model_from_flat(dataclasses.replace(model.cfg, blocks=blocks), flat_params(model))
 
 
+def uniform_baseline(space, widths, family: str, budget: dict, seq_len: int):
+    """The hand-designed baseline of a budget: every active layer the same ``family`` block
+    (same candidate, all base heads), the largest such model (most parameters) that satisfies
+    the budget's parameter and FLOPs bounds; ``None`` when none does. Depth is the first ``n``
+    layers active; all ``(candidate, n)`` combinations are tried."""
+    from elm_jax import arch as arch_lib
+
+    if family not in space.families:
+        return None
+    best = None
+    lo = space.min_layers if space.elastic_depth else space.layers
+    for n in range(lo, space.layers + 1):
+        for j in range(space.candidates):
+            layers = tuple(arch_lib.LayerChoice(family, j, space.base_heads, l < n)
+                           for l in range(space.layers))
+            a = space.validate(arch_lib.Arch(layers))
+            p = arch_lib.count_params(space, a, widths)
+            f = arch_lib.count_flops(space, a, widths, seq_len)
+            ok = all(budget.get(f"max_{k}", float("inf")) >= v and budget.get(f"min_{k}", 0) <= v
+                     for k, v in (("params", p), ("flops", f)))
+            if ok and (best is None or p > best[0]):
+                best = (p, a)
+    return None if best is None else best[1]
+
+
 def save_orbax_params(path: str | os.PathLike, model: DenseLM) -> None:
     """The parameters as an orbax checkpoint (``path``), next to the safetensors copy."""
     import orbax.checkpoint as ocp
@@ -156,17 +181,31 @@ def run_export_stage(cfg, workdir: str | os.PathLike, data) -> dict[str, Any]:
     net, widths, _ = load_supernet(Path(workdir) / "supernet" / "final")
     space = net.space
     batches = [data.eval.global_batch(k) for k in range(min(2, len(data.eval)))]
-    result = {}
+    candidates = []  # (output name, budget name, arch, kind)
     for name, entry in search["budgets"].items():
-        arch = arch_lib.Arch.from_dict(entry["arch"])
+        candidates.append((name, name, arch_lib.Arch.from_dict(entry["arch"]), "found"))
+        budget = next((b for b in cfg.search.budgets if b["name"] == name), {})
+        for fam in (cfg.export.baselines if cfg.export.baselines else ()):
+            base = uniform_baseline(space, widths, fam, dict(budget), cfg.data.seq_len)
+            if base is not None:
+                candidates.append((f"{name}_uniform_{fam}", name, base, f"uniform {fam}"))
+    result = {}
+    for out_name, name, arch, kind in candidates:
+        entry = search["budgets"][name] if kind == "found" else {}
         model = extract(net, widths, arch)
         heads_report = None
-        if cfg.export.cka_heads:
+        if cfg.export.cka_heads and kind == "found":
             heads_report = cka_head_counts(model, batches, cfg.export.cka_threshold,
                                            tuple(space.head_choices))
             model = with_heads(model, [r["new_heads"] for r in heads_report])
+        measured = None
+        if cfg.export.measure_latency:
+            from elm_jax.latency import measure_model_ms
+
+            lc = cfg.latency
+            measured = measure_model_ms(model, lc.batch, lc.seq_len or cfg.data.seq_len, lc.repeats, lc.warmup)
         info = {
-            "budget": name,
+            "budget": name, "kind": kind,
             "arch": arch.to_dict(), "arch_id": arch.arch_id, "describe": arch.describe(),
             "widths": [b.ffn for b in model.cfg.blocks],
             "heads": [b.heads for b in model.cfg.blocks],
@@ -174,20 +213,23 @@ def run_export_stage(cfg, workdir: str | os.PathLike, data) -> dict[str, Any]:
             "params": arch_lib.count_params(space, arch, widths),
             "flops": arch_lib.count_flops(space, arch, widths, cfg.data.seq_len),
             "predicted_latency_ms": entry.get("latency_ms"),
+            "measured_latency_ms": measured,
             "search_score": entry.get("score"),
             "config": cfg.to_dict(),
         }
         assert info["params"] == sum(v.size for v in flat_params(model).values())
-        out = root / name
-        save_model(out, model, meta={"role": "exported", "budget": name, "arch_id": arch.arch_id})
+        out = root / out_name
+        save_model(out, model, meta={"role": "exported", "budget": name, "kind": kind,
+                                     "arch_id": arch.arch_id})
         save_orbax_params(out / "orbax", model)
         tok = getattr(data.tokenizer, "path", None)
         if tok is not None:
             atomic_write_bytes(out / Path(tok).name, Path(tok).read_bytes())
         atomic_write_json(out / "arch.json", info)
-        result[name] = {k: info[k] for k in ("arch_id", "describe", "params", "flops", "heads",
-                                             "predicted_latency_ms")} | {"path": os.fspath(out)}
-        print(f"[export] {name}: {arch.describe()} heads {info['heads']} -> {out} "
+        result[out_name] = {k: info[k] for k in ("budget", "kind", "arch_id", "describe", "params", "flops",
+                                                 "heads", "predicted_latency_ms", "measured_latency_ms")}
+        result[out_name]["path"] = os.fspath(out)
+        print(f"[export] {out_name} ({kind}): {arch.describe()} heads {info['heads']} -> {out} "
               f"({info['params']:,} params)")
     atomic_write_json(done_path, result)
     return result

@@ -167,5 +167,8 @@ def run_evaluate_stage(cfg, workdir: str | os.PathLike, data) -> dict[str, Any]:
         print(f"[evaluate] {name}: loss {m['loss']:.4f} perplexity {result[name]['perplexity']:.2f} "
               f"accuracy {m['correct']:.4f} ({result[name]['params']:,} params)")
     if jax.process_index() == 0:
+        from elm_jax.report import build_report
+
         atomic_write_json(Path(workdir) / "evaluate" / "result.json", result)
+        print(build_report(workdir))
     return result
