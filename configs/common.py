@@ -82,19 +82,19 @@ def base_config(task: str, variant: str) -> ml_collections.ConfigDict:
             layers=4, hidden=192, heads=4, ffn=768,
             embedding="standard", embed_size=128, dropout=0.1,
         )),
-        train=train_config(steps=200, lr=1e-3, eval_every=200, checkpoint_every=100),
+        train=train_config(steps=150, lr=1e-3, eval_every=150, checkpoint_every=50),
     ))
 
     # Supernet pre-training (DESIGN §1.2-1.5).
     c.supernet = ml_collections.ConfigDict(dict(
-        train=train_config(steps=150, lr=1e-3, eval_every=150, checkpoint_every=50),
+        train=train_config(steps=100, lr=1e-3, eval_every=100, checkpoint_every=50),
         sample_per="step",             # 'step': one architecture per step; 'device': one per device
         sandwich=False,                # with sample_per='device': largest, smallest, random others
         kd_loss="pearson",             # 'pearson' (ELM's relational loss) | 'mse'
         gt_weight=0.0,                 # weight of the ground-truth MLM/CLM loss
         grow=True,                     # PCA width growth (False: fixed initial widths)
         calc_every=5,                  # PCA statistic / CKA logging interval (steps)
-        epoch_steps=30,                # widths grow at every epoch end; 0 = one pass over the data
+        epoch_steps=25,                # widths grow at every epoch end; 0 = one pass over the data
         num_add=2,                     # candidates widened per epoch
         upper_params=0,                # skip growth when the mean params of 1000 random archs exceed it (0 = never)
     ))
@@ -104,9 +104,9 @@ def base_config(task: str, variant: str) -> ml_collections.ConfigDict:
     c.search = ml_collections.ConfigDict(dict(
         population=16,
         generations=4,
-        parents=8,                     # top-k kept as parents
-        mutations=8,                   # children by mutation per generation
-        crossovers=8,                  # children by uniform crossover per generation
+        parents=4,                     # top-k kept as parents
+        mutations=6,                   # children by mutation per generation
+        crossovers=4,                  # children by uniform crossover per generation
         mutation_prob=0.2,             # each gene resampled with this probability
         eval_batches=2,                # fixed validation batches scoring every candidate
         budgets=[{"name": "small", "max_params": 450_000}],
@@ -119,12 +119,12 @@ def base_config(task: str, variant: str) -> ml_collections.ConfigDict:
                                               measure_latency=True))
     # KD re-training of each exported model from its inherited weights (DESIGN §1.7).
     c.retrain = ml_collections.ConfigDict(dict(
-        train=train_config(steps=100, lr=1e-3, eval_every=100, checkpoint_every=50),
+        train=train_config(steps=60, lr=1e-3, eval_every=60, checkpoint_every=30),
         kd_loss="pearson", gt_weight=1.0,
     ))
     # Sentence-polarity fine-tuning of the final MLM models (classifier on [CLS]).
     c.finetune = ml_collections.ConfigDict(dict(
-        train=train_config(steps=100, lr=5e-4, eval_every=100, checkpoint_every=50),
+        train=train_config(steps=60, lr=5e-4, eval_every=60, checkpoint_every=30),
         batch_size=32,
     ))
     # Per-device latency table (DESIGN §2): measured once per device, cached.

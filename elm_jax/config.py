@@ -198,8 +198,10 @@ def validate(cfg: ml_collections.ConfigDict, stages: Sequence[str] = STAGES) -> 
         for f in ("mutations", "crossovers"):
             _int(cfg, f"search.{f}", 0)
         _float(cfg, "search.mutation_prob", 0.0, 1.0)
-        if cfg.search.parents > cfg.search.population:
-            _fail("search.parents", "must be <= search.population", cfg.search.parents)
+        sc = cfg.search
+        if sc.parents + sc.mutations + sc.crossovers > sc.population:
+            _fail("search.population", f"must be >= parents + mutations + crossovers = "
+                  f"{sc.parents} + {sc.mutations} + {sc.crossovers}", sc.population)
         budgets = _get(cfg, "search.budgets")
         if not isinstance(budgets, (list, tuple)) or not budgets:
             _fail("search.budgets", "must be a non-empty list of dicts", budgets)

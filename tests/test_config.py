@@ -61,6 +61,12 @@ BAD = [
     ("teacher.train.lr", -1e-3, "teacher.train.lr"),
     ("teacher.train.warmup_frac", 2.0, "teacher.train.warmup_frac"),
     ("teacher.train.nan_policy", "ignore", "teacher.train.nan_policy"),
+    ("search.population", 5, "search.population"),
+    ("search.mutation_prob", 1.5, "search.mutation_prob"),
+    ("search.budgets", [], "search.budgets"),
+    ("supernet.kd_loss", "kl", "supernet.kd_loss"),
+    ("supernet.sandwich", True, "supernet.sandwich"),
+    ("space.base_heads", 5, "space"),
 ]
 
 
