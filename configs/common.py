@@ -129,6 +129,7 @@ def base_config(task: str, variant: str) -> ml_collections.ConfigDict:
     ))
     # Per-device latency table (DESIGN §2): measured once per device, cached.
     c.latency = ml_collections.ConfigDict(dict(
+        predict=True,                  # build/load the table and report predicted latency in search
         batch=1, seq_len=0,            # 0 -> data.seq_len
         repeats=20, warmup=3,
         cache_dir="",                  # '' -> data cache dir / latency
@@ -156,6 +157,7 @@ def base_config(task: str, variant: str) -> ml_collections.ConfigDict:
         c.search.update(population=8, generations=2, parents=3, mutations=3, crossovers=2,
                         eval_batches=1)
         c.search.budgets = [{"name": "small", "max_params": 16_000}]
+        c.latency.update(predict=False, repeats=3, warmup=1)
         c.finetune.train = train_config(steps=6, lr=1e-3, batch_log_every=3, eval_every=6,
                                         checkpoint_every=3)
         c.finetune.batch_size = 8

@@ -839,6 +839,12 @@ def run_search_stage(cfg: Any, workdir: str | os.PathLike, data: Any,
         raise SearchError(f"the supernet in {final} is a {space.task!r} model but config.task is "
                           f"{cfg.task!r}")
     seq_len = int(cfg.data.seq_len)
+    wants_latency = any(k.endswith("latency_ms") for b in budgets for k in b)
+    if latency_fn is None and (wants_latency or cfg.latency.predict):
+        from elm_jax.latency import load_or_build
+
+        table = load_or_build(space, cfg.latency, seq_len)
+        latency_fn = lambda arch: table.predict_ms(space, arch, widths)  # noqa: E731
     constraints = [Constraints.from_budget(b, space, widths, seq_len, latency_fn) for b in budgets]
     for c in constraints:
         check_feasible(space, widths, c)

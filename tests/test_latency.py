@@ -1,0 +1,190 @@
+"""Per-device latency table (elm_jax/latency.py).
+
+Timings on this machine are noisy (2 cores shared with other jobs), so the tests check
+properties that hold whatever the noise: the table's keys, exact arithmetic of the
+prediction on a hand-made table, the cache, errors, cache keys, a ~20 ms sleep measured
+within +-50%, and an ordering of *predictions* with a wide margin (4 large blocks vs 1
+small one). No test asserts a tight timing bound.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from unittest import mock
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from elm_jax import latency
+from elm_jax.arch import Arch, LayerChoice, SearchSpace
+from elm_jax.latency import LatencyTable
+
+SEQ = 16
+
+
+def tiny_space(**overrides) -> SearchSpace:
+    """hidden 32, 4 layers; bert widths {16, 32, 40} (40 = cap, not a multiple of f0),
+    mobilebert widths {16, 32}; heads {1, 2}: 10 blocks."""
+    kw = dict(layers=4, hidden=32, inner=16, embed_size=16, candidates=2, f0=16,
+              max_ffn={"bert": 40, "mobilebert": 32}, base_heads=2,
+              families=("bert", "mobilebert"), elastic_depth=True, min_layers=1,
+              vocab_size=64, max_len=SEQ, task="mlm")
+    kw.update(overrides)
+    return SearchSpace(**kw)
+
+
+EXPECTED_KEYS = {(f, w, h) for f, ws in (("bert", (16, 32, 40)), ("mobilebert", (16, 32)))
+                 for w in ws for h in (1, 2)}
+
+
+def lat_cfg(cache_dir: str = "") -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(batch=1, seq_len=0, repeats=7, warmup=1,
+                                          cache_dir=cache_dir))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """(space, table, cache dir, build mock): one measured table for the module, through
+    load_or_build (so its cache file exists)."""
+    space = tiny_space()
+    cache = tmp_path_factory.mktemp("latency")
+    with mock.patch.object(LatencyTable, "build", wraps=LatencyTable.build) as build:
+        table = latency.load_or_build(space, lat_cfg(str(cache)), SEQ)
+        assert build.call_count == 1
+    return space, table, cache
+
+
+def hand_table(space: SearchSpace) -> LatencyTable:
+    """Integer-valued parts (exact in floating point): block (f, w, h) costs
+    1000 * family index + w + h / 4."""
+    blocks = {(f, w, h): 1000.0 * (f == "mobilebert") + w + h / 4
+              for f, w, h in latency.expected_block_keys(space)}
+    return LatencyTable(device=latency.device_fingerprint(), space=latency.space_fields(space),
+                        batch=1, seq_len=SEQ, embedding_ms=3.0, head_ms=5.0,
+                        blocks_ms=blocks, overhead_ms=-0.5)
+
+
+def test_table_has_exactly_the_expected_blocks(built):
+    space, table, _ = built
+    assert set(table.blocks_ms) == EXPECTED_KEYS
+    assert set(latency.expected_block_keys(space)) == EXPECTED_KEYS
+    assert latency.reachable_widths(space, "bert") == [16, 32, 40]
+    assert all(np.isfinite(v) and v >= 0 for v in table.blocks_ms.values())
+    assert table.embedding_ms >= 0 and table.head_ms >= 0 and np.isfinite(table.overhead_ms)
+    assert set(table.dispatch_ms) == {"embedding", "head", "block"}
+    assert len(table.calibration) == 4
+    assert table.device["device_kind"] == jax.devices()[0].device_kind
+    assert (table.batch, table.seq_len) == (1, SEQ)   # seq_len 0 -> the data seq_len
+
+
+def test_predict_is_sum_of_parts_plus_overhead():
+    space = tiny_space()
+    table = hand_table(space)
+    widths = space.initial_widths()            # bert: 16, 32; mobilebert: 16, 32
+    widths[2, 0, 1] = 40                       # layer 2, bert candidate 1 grown to the cap
+    arch = Arch((LayerChoice("bert", 1, 2, True), LayerChoice("mobilebert", 0, 1, True),
+                 LayerChoice("bert", 1, 1, True), LayerChoice("mobilebert", 1, 2, False)))
+    blocks = (32 + 0.5) + (1000 + 16 + 0.25) + (40 + 0.25)   # the inactive layer is free
+    assert table.predict_ms(space, arch, widths) == 3.0 + blocks + 5.0 - 0.5
+    # overhead and every part enter linearly
+    table.overhead_ms = 0.0
+    assert table.predict_ms(space, arch, widths) == 3.0 + blocks + 5.0
+
+
+def test_round_trip_and_cache_is_reused(built, tmp_path):
+    space, table, cache = built
+    again = LatencyTable.from_dict(table.to_dict())
+    assert again == table
+    path = cache / f"latency-{LatencyTable.key(space, 1, SEQ)}.json"
+    assert path.is_file()
+    mtime = os.stat(path).st_mtime_ns
+    with mock.patch.object(LatencyTable, "build", side_effect=AssertionError("re-measured")):
+        loaded = latency.load_or_build(space, lat_cfg(str(cache)), SEQ)
+        # the cache_dir argument wins over the config's
+        loaded2 = latency.load_or_build(space, lat_cfg("/nonexistent"), SEQ, cache_dir=cache)
+    assert loaded == table and loaded2 == table
+    assert os.stat(path).st_mtime_ns == mtime
+
+
+def test_corrupt_cache_file_is_rebuilt(tmp_path):
+    space = tiny_space()
+    path = tmp_path / f"latency-{LatencyTable.key(space, 1, SEQ)}.json"
+    path.write_text("{not json")
+    fake = hand_table(space)
+    with mock.patch.object(LatencyTable, "build", return_value=fake) as build:
+        got = latency.load_or_build(space, lat_cfg(str(tmp_path)), SEQ)
+    assert build.call_count == 1 and got == fake
+    assert LatencyTable.from_dict(json.loads(path.read_text())) == fake
+
+
+def test_missing_width_or_other_space_raises():
+    space = tiny_space()
+    table = hand_table(space)
+    del table.blocks_ms[("bert", 40, 2)]
+    widths = space.max_widths()                  # every bert candidate at 40
+    arch = Arch(tuple(LayerChoice("bert", 0, 2, True) for _ in range(4)))
+    with pytest.raises(ValueError, match="no block bert/ffn=40/heads=2"):
+        table.predict_ms(space, arch, widths)
+    other = tiny_space(hidden=64)
+    with pytest.raises(ValueError, match="different search space"):
+        hand_table(space).predict_ms(other, arch, other.max_widths())
+
+
+def test_key_depends_on_what_matters():
+    space = tiny_space()
+    k = LatencyTable.key(space, 1, SEQ)
+    assert LatencyTable.key(space, 1, SEQ) == k
+    assert LatencyTable.key(space, 2, SEQ) != k
+    assert LatencyTable.key(space, 1, SEQ // 2) != k
+    for change in (dict(hidden=64), dict(inner=32), dict(embed_size=8), dict(f0=8),
+                   dict(vocab_size=128), dict(task="clm"), dict(head_choices=(2,)),
+                   dict(families=("bert",)), dict(max_ffn={"bert": 48, "mobilebert": 32})):
+        assert LatencyTable.key(tiny_space(**change), 1, SEQ) != k, change
+    # the number of layers, candidates and depth settings do not change any part
+    for same in (dict(layers=6), dict(candidates=1), dict(min_layers=2),
+                 dict(elastic_depth=False, min_layers=4)):
+        assert LatencyTable.key(tiny_space(**same), 1, SEQ) == k, same
+
+
+def test_measure_sleep_is_about_20ms():
+    def sleepy(x):
+        def cb(v):
+            time.sleep(0.02)
+            return v
+        return jax.pure_callback(cb, jax.ShapeDtypeStruct(x.shape, x.dtype), x)
+
+    t = latency.measure(sleepy, (jnp.ones((4,), jnp.float32),), repeats=5, warmup=1)
+    assert 0.010 <= t <= 0.030, t
+
+
+def test_bigger_model_is_predicted_slower(built):
+    space, table, _ = built
+    largest = space.largest(space.max_widths())        # 4 active bert blocks at width 40
+    smallest = space.smallest(space.initial_widths())  # 1 active block at width 16
+    assert largest.num_active == 4 and smallest.num_active == 1
+    assert (table.predict_ms(space, largest, space.max_widths())
+            > table.predict_ms(space, smallest, space.initial_widths()))
+
+
+def test_check_rows(built):
+    space, table, _ = built
+    rng = np.random.default_rng(3)
+    archs = [space.sample(rng) for _ in range(2)]
+    widths = space.max_widths()
+    rows = latency.check(table, space, widths, archs, repeats=5, warmup=1)
+    assert [r["arch_id"] for r in rows] == [a.arch_id for a in archs]
+    for r, a in zip(rows, archs):
+        assert r["predicted_ms"] == table.predict_ms(space, a, widths)
+        assert r["measured_ms"] > 0
+        assert r["rel_err"] == pytest.approx(
+            abs(r["predicted_ms"] - r["measured_ms"]) / r["measured_ms"])
+    s = latency.summarize(rows)
+    assert s["n"] == 2 and s["max_rel_err"] >= s["mean_rel_err"] >= 0
+    from elm_jax.models.dense import init_dense
+    model = init_dense(space.dense_config(archs[0], widths))
+    assert latency.measure_model_ms(model, 1, SEQ, repeats=3, warmup=1) > 0
