@@ -197,6 +197,16 @@ class ArchArrays:
     active: Any
 
 
+def family_branch(families: Sequence[str], family: Any, active: Any) -> jax.Array:
+    """The ``lax.switch`` branch of each layer when branches are built for ``families`` (in
+    that order) followed by one identity/zero branch: the family's position among
+    ``families``, or ``len(families)`` for an inactive layer or a family not built."""
+    table = np.full(len(FAMILY_INDEX), len(families), np.int32)
+    for pos, f in enumerate(families):
+        table[FAMILY_INDEX[f]] = pos
+    return jnp.where(jnp.asarray(active, bool), jnp.asarray(table)[family], len(families))
+
+
 def stack_arrays(arrays: Sequence[ArchArrays]) -> ArchArrays:
     """Stacks architectures along a new leading population axis (``[P, L]`` fields).
 

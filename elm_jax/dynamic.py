@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from elm_jax.arch import FAMILY_INDEX, NUM_FAMILIES, ArchArrays
+from elm_jax.arch import FAMILY_INDEX, NUM_FAMILIES, ArchArrays, family_branch
 
 # Variance share a block's FFN pre-activation must exceed (DESIGN §1.2).
 ETA: dict[str, float] = {"bert": 0.99, "mobilebert": 0.9}
@@ -124,10 +124,7 @@ def layer_pca_stats(ffn_pre_bert: jax.Array | None, ffn_pre_mobilebert: jax.Arra
             return pca_components(pre.reshape(b * s, pre.shape[-1]), x["width"], eta[f], tok_mask)
         branches.append(run)
     branches.append(lambda x: jnp.zeros((), jnp.int32))
-    branch_of = np.full(NUM_FAMILIES, len(fams), np.int32)
-    for pos, f in enumerate(fams):
-        branch_of[FAMILY_INDEX[f]] = pos
-    idx = jnp.where(jnp.asarray(arch.active, bool), jnp.asarray(branch_of)[arch.family], len(fams))
+    idx = family_branch(fams, arch.family, arch.active)
     xs = {f: feats[f] for f in fams}
     xs["width"] = jnp.asarray(arch.width, jnp.int32)
     return _per_layer_switch(branches, idx, xs)
@@ -358,10 +355,7 @@ def layer_head_cka(ctx_bert: jax.Array | None, ctx_mobilebert: jax.Array | None,
             return offdiag(cka, valid, x["heads"])
         branches.append(run)
     branches.append(lambda x: jnp.full((), jnp.nan, jnp.float32))
-    branch_of = np.full(NUM_FAMILIES, len(fams), np.int32)
-    for pos, f in enumerate(fams):
-        branch_of[FAMILY_INDEX[f]] = pos
-    idx = jnp.where(jnp.asarray(arch.active, bool), jnp.asarray(branch_of)[arch.family], len(fams))
+    idx = family_branch(fams, arch.family, arch.active)
     xs = {f: feats[f] for f in fams}
     xs["heads"] = jnp.asarray(arch.heads, jnp.int32)
     return _per_layer_switch(branches, idx, xs)

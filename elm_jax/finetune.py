@@ -11,7 +11,6 @@ stratified split), reporting validation and test accuracy.
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from elm_jax.data.tokenizer import Tokenizer
 from elm_jax.fileio import atomic_write_json
 from elm_jax.models import layers
 from elm_jax.models.dense import DenseLM
-from elm_jax.teacher import lm_eval_fn
+from elm_jax.teacher import evaluate_lm
 
 
 class Classifier(nnx.Module):
@@ -158,10 +157,8 @@ def run_evaluate_stage(cfg, workdir: str | os.PathLike, data) -> dict[str, Any]:
     for name, model in models.items():
         if model.cfg.head == "none":
             continue
-        tr = train_lib.Trainer(model, lambda m, b, r: (0.0, {}), lm_eval_fn,
-                               ConfigDict({"steps": 1, "lr": 1.0}), mesh)
-        m = train_lib.evaluate(tr, tr.init_state(), data.eval)
-        result[name] = {"loss": m["loss"], "perplexity": math.exp(min(m["loss"], 50.0)),
+        m = evaluate_lm(model, data.eval, mesh)
+        result[name] = {"loss": m["loss"], "perplexity": m["perplexity"],
                         "accuracy": m["correct"], "params": sum(
                             v.size for v in export.flat_params(model).values())}
         print(f"[evaluate] {name}: loss {m['loss']:.4f} perplexity {result[name]['perplexity']:.2f} "

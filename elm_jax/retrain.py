@@ -16,7 +16,6 @@ before and after retraining.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from pathlib import Path
@@ -34,7 +33,7 @@ from elm_jax.distill import init_projections, supernet_distill_loss
 from elm_jax.fileio import atomic_write_json
 from elm_jax.losses import weighted_cross_entropy
 from elm_jax.models.dense import DenseLM, ModelOutput
-from elm_jax.teacher import lm_eval_fn, load_teacher
+from elm_jax.teacher import evaluate_lm, load_teacher, with_perplexity
 
 
 class DenseStudent(nnx.Module):
@@ -108,13 +107,6 @@ def kd_fns(teacher_graphdef, teacher_rest, kind: str, gt_weight: float):
     return loss_fn, eval_fn
 
 
-def _with_ppl(m: dict) -> dict:
-    m = dict(m)
-    if "loss" in m and math.isfinite(m["loss"]):
-        m["perplexity"] = math.exp(min(m["loss"], 50.0))
-    return m
-
-
 def run_retrain_stage(cfg, workdir: str | os.PathLike, data) -> dict[str, Any]:
     """KD-retrains every exported model (resumable: the engine checkpoints each one)."""
     root = Path(workdir) / "retrain"
@@ -132,16 +124,14 @@ def run_retrain_stage(cfg, workdir: str | os.PathLike, data) -> dict[str, Any]:
     for name, entry in exported.items():
         src = Path(entry["path"])
         model, _ = export.load_model(src)
-        plain = train_lib.Trainer(model, lambda m, b, r: (0.0, {}), lm_eval_fn,
-                                  ConfigDict({"steps": 1, "lr": 1.0}), mesh)
-        before = _with_ppl(train_lib.evaluate(plain, plain.init_state(), data.eval))
+        before = evaluate_lm(model, data.eval, mesh)
         student = DenseStudent(model, teacher.cfg.hidden, cfg.seed)
         tc = ConfigDict(rc.train.to_dict() | {"seed": cfg.seed})
         trainer = train_lib.Trainer(student, loss_fn, eval_fn, tc, mesh, frozen=t_params)
         state, summary = train_lib.fit(trainer, data.train, data.eval, root, name=f"{name}_run",
                                        meta={"budget": name})
         trained = trainer.model_from_state(state).model
-        after = _with_ppl(summary["eval"])
+        after = with_perplexity(summary["eval"])
         out = root / name
         if jax.process_index() == 0:
             export.save_model(out, trained, meta={"role": "retrained", "budget": name})

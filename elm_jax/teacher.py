@@ -70,11 +70,19 @@ def lm_eval_fn(model: DenseLM, batch: dict) -> dict:
     return weighted_cross_entropy(out.logits, batch["targets"], batch["weights"])
 
 
-def _with_perplexity(metrics: dict[str, float]) -> dict[str, float]:
+def with_perplexity(metrics: dict[str, float]) -> dict[str, float]:
+    """Adds ``perplexity = exp(loss)`` (loss capped at 50) to evaluation metrics."""
     out = dict(metrics)
     if "loss" in out and math.isfinite(out["loss"]):
         out["perplexity"] = math.exp(min(out["loss"], 50.0))
     return out
+
+
+def evaluate_lm(model: DenseLM, eval_source, mesh) -> dict[str, float]:
+    """Validation ``loss`` (token mean), ``correct`` (accuracy) and ``perplexity`` of a dense LM
+    on the fixed evaluation batches, through the engine's sharded eval step."""
+    trainer = train_lib.Trainer(model, lm_loss_fn, lm_eval_fn, ConfigDict({"steps": 1, "lr": 1.0}), mesh)
+    return with_perplexity(train_lib.evaluate(trainer, trainer.init_state(), eval_source))
 
 
 def _load_pretrained(cfg, data: DataBundle) -> tuple[DenseLM, dict[str, Any]]:
@@ -130,10 +138,8 @@ def run_teacher_stage(cfg, workdir: str | os.PathLike, data: DataBundle) -> dict
                   "uses its hidden states; no validation loss to report)")
             eval_metrics = {}
         else:
-            trainer = train_lib.Trainer(model, lm_loss_fn, lm_eval_fn,
-                                        ConfigDict({"steps": 1, "lr": 1.0, "seed": cfg.seed}), mesh)
-            eval_metrics = train_lib.evaluate(trainer, trainer.init_state(), data.eval)
-    eval_metrics = _with_perplexity(eval_metrics)
+            eval_metrics = evaluate_lm(model, data.eval, mesh)
+    eval_metrics = with_perplexity(eval_metrics)
     summary = {"source": cfg.teacher.source, "task": cfg.task, "num_params": count_params(model),
                "dense_config": model.cfg.to_dict(), "eval": eval_metrics, **extra}
     if jax.process_index() == 0:

@@ -8,14 +8,12 @@ import pytest
 from ml_collections import ConfigDict
 
 from elm_jax import export, sharding
-from elm_jax import train as train_lib
 from elm_jax.config import ConfigError, load_config
 from elm_jax.data.prepare import prepare_data
 from elm_jax.data.tokenizer import WordPieceTokenizer
 from elm_jax.models.dense import init_dense
 from elm_jax.models.hf import load_hf_bert
-from elm_jax.teacher import (dense_config_from, lm_eval_fn, lm_loss_fn, load_teacher,
-                             run_teacher_stage)
+from elm_jax.teacher import dense_config_from, evaluate_lm, load_teacher, run_teacher_stage
 from test_hf_loaders import minilm_dir
 
 
@@ -36,9 +34,7 @@ def trained(tmp_path_factory, mlm_cfg, mlm_data):
 
 
 def _eval(model, cfg, data):
-    tc = ConfigDict({"steps": 1, "lr": 1.0, "seed": 0})
-    tr = train_lib.Trainer(model, lm_loss_fn, lm_eval_fn, tc, sharding.make_mesh(cfg.mesh))
-    return train_lib.evaluate(tr, tr.init_state(), data.eval)
+    return evaluate_lm(model, data.eval, sharding.make_mesh(cfg.mesh))
 
 
 def test_trained_teacher_beats_its_initialisation(trained, mlm_cfg, mlm_data):

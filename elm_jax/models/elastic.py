@@ -24,7 +24,6 @@ suite checks that both compute the same function.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -32,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from elm_jax.arch import FAMILY_INDEX, Arch, ArchArrays, SearchSpace
+from elm_jax.arch import FAMILY_INDEX, Arch, ArchArrays, SearchSpace, family_branch
 from elm_jax.models import layers
 from elm_jax.models.dense import CLMHead, DenseConfig, DenseLM, FAMILY_ACT, MLMHead
 from elm_jax.models.layers import FactorizedEmbedding, MASK_VALUE
@@ -222,11 +221,6 @@ class Supernet(nnx.Module):
         fmax = {f: space.max_ffn_of(f) for f in self.families}
         stacked = {f: dict(self.blocks[f].p.items()) for f in self.families}
         stacked = jax.tree.map(lambda v: v[...], stacked)  # Param -> array
-        # branch position of each family index; the last branch is the skip (identity)
-        branch_of = np.full(len(FAMILY_INDEX), len(self.families), np.int32)
-        for pos, f in enumerate(self.families):
-            branch_of[FAMILY_INDEX[f]] = pos
-        branch_of = jnp.asarray(branch_of)
         dt = x.dtype
 
         def zeros_like_features(x):
@@ -256,7 +250,7 @@ class Supernet(nnx.Module):
 
         def layer(x, xs):
             p_all, fam, cand, width, heads, active = xs
-            idx = jnp.where(active, branch_of[fam], len(self.families))
+            idx = family_branch(self.families, fam, active)  # last branch: skip (identity)
             feats = jax.lax.switch(idx, branches, x, p_all, cand, width, heads)
             return feats["block"], feats
 
