@@ -8,6 +8,7 @@ and config always give the same model file, and a second run reuses it.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import hashlib
 import json
@@ -38,23 +39,26 @@ class SpecialIds:
         return tuple(sorted(set(dataclasses.astuple(self))))
 
 
-class Tokenizer:
+class Tokenizer(abc.ABC):
     """Interface: ``encode``, ``decode``, ``vocab_size``, ``special`` ids, ``describe``."""
 
     special: SpecialIds
     vocab_size: int
 
+    @abc.abstractmethod
     def encode(self, text: str) -> list[int]:
-        raise NotImplementedError
+        """Token ids of ``text`` without special tokens."""
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]
 
+    @abc.abstractmethod
     def decode(self, ids: Iterable[int]) -> str:
-        raise NotImplementedError
+        """The text of ``ids``."""
 
+    @abc.abstractmethod
     def describe(self) -> dict:
-        raise NotImplementedError
+        """JSON-able description (kind, path, vocab size) for stats and reports."""
 
 
 class SentencePieceTokenizer(Tokenizer):
