@@ -219,6 +219,17 @@ class FFN(nnx.Module):
         return FFNOut(self.wo(activation(self.act_name)(pre)), pre)
 
 
+def _position_segment_norm(emb: nnx.Module, x: jax.Array, ids_BxL: jax.Array,
+                           segment_ids_BxL: jax.Array | None) -> jax.Array:
+    """The shared tail of both embeddings: ``x + position (+ segment)``, then the LayerNorm
+    (missing segment ids mean segment 0, as Hugging Face does)."""
+    x = x + emb.position(jnp.arange(ids_BxL.shape[1]))[None]
+    if emb.segment is not None:
+        seg = jnp.zeros_like(ids_BxL) if segment_ids_BxL is None else segment_ids_BxL
+        x = x + emb.segment(seg)
+    return emb.norm(x) if emb.norm is not None else x
+
+
 class StandardEmbedding(nnx.Module):
     """BERT/GPT-2 embedding: token + position (+ segment), optional LayerNorm.
 
@@ -259,12 +270,7 @@ class StandardEmbedding(nnx.Module):
         segment_ids_BxL: jax.Array | None = None,
     ) -> jax.Array:
         del mask_BxL  # only positions' own vectors depend on their ids here
-        length = ids_BxL.shape[1]
-        x = self.word(ids_BxL) + self.position(jnp.arange(length))[None]
-        if self.segment is not None:
-            seg = jnp.zeros_like(ids_BxL) if segment_ids_BxL is None else segment_ids_BxL
-            x = x + self.segment(seg)
-        return self.norm(x) if self.norm is not None else x
+        return _position_segment_norm(self, self.word(ids_BxL), ids_BxL, segment_ids_BxL)
 
 
 class FactorizedEmbedding(nnx.Module):
@@ -317,9 +323,5 @@ class FactorizedEmbedding(nnx.Module):
         tok = self.word(ids_BxL)
         if mask_BxL is not None:
             tok = tok * (mask_BxL != 0)[..., None].astype(tok.dtype)
-        x = self.proj(neighbour_concat(tok, self.causal))
-        x = x + self.position(jnp.arange(ids_BxL.shape[1]))[None]
-        if self.segment is not None:
-            seg = jnp.zeros_like(ids_BxL) if segment_ids_BxL is None else segment_ids_BxL
-            x = x + self.segment(seg)
-        return self.norm(x) if self.norm is not None else x
+        return _position_segment_norm(self, self.proj(neighbour_concat(tok, self.causal)), ids_BxL,
+                                      segment_ids_BxL)
