@@ -1,0 +1,54 @@
+"""Export stage: the exported model reproduces the supernet for its architecture."""
+
+import json
+
+import numpy as np
+import pytest
+
+import elm_jax
+from elm_jax.config import load_config
+from elm_jax.data.prepare import prepare_data
+from elm_jax.export import flat_params, run_export_stage
+from elm_jax.models.elastic import init_supernet
+from elm_jax.supernet import save_supernet, space_of
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    cfg = load_config("configs/mlm.py:test")
+    cfg.export.update(baselines=(), measure_latency=False)
+    data = prepare_data(cfg)
+    space = space_of(cfg, data.tokenizer.vocab_size)
+    net = init_supernet(space, seed=3)
+    widths = space.initial_widths() + space.f0 * (np.arange(space.initial_widths().size).reshape(
+        space.initial_widths().shape) % 2)
+    widths = np.minimum(widths, space.max_widths()).astype(np.int32)
+    arch = space.sample(np.random.default_rng(4))
+    return cfg, data, space, net, widths, arch
+
+
+def _workdir(tmp_path, net, widths, arch):
+    save_supernet(tmp_path / "supernet" / "final", net, widths, [])
+    (tmp_path / "search").mkdir()
+    (tmp_path / "search" / "result.json").write_text(json.dumps(
+        {"budgets": {"small": {"arch": arch.to_dict(), "score": 1.0, "latency_ms": None}}}))
+    return tmp_path
+
+
+@pytest.mark.parametrize("cka", [False, True])
+def test_exported_model_reproduces_the_supernet(setup, tmp_path, cka):
+    cfg, data, space, net, widths, arch = setup
+    cfg.export.cka_heads = cka
+    wd = _workdir(tmp_path, net, widths, arch)
+    result = run_export_stage(cfg, wd, data)
+    model = elm_jax.load_model(result["small"]["path"])
+    info = json.loads((wd / "export" / "small" / "arch.json").read_text())
+    assert info["params"] == sum(v.size for v in flat_params(model).values())
+    b = data.eval.global_batch(0)
+    sup = net(b["inputs"], space.to_arrays(arch, widths), b["mask"]).logits
+    got = model(b["inputs"], b["mask"]).logits
+    if not cka or info["heads"] == [lc.heads for lc in arch.layers if lc.active]:
+        np.testing.assert_allclose(np.asarray(got), np.asarray(sup), atol=1e-5)
+    assert all(h <= lc.heads for h, lc in zip(info["heads"], [x for x in arch.layers if x.active]))
+    assert (wd / "export" / "small" / "orbax").is_dir()
+    assert elm_jax.load_tokenizer(wd / "export" / "small").vocab_size == data.tokenizer.vocab_size
