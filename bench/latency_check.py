@@ -19,7 +19,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from teacher_throughput import machine  # bench/ is the script directory (on sys.path)
+from report_util import machine  # bench/ is the script directory (on sys.path)
 
 from elm_jax import arch as arch_lib
 from elm_jax import config as config_lib

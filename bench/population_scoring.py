@@ -12,7 +12,6 @@ one compilation) and the ratio, plus the largest difference between the two path
 from __future__ import annotations
 
 import argparse
-import datetime
 import time
 
 import numpy as np
@@ -24,7 +23,7 @@ from elm_jax.models.elastic import init_supernet
 from elm_jax.search import PopulationScorer
 from elm_jax.supernet import space_of
 
-from teacher_throughput import machine  # noqa: E402  (bench/ is the script directory)
+from report_util import append_section, markdown_table  # noqa: E402  (bench/ is the script directory)
 
 
 def main() -> None:
@@ -67,16 +66,14 @@ def main() -> None:
     row = (args.population, args.eval_batches, round(steady, 2), round(with_compile, 2),
            round(per_candidate, 2), round(pop_rate / ref_rate, 1), round(pop_rate_c / ref_rate, 1),
            f"{diff:.1e}")
-    table = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n| " + " | ".join(map(str, row)) + " |"
+    table = markdown_table(header, [row])
     print(table)
     print(f"compilations of the population scorer: {scorer.compilations()}")
     cmd = (f"python bench/population_scoring.py --config={args.config} --population={args.population} "
            f"--eval-batches={args.eval_batches}")
-    with open(args.out, "a") as f:
-        f.write(f"\n### Population scoring ({datetime.date.today().isoformat()})\n\nCommand: `{cmd}`  \n"
-                f"Machine: {machine()}  \nScorer compilations: {scorer.compilations()}; the per-candidate "
-                f"path was timed on the first {args.reference} candidates.\n\n{table}\n")
-
+    append_section(args.out, "Population scoring", cmd, table,
+                   f"Scorer compilations: {scorer.compilations()}; the per-candidate path was timed on "
+                   f"the first {args.reference} candidates.")
 
 if __name__ == "__main__":
     main()

@@ -13,7 +13,6 @@ counts the supernet step's compilations over 200 sampled architectures (must be 
 from __future__ import annotations
 
 import argparse
-import datetime
 import statistics
 import time
 
@@ -30,7 +29,7 @@ from elm_jax.models.elastic import extract, init_supernet
 from elm_jax.supernet_steps import arch_rows, supernet_lm_fns
 from elm_jax.teacher import lm_eval_fn, lm_loss_fn
 
-from teacher_throughput import machine  # noqa: E402  (bench/ is the script directory)
+from report_util import append_section, markdown_table  # noqa: E402  (bench/ is the script directory)
 
 
 def timed(step_fn, state, batches):
@@ -94,18 +93,12 @@ def main() -> None:
                      arch_lib.count_params(space, a, widths), round(s_ms, 1), round(d_ms, 1),
                      round(s_ms / d_ms, 3)))
     header = ("arch", "widths", "layers", "params", "supernet step ms", "dense step ms", "ratio")
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(v) for v in r) + " |" for r in rows]
-    table = "\n".join(lines)
+    table = markdown_table(header, rows)
     print(table)
     print(f"supernet train-step compilations over 200 architectures: {compiles}")
     cmd = f"python bench/supernet_vs_dense.py --config={args.config} --steps={args.steps} --rounds={args.rounds}"
-    with open(args.out, "a") as f:
-        f.write(f"\n### Supernet vs. extracted dense train step ({datetime.date.today().isoformat()})\n\n"
-                f"Command: `{cmd}`  \nMachine: {machine()}  \n"
-                f"Supernet train-step compilations over 200 sampled architectures: {compiles}\n\n"
-                f"{table}\n")
-
+    append_section(args.out, "Supernet vs. extracted dense train step", cmd, table,
+                   f"Supernet train-step compilations over 200 sampled architectures: {compiles}")
 
 if __name__ == "__main__":
     main()

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
-import platform
 import time
 
 import jax
@@ -24,10 +22,7 @@ from elm_jax.data.prepare import prepare_data
 from elm_jax.models.dense import count_params, init_dense
 from elm_jax.teacher import dense_config_from, lm_eval_fn, lm_loss_fn
 
-
-def machine() -> str:
-    dev = jax.devices()[0]
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {dev.platform}:{dev.device_kind} x{jax.device_count()}"
+from report_util import append_section, markdown_table  # noqa: E402  (bench/ is the script directory)
 
 
 def main() -> None:
@@ -65,14 +60,10 @@ def main() -> None:
         "tokens/s": round(tokens / step_s),
         "batch build ms (host)": round(1000 * host_s, 2),
     }
-    header = "| " + " | ".join(row) + " |"
-    print(header)
-    print("| " + " | ".join(str(v) for v in row.values()) + " |")
-    cmd = f"python bench/teacher_throughput.py --config={args.config} --steps={args.steps}"
-    with open(args.out, "a") as f:
-        f.write(f"\n### Teacher training throughput ({row['date']})\n\nCommand: `{cmd}`  \n"
-                f"Machine: {machine()}\n\n{header}\n|{'---|' * len(row)}\n"
-                f"| {' | '.join(str(v) for v in row.values())} |\n")
+    table = markdown_table(list(row), [list(row.values())])
+    print(table)
+    append_section(args.out, "Teacher training throughput",
+                   f"python bench/teacher_throughput.py --config={args.config} --steps={args.steps}", table)
 
 
 if __name__ == "__main__":
