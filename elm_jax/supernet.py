@@ -47,6 +47,7 @@ from elm_jax.fileio import atomic_write_json
 from elm_jax.losses import weighted_cross_entropy
 from elm_jax.models.dense import DenseLM
 from elm_jax.models.elastic import Supernet, block_discrimination
+from elm_jax.precision import compute_dtype, with_compute_dtype
 from elm_jax.supernet_steps import BATCH_AXES, ArchBatches, FixedArchBatches, local_arch, sharded_sums
 from elm_jax.teacher import load_teacher
 
@@ -54,8 +55,9 @@ from elm_jax.teacher import load_teacher
 class Student(nnx.Module):
     """The supernet plus the learned distillation projections to the teacher width."""
 
-    def __init__(self, space: SearchSpace, teacher_hidden: int, seed: int):
-        self.net = Supernet(space, rngs=nnx.Rngs(params=seed))
+    def __init__(self, space: SearchSpace, teacher_hidden: int, seed: int, *,
+                 dtype: Any = jnp.float32, remat: bool = False):
+        self.net = Supernet(space, rngs=nnx.Rngs(params=seed), dtype=dtype, remat=remat)
         proj = init_projections(jax.random.key(seed + 1), space.hidden, space.inner, teacher_hidden,
                                 space.families)
         self.proj = nnx.Dict({name: nnx.Dict({k: nnx.Param(v) for k, v in d.items()})
@@ -214,6 +216,32 @@ def load_supernet(path: str | os.PathLike) -> tuple[Supernet, np.ndarray, dict]:
     return net, space.validate_widths(np.asarray(info["widths"], np.int32)), info
 
 
+def supernet_trainer(cfg, space: SearchSpace, teacher: DenseLM, mesh) -> train_lib.Trainer:
+    """The supernet stage's engine: a ``Student`` (supernet + KD projections) trained with
+    ``D(teacher, student)`` summed over embedding / attention / block features (plus
+    ``gt_weight`` x the MLM/CLM loss), the teacher's weights passed frozen to one compiled step.
+    Used by the stage and by the benchmarks, so both time the same step."""
+    sc = cfg.supernet
+    dtype = compute_dtype(cfg)
+    if teacher.cfg.dtype != dtype:  # same weights, computing in the run's precision
+        teacher = with_compute_dtype(teacher, dtype)
+    t_graphdef, t_params, t_rest = nnx.split(teacher, nnx.Param, ...)
+    sums = sharded_sums(mesh, distill_sums_fn(t_graphdef, t_rest, sc.kd_loss))
+    gt = float(sc.gt_weight)
+
+    def loss_fn(model, batch, rng, frozen):
+        del rng
+        s = sums(model, batch, frozen)
+        return _kd_mean(s) + gt * s["loss_sum"] / jnp.maximum(s["weight_sum"], 1.0), s
+
+    def eval_fn(model, batch, frozen):
+        return sums(model, batch, frozen)
+
+    student = Student(space, teacher.cfg.hidden, cfg.seed, dtype=dtype, remat=bool(sc.get("remat", False)))
+    tc = ConfigDict(sc.train.to_dict() | {"seed": cfg.seed})
+    return train_lib.Trainer(student, loss_fn, eval_fn, tc, mesh, frozen=t_params)
+
+
 def run_supernet_stage(cfg, workdir: str | os.PathLike, data: DataBundle) -> dict[str, Any]:
     """Trains the supernet (resuming when a checkpoint exists) and writes its final weights."""
     out = Path(workdir) / "supernet"
@@ -229,21 +257,8 @@ def run_supernet_stage(cfg, workdir: str | os.PathLike, data: DataBundle) -> dic
     sc = cfg.supernet
     mesh = sharding.make_mesh(cfg.mesh)
     num_devices = int(np.prod([mesh.shape[a] for a in BATCH_AXES if a in mesh.axis_names]))
-    t_graphdef, t_params, t_rest = nnx.split(teacher, nnx.Param, ...)
-    sums = sharded_sums(mesh, distill_sums_fn(t_graphdef, t_rest, sc.kd_loss))
-    gt = float(sc.gt_weight)
-
-    def loss_fn(model, batch, rng, frozen):
-        del rng
-        s = sums(model, batch, frozen)
-        return _kd_mean(s) + gt * s["loss_sum"] / jnp.maximum(s["weight_sum"], 1.0), s
-
-    def eval_fn(model, batch, frozen):
-        return sums(model, batch, frozen)
-
-    student = Student(space, teacher.cfg.hidden, cfg.seed)
-    tc = ConfigDict(sc.train.to_dict() | {"seed": cfg.seed})
-    trainer = train_lib.Trainer(student, loss_fn, eval_fn, tc, mesh, frozen=t_params)
+    trainer = supernet_trainer(cfg, space, teacher, mesh)
+    tc = trainer.tc
     epoch_steps = int(sc.epoch_steps) or max(1, int(round(data.train.steps_per_epoch)))
     hooks = SupernetHooks(cfg, space, trainer, epoch_steps)
     train_src = ArchBatches(data.train, space, lambda: hooks.widths, mode=sc.sample_per,

@@ -196,8 +196,9 @@ class Supernet(nnx.Module):
     """
 
     def __init__(self, space: SearchSpace, *, rngs: nnx.Rngs, dtype: Any = jnp.float32,
-                 ln_eps: float = 1e-12):
+                 ln_eps: float = 1e-12, remat: bool = False):
         self.space = space
+        self.remat = remat  # recompute each layer in the backward pass (activation memory ~ 1 layer)
         self.template = space.dense_config(space.largest(), space.initial_widths(),
                                            dtype=dtype, ln_eps=ln_eps)
         t = self.template
@@ -255,6 +256,8 @@ class Supernet(nnx.Module):
             return feats["block"], feats
 
         xs = (stacked, arch.family, arch.candidate, arch.width, arch.heads, arch.active)
+        if self.remat:
+            layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.nothing_saveable)
         x, feats = jax.lax.scan(layer, x, xs)
         logits = self.head(x, self.embed.token_table())
         return SupernetOutput(logits=logits, embedding=emb, layers=LayerFeatures(**feats))
