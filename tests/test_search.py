@@ -98,7 +98,9 @@ def test_population_scores_equal_extracted_dense_models(mlm):
     archs = [space.sample(rng) for _ in range(7)] + [space.largest(widths), space.smallest(widths)]
     got = scorer.scores(archs)  # 9 > capacity 8: two calls, the second padded
     assert got.shape == (len(archs),) and np.isfinite(got).all()
-    ref = np.array([scorer.score_one(a) for a in archs])
+    ref = np.array([scorer.score_one(a) for a in archs])  # dense model, head at every position
+    assert scorer._gathered is not None  # the scorer evaluated the head at scored positions only
+    assert scorer._gathered["positions"].shape[-1] < SEQ
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
     assert np.ptp(got) > 0.1 and len(set(np.round(got, 3))) > 5  # architectures really differ
     assert scorer.compilations() == 1

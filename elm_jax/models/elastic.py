@@ -211,8 +211,14 @@ class Supernet(nnx.Module):
 
     def __call__(self, inputs_BxS: jax.Array, arch: ArchArrays, mask_BxS: jax.Array | None = None,
                  segment_ids_BxS: jax.Array | None = None, *,
-                 return_internals: bool = False) -> SupernetOutput:
-        """Forward of the architecture ``arch`` (one architecture for the whole batch)."""
+                 return_internals: bool = False,
+                 head_positions_BxK: jax.Array | None = None) -> SupernetOutput:
+        """Forward of the architecture ``arch`` (one architecture for the whole batch).
+
+        ``head_positions_BxK``: apply the LM head only at these positions of each row (logits
+        ``[B, K, V]``), e.g. the masked positions of an MLM batch when only the loss is needed;
+        the head is position-wise, so these logits equal the full ones gathered there.
+        """
         space, t = self.space, self.template
         b, s = inputs_BxS.shape
         x = self.embed(inputs_BxS, mask_BxS, segment_ids_BxS)
@@ -259,6 +265,8 @@ class Supernet(nnx.Module):
         if self.remat:
             layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.nothing_saveable)
         x, feats = jax.lax.scan(layer, x, xs)
+        if head_positions_BxK is not None:
+            x = jnp.take_along_axis(x, head_positions_BxK[..., None], axis=1)
         logits = self.head(x, self.embed.token_table())
         return SupernetOutput(logits=logits, embedding=emb, layers=LayerFeatures(**feats))
 
