@@ -1,0 +1,174 @@
+"""``python -m elm_jax.report``: tables and plots rebuilt from a work directory's files.
+
+The work directories here are synthetic: the JSON and JSONL files the stages write (same names
+and fields as teacher.py, supernet.py, search.py, export.py, retrain.py, finetune.py and the
+training engine write), with known values.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from elm_jax import report
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _write(path, obj):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+
+
+def _jsonl(path, records):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def _train_log(steps, loss0, kd=False):
+    """Engine-style records: train windows every step in ``steps``, eval at the last one."""
+    out = []
+    for s in steps:
+        r = {"step": s, "train/loss": loss0 / s, "train/loss_sum": 100.0 * loss0 / s, "train/weight_sum": 20.0,
+             "train/correct": 0.1 * s, "train/lr": 1e-3, "train/grad_norm": 1.0 / s}
+        if kd:
+            r.update({"train/kd_total": 8.0 / s, "train/kd_count": 4.0})
+        out.append(r)
+    out.append({"step": steps[-1], "eval/loss": loss0 / 2, "eval/loss_sum": 50.0 * loss0, "eval/weight_sum": 100.0,
+                "eval/correct": 0.5})
+    return out
+
+
+def _complete_workdir(wd):
+    _write(wd / "data" / "stats.json", {"train": {"docs": 6}})
+    _write(wd / "teacher" / "result.json", {"num_params": 27744, "eval": {"loss": 5.25, "perplexity": 190.6}})
+    _jsonl(wd / "teacher" / "metrics.jsonl", _train_log([5, 10, 15, 20], 6.0))
+    sup = _train_log([4, 8, 12], 6.0, kd=True)
+    sup += [{"step": 2, "cka/layer0": 0.8, "discrimination/layer0": 0.99},
+            {"step": 4, "cka/layer0": 0.9, "discrimination/layer0": 0.98}]
+    _jsonl(wd / "supernet" / "metrics.jsonl", sup)
+    _write(wd / "supernet" / "result.json", {"widths": [[[16, 32]]]})
+    scored = [{"arch_id": "a", "describe": "b1h2 -", "score": 5.54, "params": 15104, "flops": 983040,
+               "latency_ms": None, "best_for": ["small"]},
+              {"arch_id": "b", "describe": "- m1h1", "score": 5.60, "params": 12800, "flops": 770048,
+               "latency_ms": None, "best_for": []}]
+    _write(wd / "search" / "result.json", {"complete": True, "budget_names": ["small"], "scored": scored,
+                                           "budgets": {"small": {"describe": "b1h2 -", "params": 15104,
+                                                                 "score": 5.54}}})
+    _write(wd / "export" / "result.json", {
+        "small": {"kind": "found", "describe": "b1h2 -", "params": 15104, "flops": 983040,
+                  "predicted_latency_ms": None, "measured_latency_ms": 0.384},
+        "small_uniform_mobilebert": {"kind": "uniform mobilebert", "describe": "m0h2 m0h2", "params": 15904,
+                                     "flops": 1015808, "predicted_latency_ms": 1.25,
+                                     "measured_latency_ms": 0.362}})
+    _write(wd / "retrain" / "result.json", {"small": {"before": {"loss": 5.5424}, "after": {"loss": 5.5238}},
+                                            "small_uniform_mobilebert": {"before": {"loss": 5.5425},
+                                                                         "after": {"loss": 5.5203}}})
+    for m in ("small", "small_uniform_mobilebert"):
+        _jsonl(wd / "retrain" / f"{m}_run" / "metrics.jsonl", _train_log([3, 6], 10.0, kd=True))
+        _jsonl(wd / "finetune" / f"{m}_run" / "metrics.jsonl", _train_log([3, 6], 0.7))
+    _write(wd / "finetune" / "result.json", {"small": {"test_accuracy": 0.625},
+                                             "small_uniform_mobilebert": {"test_accuracy": 0.5}})
+    _write(wd / "evaluate" / "result.json", {
+        "small": {"loss": 5.5238, "perplexity": 250.6, "params": 15104},
+        "small_uniform_mobilebert": {"loss": 5.5203, "perplexity": 249.7, "params": 15904},
+        "teacher": {"loss": 5.1713, "perplexity": 176.147, "params": 27744}})
+
+
+def _table(text):
+    """The rows of the report's markdown table as dicts."""
+    lines = [ln for ln in text.splitlines() if ln.startswith("| ")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return {r["model"]: r for r in (dict(zip(header, (c.strip() for c in ln.strip("|").split("|"))))
+                                    for ln in lines[1:])}
+
+
+def _assert_png(path):
+    assert path.is_file(), path
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size[0] > 200 and im.size[1] > 200
+        pixels = np.asarray(im.convert("L"))
+    assert pixels.std() > 0  # something was drawn
+
+
+def test_report_command_on_a_complete_workdir(tmp_path):
+    wd = tmp_path / "wd"
+    _complete_workdir(wd)
+    run = subprocess.run([sys.executable, "-m", "elm_jax.report", f"--workdir={wd}"], cwd=REPO,
+                         check=False, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    text = (wd / "report.md").read_text()
+    assert run.stdout == text  # the table is printed
+    assert "Missing" not in text and "evaluate complete" in text
+    assert "Teacher: 27,744 parameters, validation loss 5.171, perplexity 176.1." in text
+    rows = _table(text)
+    assert set(rows) == {"small", "small_uniform_mobilebert"}
+    small, mob = rows["small"], rows["small_uniform_mobilebert"]
+    assert small["architecture"] == "`b1h2 -`" and small["params"] == "15,104"
+    assert small["FLOPs/seq"] == "983,040" and small["pred. latency ms"] == "-"
+    assert small["meas. latency ms"] == "0.384" and small["val loss (inherited)"] == "5.542"
+    assert small["val loss (retrained)"] == "5.524" and small["fine-tune test acc."] == "0.625"
+    assert mob["kind"] == "uniform mobilebert" and mob["pred. latency ms"] == "1.25"
+    assert mob["perplexity"] == "249.7"
+    for name in ("curves_teacher", "curves_supernet", "curves_retrain", "curves_finetune", "pareto"):
+        _assert_png(wd / "report" / f"{name}.png")
+        assert f"`report/{name}.png`" in text
+
+
+def test_curve_series_and_panels(tmp_path):
+    wd = tmp_path / "wd"
+    _complete_workdir(wd)
+    metrics = report.stage_metrics(wd)
+    assert list(metrics) == ["teacher", "supernet", "retrain", "finetune"]
+    assert list(metrics["retrain"]) == ["small", "small_uniform_mobilebert"]  # '<model>_run' dirs
+    sup = metrics["supernet"]["supernet"]
+    # derived: cross-entropy = loss_sum / weight_sum, kd = kd_total / kd_count (per record)
+    assert sup["train/cross_entropy"] == ([4, 8, 12], [100 * 6.0 / s / 20 for s in (4, 8, 12)])
+    assert sup["train/kd"] == ([4, 8, 12], [8.0 / s / 4 for s in (4, 8, 12)])
+    assert sup["eval/cross_entropy"] == ([12], [3.0])
+    assert sup["cka/layer0"] == ([2, 4], [0.8, 0.9])
+    titles = [t for t, _ in report._panels(metrics["supernet"])]
+    assert titles == ["training objective", "cross-entropy", "distillation loss", "accuracy",
+                      "learning rate", "gradient norm", "cka", "discrimination"]
+    assert "distillation loss" not in [t for t, _ in report._panels(metrics["teacher"])]
+
+
+def test_partial_workdir_reports_missing_stages(tmp_path, capsys):
+    wd = tmp_path / "wd"
+    _write(wd / "data" / "stats.json", {})
+    _write(wd / "teacher" / "result.json", {"num_params": 1000, "eval": {"loss": 4.5, "perplexity": 90.0}})
+    lines = _train_log([5, 10], 6.0)
+    (wd / "teacher" / "metrics.jsonl").write_text(  # the last line cut by a kill
+        "".join(json.dumps(r) + "\n" for r in lines) + '{"step": 11, "train/lo')
+    (wd / "supernet" / "checkpoints").mkdir(parents=True)  # a stopped supernet stage
+    assert report.main([f"--workdir={wd}"]) == 0
+    out = capsys.readouterr().out
+    assert "teacher complete" in out and "supernet MISSING" in out
+    assert "Missing stages: supernet, search, export, retrain, finetune, evaluate" in out
+    assert "Teacher: 1,000 parameters, validation loss 4.5, perplexity 90." in out
+    assert "No exported models yet" in out and "pareto" not in out
+    _assert_png(wd / "report" / "curves_teacher.png")
+    assert sorted(p.name for p in (wd / "report").iterdir()) == ["curves_teacher.png"]
+    assert report.read_series(wd / "teacher" / "metrics.jsonl")["train/loss"][0] == [5, 10]
+
+
+def test_not_a_workdir_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("hello")
+    assert report.main([f"--workdir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not an elm-jax work directory" in err
+    assert report.main([f"--workdir={tmp_path / 'missing'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not a directory" in err
+    assert not (tmp_path / "report.md").exists()
+
+
+@pytest.mark.parametrize("value,text", [(None, "-"), (15104, "15,104"), (5.54237, "5.542"),
+                                        (123456.7, "123,457"), (math.inf, "inf"), ("x", "x")])
+def test_fmt(value, text):
+    assert report.fmt(value) == text
