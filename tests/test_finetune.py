@@ -1,0 +1,340 @@
+"""Fine-tuning: GLUE records through tfds, pair encoding, GLUE metrics, KD from a fine-tuned teacher."""
+
+import json
+import re
+import sys
+import types
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from ml_collections import ConfigDict
+
+from elm_jax import export, sharding
+from elm_jax import finetune as ft
+from elm_jax import train as train_lib
+from elm_jax.config import ConfigError, load_config, validate
+from elm_jax.data import glue
+from elm_jax.data.corpus import DataError
+from elm_jax.data.tokenizer import WordPieceTokenizer
+from elm_jax.models.dense import BlockSpec, DenseConfig, init_dense
+
+WORDS = ("the", "cat", "sat", "on", "a", "mat", "dog", "ran", "far", "good", "bad", "film", "was", "very",
+         "dull", "fun", "it", "is", "not", "so", "what", "who", "why", "did", "you", "see", "here", "there",
+         "every", "day", "night")
+VOCAB = 5 + len(WORDS)  # [PAD] [UNK] [CLS] [SEP] [MASK] + the words
+SEQ = 16
+TEACHER = (BlockSpec("bert", 48, 2),) * 2  # hidden 24
+STUDENT = (BlockSpec("mobilebert", 16, 2),)  # hidden 16
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    path = tmp_path_factory.mktemp("vocab") / "vocab.txt"
+    path.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    return WordPieceTokenizer(path)
+
+
+def _wid(word: str) -> int:
+    return 5 + WORDS.index(word)
+
+
+def _sentences(rng, n, lo=2, hi=9):
+    return [" ".join(rng.choice(WORDS, rng.integers(lo, hi))) for _ in range(n)]
+
+
+def _mrpc_rows(seed, n):
+    rng = np.random.default_rng(seed)
+    a, b = _sentences(rng, n), _sentences(rng, n)
+    return [{"sentence1": x, "sentence2": y, "label": int(x.split()[0] == y.split()[0] or i % 3 == 0)}
+            for i, (x, y) in enumerate(zip(a, b))]
+
+
+@pytest.fixture(scope="module")
+def glue_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tfds")
+    glue.build_local_glue("mrpc", {"train": _mrpc_rows(0, 40), "validation": _mrpc_rows(1, 12),
+                                   "test": [{**r, "label": -1} for r in _mrpc_rows(2, 3)]}, d)
+    return d
+
+
+@nnx.jit
+def _jit_forward(model, inputs, mask, segment_ids):
+    return model(inputs, mask, segment_ids)
+
+
+def _forward(model, batch):
+    """Classifier logits (jitted: one compile beats hundreds of eager op compiles)."""
+    return np.asarray(_jit_forward(model, batch["inputs"], batch["mask"], batch["segment_ids"]))
+
+
+def _tiny(blocks, seed=0, segments=0):
+    """A tiny MLM DenseLM over the test vocabulary (the same few shapes in every test, so the
+    eager initialisers compile once)."""
+    hidden = 24 if blocks == TEACHER else 16
+    return init_dense(DenseConfig(vocab_size=VOCAB, hidden=hidden, inner=hidden // 2, blocks=blocks,
+                                  max_len=SEQ, type_vocab_size=segments), seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def test_glue_records_round_trip_through_tfds(tmp_path, glue_dir):
+    texts = ["héllo wörld", "ünïcode ✓ ok", "x" * 500]
+    cola = [{"sentence": s, "label": i % 2} for i, s in enumerate(texts)]
+    glue.build_local_glue("cola", {"train": cola, "validation": cola[:1]}, tmp_path)
+    glue.build_local_glue("cola", {"train": cola, "validation": cola[:1]}, tmp_path)  # idempotent
+    got = glue.read_glue_split(glue.GLUE_TASKS["cola"], "train", tmp_path)
+    assert got.first == tuple(r["sentence"] for r in cola) and got.second is None
+    assert got.labels.tolist() == [r["label"] for r in cola]
+    want = _mrpc_rows(0, 40)  # written in this order; tfds shuffles on disk, the reader restores idx order
+    got = glue.read_glue_split(glue.GLUE_TASKS["mrpc"], "train", glue_dir)
+    assert got.first == tuple(r["sentence1"] for r in want)
+    assert got.second == tuple(r["sentence2"] for r in want)
+    assert got.labels.tolist() == [r["label"] for r in want]
+    # model selection: a stratified, seeded part of train, disjoint from what is trained on
+    train, held, tests = glue.load_glue(glue.GLUE_TASKS["mrpc"], glue_dir, seed=3, holdout_frac=0.25)
+    assert list(tests) == ["validation"] and len(tests["validation"]) == 12
+    pairs = lambda s: set(zip(s.first, s.second, s.labels.tolist()))
+    assert pairs(train) | pairs(held) == pairs(got) and not pairs(train) & pairs(held)
+    assert len(held) == 10 and abs(held.labels.mean() - got.labels.mean()) < 0.1
+    again = glue.load_glue(glue.GLUE_TASKS["mrpc"], glue_dir, seed=3, holdout_frac=0.25)[1]
+    assert again.first == held.first
+    with pytest.raises(DataError, match="labels are hidden"):
+        glue.read_glue_split(glue.GLUE_TASKS["mrpc"], "test", glue_dir)
+    assert "tensorflow" not in sys.modules
+
+
+def test_missing_glue_dataset_says_how_to_prepare_it(tmp_path):
+    with pytest.raises(DataError) as e:
+        glue.load_glue(glue.GLUE_TASKS["sst2"], tmp_path / "nowhere", 0, 0.1)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert f"tfds build glue/sst2 --file_format=array_record --data_dir={tmp_path / 'nowhere'}" in msg
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("finetune.task", "glue/stsb", "regression"),
+    ("finetune.task", "glue/squad", "unknown fine-tuning task"),
+    ("finetune.kd", "kl", "must be one of"),
+    ("finetune.temperature", 0.0, "must be >"),
+    ("finetune.holdout_frac", 1.0, "must be < 1"),
+    ("finetune.teacher_train.steps", 0, "must be >= 1"),
+])
+def test_bad_finetune_config_names_the_field(field, value, match):
+    cfg = load_config("configs/mlm.py:test")
+    cfg.finetune.kd = "dist"
+    node = cfg
+    *parents, leaf = field.split(".")
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+    with pytest.raises(ConfigError, match=rf"^config\.{re.escape(field)}: .*{match}"):
+        validate(cfg, ["finetune"])
+
+
+def _longest_first(la, lb, budget):
+    """BERT tokenizers' truncation: drop one token at a time from the longer text (ties: b)."""
+    while la + lb > budget:
+        if la > lb:
+            la -= 1
+        else:
+            lb -= 1
+    return la, lb
+
+
+def test_pair_encoding_and_segments(tok):
+    for la in range(14):
+        for lb in range(14):
+            assert ft.pair_lengths(la, lb, 10) == _longest_first(la, lb, 10)
+    split = glue.TaskSplit(("the cat sat", "a " * 20), ("on a mat", "dog ran"), np.array([1, 0]))
+    enc = ft.encode_examples(tok, split, SEQ)
+    ids = [2, *map(_wid, ("the", "cat", "sat")), 3, *map(_wid, ("on", "a", "mat")), 3]
+    assert enc["inputs"][0].tolist() == ids + [0] * (SEQ - len(ids))
+    assert enc["segment_ids"][0].tolist() == [0] * 5 + [1] * 4 + [0] * (SEQ - 9)
+    assert enc["mask"][0].tolist() == [1] * 9 + [0] * (SEQ - 9)
+    la, lb = _longest_first(20, 2, SEQ - 3)  # the long first text is cut, the short pair text kept
+    assert enc["inputs"][1].tolist() == [2, *[_wid("a")] * la, 3, _wid("dog"), _wid("ran"), 3]
+    assert enc["segment_ids"][1].tolist() == [0] * (la + 2) + [1] * (lb + 1)
+    single = ft.encode_examples(tok, glue.TaskSplit(("it is fun",), None, np.array([1])), SEQ)
+    assert single["inputs"][0, :5].tolist() == [2, _wid("it"), _wid("is"), _wid("fun"), 3]
+    assert not single["segment_ids"].any()
+    # the segment ids reach the encoder of a model with a segment table, and only there
+    flipped = enc | {"segment_ids": 1 - enc["segment_ids"]}
+    for segments, changes in ((2, True), (0, False)):
+        model = ft.Classifier(ft.encoder_of(_tiny(STUDENT, segments=segments)), 2, 0)
+        assert np.allclose(_forward(model, enc), _forward(model, flipped)) != changes
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+
+def _reference(y, p):
+    """Binary accuracy / F1 / MCC straight from the predictions (no confusion matrix)."""
+    tp = np.sum((y == 1) & (p == 1))
+    tn = np.sum((y == 0) & (p == 0))
+    fp = np.sum((y == 0) & (p == 1))
+    fn = np.sum((y == 1) & (p == 0))
+    prec = tp / (tp + fp) if tp + fp else 0.0
+    rec = tp / (tp + fn) if tp + fn else 0.0
+    den = np.sqrt(float((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)))
+    return {"accuracy": np.mean(y == p), "f1": 2 * prec * rec / (prec + rec) if prec + rec else 0.0,
+            "mcc": (tp * tn - fp * fn) / den if den else 0.0}
+
+
+def _confusion(y, p, c):
+    cm = np.zeros((c, c))
+    np.add.at(cm, (y, p), 1)
+    return cm
+
+
+def test_glue_metrics_match_independent_formulas():
+    # scikit-learn's documented example: matthews_corrcoef([+1,+1,+1,-1], [+1,-1,+1,+1]) = -0.33...
+    m = glue.classification_metrics(_confusion(np.array([1, 1, 1, 0]), np.array([1, 0, 1, 1]), 2),
+                                    ("accuracy", "f1", "mcc"))
+    assert m["mcc"] == pytest.approx(-1 / 3) and m["f1"] == pytest.approx(2 / 3) and m["accuracy"] == 0.5
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        y, p = rng.integers(0, 2, 50), rng.integers(0, 2, 50)
+        got = glue.classification_metrics(_confusion(y, p, 2), ("accuracy", "f1", "mcc"))
+        assert got == pytest.approx(_reference(y, p))
+    y = rng.integers(0, 2, 30)  # a constant predictor: MCC 0 (zero denominator), F1 0 for all-negative
+    constant = glue.classification_metrics(_confusion(y, np.zeros_like(y), 2), ("f1", "mcc"))
+    assert constant == {"f1": 0.0, "mcc": 0.0}
+    # three classes: MCC of a perfect / an inverted-by-permutation predictor
+    y = rng.integers(0, 3, 40)
+    assert glue.classification_metrics(_confusion(y, y, 3), ("mcc",))["mcc"] == pytest.approx(1.0)
+    assert glue.classification_metrics(_confusion(y, y, 3), ("accuracy",))["accuracy"] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Distillation
+
+
+def _np_softmax(z):
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def _np_pearson(a, b):
+    a, b = a - a.mean(), b - b.mean()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-8))
+
+
+def _np_kd(kind, zs, zt, tau):
+    ps, pt = _np_softmax(zs / tau), _np_softmax(zt / tau)
+    if kind == "soft_ce":
+        return tau ** 2 * np.mean(-np.sum(pt * np.log(_np_softmax(zs / tau)), -1))
+    inter = 1 - np.mean([_np_pearson(ps[i], pt[i]) for i in range(len(ps))])
+    intra = 1 - np.mean([_np_pearson(ps[:, c], pt[:, c]) for c in range(ps.shape[1])])
+    return tau ** 2 * (inter + intra)
+
+
+@pytest.mark.parametrize("kind", ["dist", "soft_ce"])
+def test_kd_loss_wiring_matches_numpy(kind):
+    rng = np.random.default_rng(1)
+    c, w = 3, 7.5
+    teacher = ft.Classifier(ft.encoder_of(_tiny(TEACHER, seed=1)), c, 2)
+    student = ft.Classifier(ft.encoder_of(_tiny(STUDENT, seed=3)), c, 4)
+    ids = rng.integers(5, VOCAB, (6, 10)).astype(np.int32)
+    batch = {"inputs": ids, "mask": np.ones_like(ids), "segment_ids": np.zeros_like(ids),
+             "labels": rng.integers(0, c, 6).astype(np.int32),
+             "weights": np.array([1, 1, 1, 1, 1, 0], np.float32)}  # the last row: eval padding
+    loss_fn, _, frozen = ft.make_loss_fns(c, kind, w, 2.0, teacher)
+    loss, sums = nnx.jit(loss_fn)(student, batch, jax.random.key(0), frozen)  # dropout 0: deterministic
+    real = batch["weights"] > 0
+    zs = _forward(student, batch).astype(np.float64)[real]
+    zt = _forward(teacher, batch).astype(np.float64)[real]
+    ce = -np.mean(np.log(_np_softmax(zs))[np.arange(5), batch["labels"][real]])
+    kd = _np_kd(kind, zs, zt, 2.0)
+    assert float(sums["kd_total"]) == pytest.approx(kd, rel=1e-4, abs=1e-6)
+    assert float(loss) == pytest.approx(ce + w * kd, rel=1e-4)
+    agree = np.sum(zs.argmax(-1) == zt.argmax(-1))
+    assert float(sums["agree_sum"]) == agree
+
+
+def test_kd_moves_the_student_to_a_fixed_teacher():
+    """KD only (kd_weight 100, random labels): the KD term falls and the student comes to predict
+    what the teacher predicts. Student and teacher start from the same encoder, their heads
+    differ; each input is one distinct word (in the pooled first position) and [SEP]."""
+    c, n = 3, 24
+    encoder = ft.encoder_of(_tiny(STUDENT, seed=1))
+    teacher, student = ft.Classifier(encoder, c, 7), ft.Classifier(ft.encoder_of(encoder), c, 8)
+    rng = np.random.default_rng(0)
+    ids = np.zeros((n, 8), np.int32)
+    ids[:, 0], ids[:, 1] = rng.permutation(np.arange(5, VOCAB))[:n], 3
+    data = {"inputs": ids, "mask": (ids != 0).astype(np.int32), "segment_ids": np.zeros_like(ids),
+            "labels": rng.integers(0, c, n).astype(np.int32)}
+    assert len(set(_forward(teacher, data).argmax(-1).tolist())) > 1
+    loss_fn, eval_fn, frozen = ft.make_loss_fns(c, "dist", 100.0, 1.0, teacher)
+    mesh = sharding.make_mesh(None)  # all 8 test devices: the KD step with a sharded batch and teacher
+    tc = ConfigDict({"steps": 20, "lr": 1e-2, "warmup_frac": 0.1, "weight_decay": 0.01, "clip_norm": 1.0,
+                     "seed": 0})
+    trainer = train_lib.Trainer(student, loss_fn, eval_fn, tc, mesh, frozen=frozen)
+    src = ft.SentenceBatches(data, 16, 0)
+    state = trainer.init_state()
+    before = train_lib.evaluate(trainer, state, src)
+    kds = []
+    for step in range(20):
+        state, m = trainer.train_step(state, sharding.global_batch(src.batch(step), mesh))
+        kds.append(float(m["kd_total"]))
+    after = train_lib.evaluate(trainer, state, src)
+    assert np.mean(kds[-5:]) < 0.2 * np.mean(kds[:3])
+    assert after["kd_total"] < 0.2 * before["kd_total"]
+    assert after["agree"] >= 0.9 and after["agree"] > before["agree"] + 0.3
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def test_finetune_stage_on_glue_with_dist_from_the_fine_tuned_teacher(tmp_path, tok, glue_dir, capsys,
+                                                                     monkeypatch):
+    # one device keeps the stage's checkpointing cheap (the 8-device KD step is tested above)
+    make_mesh = sharding.make_mesh
+    monkeypatch.setattr(sharding, "make_mesh", lambda cfg: make_mesh(cfg, devices=jax.devices()[:1]))
+    wd = tmp_path / "wd"
+    assert tok.vocab_size == VOCAB
+    export.save_model(wd / "teacher" / "model", _tiny(TEACHER, seed=1))
+    export.save_model(wd / "export" / "small", _tiny(STUDENT, seed=2))
+    (wd / "export" / "result.json").write_text(json.dumps({"small": {"path": str(wd / "export" / "small")}}))
+    cfg = load_config("configs/mlm.py:test")
+    cfg.data.seq_len = SEQ
+    cfg.finetune.update(task="glue/mrpc", tfds_data_dir=str(glue_dir), kd="dist", kd_weight=2.0,
+                        temperature=2.0, holdout_frac=0.2)
+    for tc in (cfg.finetune.train, cfg.finetune.teacher_train):
+        tc.update(steps=4, eval_every=4, checkpoint_every=4, log_every=2)
+    validate(cfg, ["finetune"])
+    data = types.SimpleNamespace(tokenizer=tok)
+    result = ft.run_finetune_stage(cfg, wd, data)
+    small, teacher = result["small"], result["teacher"]
+    for entry in (small, teacher):
+        assert entry["task"] == "glue/mrpc" and entry["metric_names"] == ["accuracy", "f1"]
+        assert entry["test_split"] == "validation" and entry["steps"] == 4
+        assert entry["test_metrics"]["accuracy"] == pytest.approx(entry["test_accuracy"])
+        assert entry["validation_metrics"]["accuracy"] == pytest.approx(entry["validation_accuracy"])
+    assert {k: small["kd"][k] for k in ("kind", "weight", "temperature")} == {
+        "kind": "dist", "weight": 2.0, "temperature": 2.0}
+    assert teacher["kd"] == {"kind": "none"}
+    for run in ("small_glue_mrpc_dist_run", "teacher_glue_mrpc_run"):
+        assert (wd / "finetune" / run / "metrics.jsonl").is_file()
+    # the cached teacher reproduces its reported metrics, computed here from its predictions
+    model = ft.load_classifier(wd / "finetune" / "teacher_glue_mrpc", 2)
+    enc = ft.encode_examples(tok, glue.read_glue_split(glue.GLUE_TASKS["mrpc"], "validation", glue_dir), SEQ)
+    pred = _forward(model, enc).argmax(-1)
+    ref = _reference(enc["labels"], pred)
+    assert teacher["test_metrics"] == pytest.approx({"accuracy": ref["accuracy"], "f1": ref["f1"]})
+    assert json.loads((wd / "finetune" / "result.json").read_text()) == result
+    # the fine-tuned teacher is cached: asked again, it is loaded, not trained
+    capsys.readouterr()
+    task = ft.load_task(cfg, tok)
+    cached, entry = ft.fine_tuned_teacher(cfg, wd, task, sharding.make_mesh(cfg.mesh))
+    assert "teacher fine-tuned on glue/mrpc already" in capsys.readouterr().out and entry == teacher
+    np.testing.assert_allclose(_forward(cached, enc), _forward(model, enc))
+    assert ft.run_finetune_stage(cfg, wd, data) == result  # complete: read back
+    cfg.finetune.teacher_train.lr = 0.5  # a cache made with other settings is refused, not reused
+    with pytest.raises(ValueError, match="other settings"):
+        ft.fine_tuned_teacher(cfg, wd, task, sharding.make_mesh(cfg.mesh))
