@@ -11,7 +11,8 @@ fields such as budgets are overridden exactly) and run with ``python -m elm_jax.
 * One teacher per task (``ROOT/teacher_<task>``), shared by every run through
   ``teacher.source=checkpoint:DIR``: every comparison distils from the same teacher.
 * Supernets sample one architecture per device on 4 host devices (the sandwich rule needs
-  >= 3), so "uniform" and "sandwich" differ only in the sampling rule.
+  >= 3), so "uniform" and "sandwich" differ only in the sampling rule; the stages after the
+  supernet run on one device.
 * Ablations change ONE component of the full method (``elm``): ``mse`` (plain MSE instead of
   the relational Pearson loss), ``nogrow`` (fixed initial widths instead of PCA growth),
   ``nocka`` (no CKA head adjustment at export; shares ``elm``'s supernet and search),
@@ -98,12 +99,26 @@ def write_config(run_dir: Path, task: str, overrides: dict[str, Any]) -> Path:
 
 
 def run_main(run_dir: Path, task: str, overrides: dict[str, Any], stages: str) -> bool:
-    """Runs (or resumes) ``stages`` of one run; True when it finished."""
+    """Runs (or resumes) ``stages`` of one run; True when it finished. The supernet stage runs on
+    ``DEVICES`` host devices (per-device sampling, sandwich); the later stages on one device."""
+    head = [s for s in stages.split(",") if s in ("data", "teacher", "supernet")]
+    tail = [s for s in stages.split(",") if s not in head]
+    if "supernet" in head and tail:
+        return (_run_main(run_dir, task, overrides, ",".join(head), DEVICES)
+                and _run_main(run_dir, task, overrides, ",".join(tail), 1))
+    return _run_main(run_dir, task, overrides, stages, DEVICES if "supernet" in head else 1)
+
+
+def _run_main(run_dir: Path, task: str, overrides: dict[str, Any], stages: str, devices: int) -> bool:
     cfg = write_config(run_dir, task, overrides)
     marker = run_dir / f".done_{stages.replace(',', '_')}"
     if marker.is_file():
         return True
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES}")
+    # Fake host devices rendezvous in every collective; on a loaded machine one device's thread
+    # can be starved past XLA's default 40 s abort, so allow minutes.
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
+               "--xla_cpu_collective_call_terminate_timeout_seconds=1800 "
+               "--xla_cpu_collective_call_warn_stuck_timeout_seconds=600")
     cmd = [sys.executable, "-m", "elm_jax.main", f"--config={cfg}", f"--workdir={run_dir}",
            f"--stages={stages}"]
     log(f"{run_dir.name}: {stages}")
@@ -382,6 +397,9 @@ def cmd_report(args) -> None:
         "COST": f"{len(walls)} pipeline runs, {total / 3600:.2f} h of wall time in all "
                 f"(longest {max(walls.values(), default=0)} s).",
     }
+    discussion = Path(args.template).with_name("RESULTS.discussion.md")
+    sections["DISCUSSION"] = (discussion.read_text().strip() if discussion.is_file()
+                              else "(not written yet)")
     template = Path(args.template).read_text()
     for k, v in sections.items():
         template = template.replace("{{" + k + "}}", v)
