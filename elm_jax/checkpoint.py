@@ -5,9 +5,11 @@ Layout: ``<directory>/<step>/{state,meta}``; ``state`` is the train-state pytree
 a small JSON dict (e.g. the config, counters the host keeps). Orbax writes a step to
 a temporary directory and renames it when complete, so a process killed mid-save
 leaves no half-written step behind. What orbax cannot know is a step damaged *after*
-it was committed (a deleted or overwritten file, a truncated copy); ``restore_latest``
-therefore tries the steps newest first, checks that the restored floats are finite
-(we never save a non-finite state), warns naming each bad step and falls back.
+it was committed (a deleted or overwritten file, a truncated copy, a flipped bit);
+``save`` therefore stores a content checksum of every array in ``meta`` and
+``restore_latest`` tries the steps newest first, checks that each restores, matches
+its checksums and is finite (we never save a non-finite state), warns naming each
+bad step and falls back to the previous one.
 
 Typed PRNG key arrays (``jax.random.key``, e.g. in an NNX ``RngKey`` variable) are
 stored as their raw ``uint32`` key data and re-wrapped on restore.
@@ -77,6 +79,47 @@ def tree_all_finite(tree: Any) -> bool:
     return bool(_all_finite(keys_to_data(tree)))
 
 
+_CHECKSUM_KEY = "_checksums"
+
+
+def _leaf_checksum(x: jax.Array) -> jax.Array:
+    """``uint32 [2]``: the sum of the leaf's bit patterns and their position-weighted sum,
+    both mod 2**32. Integer sums do not depend on the reduction order, so the value is the
+    same for any sharding or device count; any single flipped bit changes the first."""
+    if x.dtype == jnp.bool_:
+        bits = x.astype(jnp.uint32)
+    else:
+        size = jnp.dtype(x.dtype).itemsize
+        if size == 8:  # x64 only: two uint32 words per element
+            bits = jax.lax.bitcast_convert_type(x, jnp.uint32).sum(axis=-1, dtype=jnp.uint32)
+        else:
+            word = {4: jnp.uint32, 2: jnp.uint16, 1: jnp.uint8}[size]
+            bits = jax.lax.bitcast_convert_type(x, word).astype(jnp.uint32)
+    # Position weights 2*i + 1 (i = flat index) from broadcasted iotas: no reshape, so a
+    # sharded leaf stays sharded.
+    index = jnp.zeros(bits.shape, jnp.uint32)
+    stride = 1
+    for d in reversed(range(bits.ndim)):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, d) * jnp.uint32(stride)
+        stride *= bits.shape[d]
+    weights = index * jnp.uint32(2) + jnp.uint32(1)
+    return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * weights, dtype=jnp.uint32)])
+
+
+def tree_checksums(tree: Any) -> list[list[int]]:
+    """One ``[sum, weighted sum]`` pair per leaf of ``tree`` (typed PRNG keys as key data),
+    computed on device; the host gets ``2 x leaves`` integers."""
+    leaves = jax.tree.leaves(keys_to_data(tree))
+    if not leaves:
+        return []
+    out_sharding = None
+    first = getattr(leaves[0], "sharding", None)
+    if isinstance(first, NamedSharding):
+        out_sharding = NamedSharding(first.mesh, P())
+    fn = jax.jit(lambda xs: jnp.stack([_leaf_checksum(x) for x in xs]), out_shardings=out_sharding)
+    return [[int(a), int(b)] for a, b in jax.device_get(fn(leaves))]
+
+
 class Checkpointer:
     """Periodic checkpoints of one training run.
 
@@ -128,19 +171,44 @@ class Checkpointer:
             return False
         if step in self._mngr.all_steps():
             return False
+        meta = dict(meta or {})
+        meta[_CHECKSUM_KEY] = tree_checksums(state_pytree)
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(keys_to_data(state_pytree)),
-            meta=ocp.args.JsonSave(dict(meta or {})),
+            meta=ocp.args.JsonSave(meta),
         )
         return bool(self._mngr.save(step, args=args, force=True))
 
-    def _restore_step(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+    def _restore_raw(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
         target = _abstract_keys_to_data(abstract_state)
         out = self._mngr.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
         )
-        state = _data_to_keys(out.state, abstract_state)
-        return state, dict(out.meta or {})
+        return _data_to_keys(out.state, abstract_state), dict(out.meta or {})
+
+    def _restore_step(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+        """``step`` restored into ``abstract_state``'s layout, unchecked; meta as saved."""
+        state, meta = self._restore_raw(step, abstract_state)
+        meta.pop(_CHECKSUM_KEY, None)
+        return state, meta
+
+    def _restore_verified(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+        """Like ``_restore_step``, but raises ValueError when the restored arrays differ from
+        what was saved (content checksums in the meta; steps saved without them are not
+        checked) or hold non-finite floats."""
+        state, meta = self._restore_raw(step, abstract_state)
+        want = meta.pop(_CHECKSUM_KEY, None)
+        if want is not None:
+            got = tree_checksums(state)
+            if len(got) != len(want):
+                raise ValueError(f"the checkpoint has {len(got)} arrays but {len(want)} checksums")
+            bad = [i for i, (g, w) in enumerate(zip(got, want)) if list(g) != list(w)]
+            if bad:
+                raise ValueError(f"content checksum mismatch in {len(bad)} of {len(got)} arrays "
+                                 f"(first: array #{bad[0]}): its files changed after they were saved")
+        if not tree_all_finite(state):
+            raise ValueError("restored state has non-finite values")
+        return state, meta
 
     def restore_latest(self, abstract_state: Any) -> tuple[Any, dict[str, Any], int] | None:
         """Restores the newest readable, finite checkpoint into ``abstract_state``'s layout.
@@ -155,9 +223,7 @@ class Checkpointer:
         bad: list[int] = []
         for step in reversed(self.all_steps()):
             try:
-                state, meta = self._restore_step(step, abstract_state)
-                if not tree_all_finite(state):
-                    raise ValueError("restored state has non-finite values")
+                state, meta = self._restore_verified(step, abstract_state)
             except Exception as exc:  # pylint: disable=broad-except
                 log.warning(
                     "checkpoint step %d in %s is unusable (%s: %s); falling back to the previous checkpoint",

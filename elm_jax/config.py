@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import re
 import runpy
 from typing import Any, Sequence
 
@@ -76,6 +77,13 @@ def _str(cfg, field: str) -> str:
     v = _get(cfg, field)
     if not isinstance(v, str):
         _fail(field, "must be a string", v)
+    return v
+
+
+def _bool(cfg, field: str) -> bool:
+    v = _get(cfg, field)
+    if not isinstance(v, bool):
+        _fail(field, "must be True or False", v)
     return v
 
 
@@ -151,6 +159,10 @@ def validate(cfg: ml_collections.ConfigDict, stages: Sequence[str] = STAGES) -> 
     if cfg.mesh.data == 0:
         _fail("mesh.data", "must be -1 (all devices) or a positive count", 0)
     _int(cfg, "mesh.fsdp", 1)
+    _choice(cfg, "precision", ("auto", "float32", "bfloat16"))
+    cache = _str(cfg, "compile_cache_dir")
+    if cache not in ("", "none") and os.path.exists(cache) and not os.path.isdir(cache):
+        _fail("compile_cache_dir", "is a file; give a directory, '' (the data cache) or 'none'", cache)
 
     if "teacher" in stages:
         source = _str(cfg, "teacher.source")
@@ -189,6 +201,8 @@ def validate(cfg: ml_collections.ConfigDict, stages: Sequence[str] = STAGES) -> 
         _int(cfg, f"{sc}.epoch_steps", 0)
         _int(cfg, f"{sc}.num_add", 0)
         _float(cfg, f"{sc}.upper_params", 0.0)
+        _bool(cfg, f"{sc}.grow")
+        _bool(cfg, f"{sc}.remat")
 
 
     if "search" in stages:
@@ -215,6 +229,27 @@ def validate(cfg: ml_collections.ConfigDict, stages: Sequence[str] = STAGES) -> 
             for k, v in b.items():
                 if k != "name" and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0):
                     _fail(f"search.budgets[{i}].{k}", "must be a non-negative number", v)
+            name = b["name"]
+            if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name == "teacher":
+                _fail(f"search.budgets[{i}].name", "must be a directory-safe name (letters, digits, "
+                      "'_', '.', '-'), not 'teacher'", name)
+        names = [b["name"] for b in budgets]
+        if len(set(names)) != len(names):
+            _fail("search.budgets", "budget names must be unique", names)
+    if "search" in stages or "export" in stages:
+        _bool(cfg, "latency.predict")
+        _int(cfg, "latency.batch", 1)
+        _int(cfg, "latency.seq_len", 0, _get(cfg, "data.seq_len"))
+        _int(cfg, "latency.repeats", 1)
+        _int(cfg, "latency.warmup", 0)
+        _str(cfg, "latency.cache_dir")
+    if "export" in stages:
+        _bool(cfg, "export.cka_heads")
+        _float(cfg, "export.cka_threshold", 0.0, 1.0, lo_open=True)
+        _bool(cfg, "export.measure_latency")
+        base = _get(cfg, "export.baselines")
+        if not isinstance(base, (list, tuple)) or any(f not in ("bert", "mobilebert") for f in base):
+            _fail("export.baselines", "must be a list of block families from ['bert', 'mobilebert']", base)
     if "retrain" in stages:
         validate_train(cfg, "retrain.train")
         _choice(cfg, "retrain.kd_loss", ("pearson", "mse"))
@@ -222,6 +257,22 @@ def validate(cfg: ml_collections.ConfigDict, stages: Sequence[str] = STAGES) -> 
     if "finetune" in stages and cfg.task == "mlm":
         validate_train(cfg, "finetune.train")
         _int(cfg, "finetune.batch_size", 1)
+        from elm_jax.data.corpus import DataError
+        from elm_jax.data.glue import parse_task
+
+        task = _str(cfg, "finetune.task")
+        try:
+            parse_task(task)
+        except DataError as e:
+            _fail("finetune.task", str(e), task)
+        _str(cfg, "finetune.tfds_data_dir")
+        frac = _float(cfg, "finetune.holdout_frac", 0.0, 1.0, lo_open=True)
+        if frac >= 1.0:
+            _fail("finetune.holdout_frac", "must be < 1 (the rest of GLUE train is trained on)", frac)
+        if _choice(cfg, "finetune.kd", ("none", "dist", "soft_ce")) != "none":
+            _float(cfg, "finetune.kd_weight", 0.0)
+            _float(cfg, "finetune.temperature", 0.0, lo_open=True)
+            validate_train(cfg, "finetune.teacher_train")
 
 
 def validate_space(cfg) -> None:
@@ -229,7 +280,17 @@ def validate_space(cfg) -> None:
     from elm_jax.arch import ArchError, SearchSpace
 
     try:
-        SearchSpace.from_config(cfg.space, vocab_size=max(cfg.data.tokenizer.vocab_size, 16),
-                                max_len=cfg.data.seq_len, task=cfg.task)
+        space = SearchSpace.from_config(cfg.space, vocab_size=max(cfg.data.tokenizer.vocab_size, 16),
+                                        max_len=cfg.data.seq_len, task=cfg.task)
     except ArchError as e:
         raise ConfigError(f"config.space: {e}") from None
+    if space.inner > space.hidden:
+        _fail("space.inner", f"the MobileBERT bottleneck must not be wider than space.hidden={space.hidden}",
+              space.inner)
+    top = space.f0 * space.candidates
+    for fam in space.families:
+        cap = space.max_ffn_of(fam)
+        if top > cap:
+            _fail(f"space.max_ffn.{fam}", f"is below the widest initial FFN width f0 * candidates = "
+                  f"{space.f0} * {space.candidates} = {top}; raise it or lower space.f0 / space.candidates",
+                  cap)

@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from elm_jax.fileio import atomic_write_bytes
+from elm_jax.fileio import atomic_directory, atomic_write_json
 from elm_jax.models.dense import DenseConfig, DenseLM, empty_model
 
 CONFIG_FILE = "config.json"
@@ -40,21 +39,27 @@ def flat_params(model: DenseLM) -> dict[str, np.ndarray]:
             for k, v in nnx.to_flat_state(state)}
 
 
-def save_model(path: str | os.PathLike, model: DenseLM, meta: dict[str, Any] | None = None) -> Path:
-    """Writes ``model`` (config + parameters) atomically to the directory ``path``."""
+def write_model_files(directory: str | os.PathLike, model: DenseLM,
+                      meta: dict[str, Any] | None = None) -> None:
+    """Writes ``config.json`` and ``model.safetensors`` of ``model`` into ``directory``."""
+    d = Path(directory)
+    save_file(flat_params(model), os.fspath(d / PARAMS_FILE))
+    cfg = {"dense_config": model.cfg.to_dict(), "meta": meta or {}}
+    (d / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def save_model(path: str | os.PathLike, model: DenseLM, meta: dict[str, Any] | None = None,
+               extra: Callable[[Path], None] | None = None) -> Path:
+    """Writes ``model`` (config + parameters) atomically to the directory ``path``.
+
+    ``extra(tmp_dir)`` may add more files (arch.json, orbax params, the tokenizer) before the
+    directory is renamed into place, so a model directory that exists is always complete.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    try:
-        save_file(flat_params(model), os.fspath(tmp / PARAMS_FILE))
-        cfg = {"dense_config": model.cfg.to_dict(), "meta": meta or {}}
-        (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with atomic_directory(path) as tmp:
+        write_model_files(tmp, model, meta)
+        if extra is not None:
+            extra(tmp)
     return path
 
 
@@ -160,13 +165,29 @@ def save_orbax_params(path: str | os.PathLike, model: DenseLM) -> None:
         ckptr.save(os.path.abspath(path), flat_params(model))
 
 
+def _reusable(out: Path, arch_id: str, kind: str) -> dict[str, Any] | None:
+    """The arch.json of a complete model directory exported earlier for the same architecture
+    and kind (a killed or preempted export resumes there), else None."""
+    try:
+        info = json.loads((out / "arch.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if is_model_dir(out) and (out / "orbax").is_dir() and info.get("arch_id") == arch_id \
+            and info.get("kind") == kind:
+        return info
+    return None
+
+
 def run_export_stage(cfg, workdir: str | os.PathLike, data) -> dict[str, Any]:
     """Each budget's best architecture from the search -> a standalone model directory
     ``WORKDIR/export/<budget>/`` (config.json, model.safetensors, orbax/, arch.json,
-    tokenizer), with the CKA head module applied when ``export.cka_heads``."""
+    tokenizer), with the CKA head module applied when ``export.cka_heads``.
+
+    Each model directory is built in a temporary sibling and renamed into place when complete;
+    a rerun after a kill or a preemption (SIGTERM: checked between models) reuses the complete
+    ones, and ``export/result.json`` (written last) marks the stage complete."""
     from elm_jax import arch as arch_lib
-    from elm_jax.fileio import atomic_write_json
-    from elm_jax.models.elastic import extract
+    from elm_jax import preemption
     from elm_jax.supernet import load_supernet
 
     root = Path(workdir) / "export"
@@ -189,47 +210,73 @@ def run_export_stage(cfg, workdir: str | os.PathLike, data) -> dict[str, Any]:
             base = uniform_baseline(space, widths, fam, dict(budget), cfg.data.seq_len)
             if base is not None:
                 candidates.append((f"{name}_uniform_{fam}", name, base, f"uniform {fam}"))
+    main = jax.process_index() == 0
     result = {}
-    for out_name, name, arch, kind in candidates:
-        entry = search["budgets"][name] if kind == "found" else {}
-        model = extract(net, widths, arch)
-        heads_report = None
-        if cfg.export.cka_heads and kind == "found":
-            heads_report = cka_head_counts(model, batches, cfg.export.cka_threshold,
-                                           tuple(space.head_choices))
-            model = with_heads(model, [r["new_heads"] for r in heads_report])
-        measured = None
-        if cfg.export.measure_latency:
-            from elm_jax.latency import measure_model_ms
-
-            lc = cfg.latency
-            measured = measure_model_ms(model, lc.batch, lc.seq_len or cfg.data.seq_len, lc.repeats, lc.warmup)
-        info = {
-            "budget": name, "kind": kind,
-            "arch": arch.to_dict(), "arch_id": arch.arch_id, "describe": arch.describe(),
-            "widths": [b.ffn for b in model.cfg.blocks],
-            "heads": [b.heads for b in model.cfg.blocks],
-            "cka_heads": heads_report,
-            "params": arch_lib.count_params(space, arch, widths),
-            "flops": arch_lib.count_flops(space, arch, widths, cfg.data.seq_len),
-            "predicted_latency_ms": entry.get("latency_ms"),
-            "measured_latency_ms": measured,
-            "search_score": entry.get("score"),
-            "config": cfg.to_dict(),
-        }
-        assert info["params"] == sum(v.size for v in flat_params(model).values())
+    for i, (out_name, name, arch, kind) in enumerate(candidates):
+        if preemption.agreed():
+            raise preemption.Preempted(i, f"export: preempted (SIGTERM) after {i} of {len(candidates)} "
+                                          f"models; the finished ones are kept in {root}; rerun the same "
+                                          f"command to resume")
         out = root / out_name
-        save_model(out, model, meta={"role": "exported", "budget": name, "kind": kind,
-                                     "arch_id": arch.arch_id})
-        save_orbax_params(out / "orbax", model)
-        tok = getattr(data.tokenizer, "path", None)
-        if tok is not None:
-            atomic_write_bytes(out / Path(tok).name, Path(tok).read_bytes())
-        atomic_write_json(out / "arch.json", info)
+        info = _reusable(out, arch.arch_id, kind)
+        if info is not None:
+            print(f"[export] {out_name} ({kind}): complete already: {out}")
+        else:
+            info = _export_one(cfg, data, net, widths, batches, search, out, name, arch, kind, main)
         result[out_name] = {k: info[k] for k in ("budget", "kind", "arch_id", "describe", "params", "flops",
                                                  "heads", "predicted_latency_ms", "measured_latency_ms")}
         result[out_name]["path"] = os.fspath(out)
-        print(f"[export] {out_name} ({kind}): {arch.describe()} heads {info['heads']} -> {out} "
-              f"({info['params']:,} params)")
-    atomic_write_json(done_path, result)
+    if main:
+        atomic_write_json(done_path, result)
     return result
+
+
+def _export_one(cfg, data, net, widths, batches, search, out: Path, name: str, arch, kind: str,
+                main: bool) -> dict[str, Any]:
+    """Extracts ``arch`` (CKA heads for a found model), measures it and writes its model
+    directory atomically; returns its arch.json record."""
+    from elm_jax import arch as arch_lib
+    from elm_jax.models.elastic import extract
+
+    space = net.space
+    entry = search["budgets"][name] if kind == "found" else {}
+    model = extract(net, widths, arch)
+    heads_report = None
+    if cfg.export.cka_heads and kind == "found":
+        heads_report = cka_head_counts(model, batches, cfg.export.cka_threshold,
+                                       tuple(space.head_choices))
+        model = with_heads(model, [r["new_heads"] for r in heads_report])
+    measured = None
+    if cfg.export.measure_latency:
+        from elm_jax.latency import measure_model_ms
+
+        lc = cfg.latency
+        measured = measure_model_ms(model, lc.batch, lc.seq_len or cfg.data.seq_len, lc.repeats, lc.warmup)
+    info = {
+        "budget": name, "kind": kind,
+        "arch": arch.to_dict(), "arch_id": arch.arch_id, "describe": arch.describe(),
+        "widths": [b.ffn for b in model.cfg.blocks],
+        "heads": [b.heads for b in model.cfg.blocks],
+        "cka_heads": heads_report,
+        "params": arch_lib.count_params(space, arch, widths),
+        "flops": arch_lib.count_flops(space, arch, widths, cfg.data.seq_len),
+        "predicted_latency_ms": entry.get("latency_ms"),
+        "measured_latency_ms": measured,
+        "search_score": entry.get("score"),
+        "config": cfg.to_dict(),
+    }
+    assert info["params"] == sum(v.size for v in flat_params(model).values())
+
+    def extra(tmp: Path) -> None:
+        save_orbax_params(tmp / "orbax", model)
+        tok = getattr(data.tokenizer, "path", None)
+        if tok is not None:
+            (tmp / Path(tok).name).write_bytes(Path(tok).read_bytes())
+        (tmp / "arch.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+
+    if main:
+        save_model(out, model, meta={"role": "exported", "budget": name, "kind": kind,
+                                     "arch_id": arch.arch_id}, extra=extra)
+    print(f"[export] {out.name} ({kind}): {arch.describe()} heads {info['heads']} -> {out} "
+          f"({info['params']:,} params)")
+    return info

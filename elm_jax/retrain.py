@@ -134,10 +134,12 @@ def run_retrain_stage(cfg, workdir: str | os.PathLike, data) -> dict[str, Any]:
         after = with_perplexity(summary["eval"])
         out = root / name
         if jax.process_index() == 0:
-            export.save_model(out, trained, meta={"role": "retrained", "budget": name})
-            for f in src.iterdir():  # arch.json, tokenizer
-                if f.is_file() and f.name not in (export.CONFIG_FILE, export.PARAMS_FILE):
-                    shutil.copyfile(f, out / f.name)
+            def extra(tmp: Path, src: Path = src) -> None:  # arch.json, tokenizer
+                for f in src.iterdir():
+                    if f.is_file() and f.name not in (export.CONFIG_FILE, export.PARAMS_FILE):
+                        shutil.copyfile(f, tmp / f.name)
+
+            export.save_model(out, trained, meta={"role": "retrained", "budget": name}, extra=extra)
         result[name] = {"path": os.fspath(out), "before": before, "after": after,
                         "steps": summary["final_step"]}
         print(f"[retrain] {name}: validation loss {before.get('loss', float('nan')):.4f} -> "

@@ -681,8 +681,18 @@ def evolutionary_search(space: SearchSpace, widths: Any, scorer: Any, constraint
     history: list[dict[str, Any]] = []
     start, pop = 0, None
     path = Path(state_path) if state_path is not None else None
+    state = None
     if path is not None and path.is_file():
-        state = json.loads(path.read_text())
+        try:  # written atomically, so damage comes from outside: redo (deterministic) this budget
+            state = json.loads(path.read_text())
+            if not isinstance(state, dict) or not {"key", "cache", "archs", "history", "population",
+                                                   "generation"} <= set(state):
+                raise ValueError("fields are missing")
+        except (OSError, ValueError) as e:
+            warnings.warn(f"search state {path} is unreadable ({type(e).__name__}: {e}); the search of "
+                          f"budget {constraints.name!r} starts over (same seed, same result)")
+            state = None
+    if state is not None:
         if state.get("key") != key:
             raise SearchError(
                 f"search state {path} belongs to a different search (supernet, validation batches, "
@@ -845,9 +855,10 @@ def run_search_stage(cfg: Any, workdir: str | os.PathLike, data: Any,
     describe, score = loss, perplexity for CLM, params, flops, latency; the Pareto sets over all
     scored architectures; ``budget_names`` keeps the config order, since the JSON keys are
     sorted). A complete result.json for the same budget names is returned as is; an interrupted
-    stage resumes each budget from its state file.
+    stage resumes each budget from its state file. A SIGTERM (preemption notice) stops the search
+    after the generation in flight, whose state is on disk, with :class:`~elm_jax.preemption.Preempted`.
     """
-    from elm_jax import sharding
+    from elm_jax import preemption, sharding
     from elm_jax.supernet import load_supernet
 
     out = Path(workdir) / "search"
@@ -894,9 +905,15 @@ def run_search_stage(cfg: Any, workdir: str | os.PathLike, data: Any,
     cache = ScoreCache()
     results: dict[str, SearchResult] = {}
     for c in constraints:
+        def stop_if_preempted(generation: int, state: Mapping[str, Any], budget: str = c.name) -> None:
+            if preemption.agreed():  # this generation's state is already written
+                raise preemption.Preempted(generation, (
+                    f"search: preempted (SIGTERM) after generation {generation} of budget "
+                    f"{budget!r}; its state is saved in {out}; rerun the same command to resume"))
+
         res = evolutionary_search(space, widths, scorer, c, cfg.search, int(cfg.seed),
                                   out / f"state_{c.name}.json", progress=progress and writer,
-                                  cache=cache, write_state=writer)
+                                  cache=cache, write_state=writer, callback=stop_if_preempted)
         results[c.name] = res
         ppl = f", perplexity {math.exp(res.score):.2f}" if space.task == "clm" else ""
         lat = f", {res.latency_ms:.3f} ms" if res.latency_ms is not None else ""
@@ -925,7 +942,9 @@ def run_search_stage(cfg: Any, workdir: str | os.PathLike, data: Any,
               "scorer": {"capacity": capacity, "devices": n_dev, "calls": scorer.calls,
                          "compilations": scorer.compilations()}}
     if writer:
-        plot_pareto(entries, out / "pareto.png")
+        tmp_png = out / ".pareto.tmp.png"  # atomic like every stage output (matplotlib infers .png)
+        plot_pareto(entries, tmp_png)
+        os.replace(tmp_png, out / "pareto.png")
         atomic_write_json(result_path, result)
     print(f"[search] Pareto set (loss vs params): {len(fronts['params'])} of {len(entries)} scored "
           f"architectures; {scorer.calls} scoring calls, {scorer.compilations()} compilation(s) "

@@ -40,6 +40,7 @@ from elm_jax import arch as arch_lib
 from elm_jax import sharding
 from elm_jax import train as train_lib
 from elm_jax.arch import SearchSpace
+from elm_jax.config import ConfigError
 from elm_jax.data.prepare import DataBundle
 from elm_jax.distill import init_projections, supernet_distill_loss
 from elm_jax.dynamic import PCAAccumulator, grow_widths, layer_head_cka, layer_pca_stats
@@ -253,7 +254,8 @@ def run_supernet_stage(cfg, workdir: str | os.PathLike, data: DataBundle) -> dic
     teacher: DenseLM = load_teacher(workdir)
     space = space_of(cfg, data.tokenizer.vocab_size)
     if teacher.cfg.vocab_size != space.vocab_size:
-        raise ValueError(f"teacher vocabulary {teacher.cfg.vocab_size} != tokenizer {space.vocab_size}")
+        raise ConfigError(f"config.teacher.source: the teacher's vocabulary has {teacher.cfg.vocab_size} "
+                          f"entries but the tokenizer has {space.vocab_size}; use the teacher's own tokenizer")
     sc = cfg.supernet
     mesh = sharding.make_mesh(cfg.mesh)
     num_devices = int(np.prod([mesh.shape[a] for a in BATCH_AXES if a in mesh.axis_names]))

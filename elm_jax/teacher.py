@@ -147,8 +147,9 @@ def run_teacher_stage(cfg, workdir: str | os.PathLike, data: DataBundle) -> dict
                                                   "eval": eval_metrics})
         atomic_write_json(summary_path, summary)
     if eval_metrics:
-        print(f"[teacher] validation loss {eval_metrics['loss']:.4f}, perplexity "
-              f"{eval_metrics['perplexity']:.2f}, accuracy {eval_metrics['correct']:.4f}")
+        nan = float("nan")  # a non-finite loss (e.g. after skipped steps) has no perplexity
+        print(f"[teacher] validation loss {eval_metrics.get('loss', nan):.4f}, perplexity "
+              f"{eval_metrics.get('perplexity', nan):.2f}, accuracy {eval_metrics.get('correct', nan):.4f}")
     return summary
 
 

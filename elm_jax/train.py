@@ -31,8 +31,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import signal
-import threading
 import time
 from typing import Any, Callable, Iterable, Mapping, Protocol
 
@@ -45,8 +43,10 @@ from jax.sharding import Mesh
 
 from elm_jax import checkpoint as ckpt_lib
 from elm_jax import metrics as metrics_lib
+from elm_jax import preemption
 from elm_jax import sharding as shd
 from elm_jax.fileio import atomic_write_json
+from elm_jax.preemption import Preempted  # re-exported: train.Preempted is what fit raises
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +58,6 @@ _NO_BAD_STEP = np.iinfo(np.int32).max
 
 class NonFiniteError(RuntimeError):
     """A train step produced a non-finite loss or gradient norm (nan_policy='stop')."""
-
-    def __init__(self, step: int, message: str):
-        super().__init__(message)
-        self.step = step
-
-
-class Preempted(RuntimeError):
-    """SIGTERM (preemption) received: a checkpoint was saved, rerun to resume."""
 
     def __init__(self, step: int, message: str):
         super().__init__(message)
@@ -430,26 +422,23 @@ class Hooks(Protocol):
 
 
 class _PreemptionWatch:
-    """SIGTERM -> "stop after this step". Installed only for the duration of ``fit``.
+    """SIGTERM -> "stop after this step". Holds :func:`elm_jax.preemption.watch` for the
+    duration of ``fit`` (a no-op when ``main`` already holds it for the whole run).
 
-    One process: a Python signal handler sets a flag. Several processes: a SIGTERM may
+    One process: the notice is the process-wide flag. Several processes: a SIGTERM may
     reach them at different steps, so the decision must be collective; JAX's
     preemption sync service (``multihost_utils.reached_preemption_sync_point``, active
     after ``jax.distributed.initialize``) agrees on one step for all processes.
     """
 
     def __init__(self):
-        self.flag = False
-        self._old = None
         self._multi = jax.process_count() > 1
+        self._ctx = preemption.watch()
 
     def __enter__(self) -> "_PreemptionWatch":
-        if not self._multi and threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGTERM, self._handler)
+        if not self._multi:
+            self._ctx.__enter__()
         return self
-
-    def _handler(self, signum: int, frame: Any) -> None:  # pylint: disable=unused-argument
-        self.flag = True
 
     def reached(self, step: int) -> bool:
         if self._multi:
@@ -459,12 +448,11 @@ class _PreemptionWatch:
                 return bool(multihost_utils.reached_preemption_sync_point(step))
             except RuntimeError:  # preemption service disabled
                 return False
-        return self.flag
+        return preemption.requested()
 
     def __exit__(self, *exc: Any) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
-            self._old = None
+        if not self._multi:
+            self._ctx.__exit__(*exc)
 
 
 def fit(
@@ -486,8 +474,9 @@ def fit(
     checkpoint.
 
     Raises:
-      NonFiniteError: nan_policy='stop' and a step had a non-finite loss/grad norm; the
-        state was not updated by that step and no non-finite state is ever saved.
+      NonFiniteError: nan_policy='stop' and a step had a non-finite loss/grad norm; raised
+        at the latest one step later (each step's flag is fetched once the next step is
+        queued); the state was not updated by that step and no non-finite state is ever saved.
       Preempted: SIGTERM received; the current step was finished and checkpointed.
 
     Returns:
@@ -530,18 +519,23 @@ def fit(
         tokens_per_step = 0
         pending: tuple[int, dict] | None = None  # (step, window metrics on device)
         window: dict | None = None
+        prev_bad: jax.Array | None = None  # first_bad_step of the step before (nan_policy='stop')
+        dispatched = start - 1  # the last step handed to the device
         t_train = time.perf_counter()
 
         def check_finite(bad_step: int) -> None:
             if bad_step != _NO_BAD_STEP and trainer.nan_policy == "stop":
                 ckpt.wait()
+                latest = ckpt.latest_step()
+                kept = (f"last good checkpoint: step {latest} in {ckpt.directory}" if latest is not None
+                        else "no checkpoint was saved before it (a rerun starts over)")
                 raise NonFiniteError(
                     bad_step,
                     (
                         f"{name}: non-finite loss or gradient norm at step {bad_step} "
-                        f"(nan_policy='stop'); the update was not applied and nothing non-finite "
-                        f"was saved; last good checkpoint: step {ckpt.latest_step()} in "
-                        f"{ckpt.directory}. Set train.nan_policy='skip' to skip such batches."
+                        f"(nan_policy='stop'; stopped at step {dispatched}); the update was not "
+                        f"applied and nothing non-finite was saved; {kept}. Lower the learning rate, "
+                        f"or set train.nan_policy='skip' to skip such steps, and rerun."
                     ),
                 )
 
@@ -608,6 +602,13 @@ def fit(
                 if not tokens_per_step:
                     tokens_per_step = _tokens_per_step(local)
                 state, m = trainer.train_step(state, shd.global_batch(local, trainer.mesh))
+                dispatched = step
+                if trainer.nan_policy == "stop":
+                    # The previous step's flag, fetched now that this step is queued: a bad
+                    # step stops the run one step later, without stalling the device.
+                    if prev_bad is not None:
+                        check_finite(int(jax.device_get(prev_bad)))
+                    prev_bad = m["first_bad_step"]
                 if hooks is not None:
                     hooks.after_step(step + 1, state, local, writer)
                 window = m if window is None else trainer._accumulate(window, m)  # pylint: disable=protected-access

@@ -67,6 +67,11 @@ BAD = [
     ("supernet.kd_loss", "kl", "supernet.kd_loss"),
     ("supernet.sandwich", True, "supernet.sandwich"),
     ("space.base_heads", 5, "space"),
+    ("precision", "fp16", "precision"),
+    ("supernet.remat", 1, "supernet.remat"),
+    ("compile_cache_dir", 5, "compile_cache_dir"),
+    ("space.max_ffn.bert", 16, "space.max_ffn.bert"),
+    ("latency.seq_len", 999, "latency.seq_len"),
 ]
 
 

@@ -71,7 +71,11 @@ class SentencePieceTokenizer(Tokenizer):
         if not path.is_file():
             raise DataError(f"SentencePiece model {path} does not exist")
         self.path = path
-        self._sp = spm.SentencePieceProcessor(model_file=os.fspath(path))
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=os.fspath(path))
+        except (RuntimeError, OSError) as e:
+            raise DataError(f"{path} is not a SentencePiece model ({e}); delete it (a cached one is "
+                            f"retrained) or point data.tokenizer.path at a valid .model file") from None
         self.vocab_size = int(self._sp.get_piece_size())
         ids = {p: self._sp.piece_to_id(p) for p in SPECIAL_PIECES}
         unk = self._sp.unk_id()
