@@ -114,17 +114,23 @@ def _run_main(run_dir: Path, task: str, overrides: dict[str, Any], stages: str, 
     marker = run_dir / f".done_{stages.replace(',', '_')}"
     if marker.is_file():
         return True
-    # Fake host devices rendezvous in every collective; on a loaded machine one device's thread
-    # can be starved past XLA's default 40 s abort, so allow minutes.
+    # Fake host devices rendezvous in every collective. On a loaded machine one device's thread
+    # can be starved past XLA's default 40 s abort; and on this 2-core machine 4 fake devices
+    # occasionally never complete a rendezvous at all. 300 s tolerates the first and turns the
+    # second into an abort that the retry loop resumes from the last checkpoint.
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
-               "--xla_cpu_collective_call_terminate_timeout_seconds=1800 "
-               "--xla_cpu_collective_call_warn_stuck_timeout_seconds=600")
+               "--xla_cpu_collective_call_terminate_timeout_seconds=300 "
+               "--xla_cpu_collective_call_warn_stuck_timeout_seconds=120")
     cmd = [sys.executable, "-m", "elm_jax.main", f"--config={cfg}", f"--workdir={run_dir}",
            f"--stages={stages}"]
-    log(f"{run_dir.name}: {stages}")
     t0 = time.time()
-    with open(run_dir / "log.txt", "a") as f:
-        rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, check=False).returncode
+    for attempt in range(3):  # a run aborted by a stuck host-device collective resumes on retry
+        log(f"{run_dir.name}: {stages}" + (f" (retry {attempt})" if attempt else ""))
+        with open(run_dir / "log.txt", "a") as f:
+            rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                check=False).returncode
+        if rc == 0:
+            break
     if rc != 0:
         log(f"{run_dir.name}: FAILED (rc {rc}); see {run_dir / 'log.txt'}")
         return False

@@ -41,7 +41,7 @@ def _cmd(workdir: Path, *extra: str) -> list[str]:
 
 
 def _env() -> dict[str, str]:
-    return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_cpu_collective_call_terminate_timeout_seconds=1800", PYTHONUNBUFFERED="1")
+    return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_cpu_collective_call_terminate_timeout_seconds=300", PYTHONUNBUFFERED="1")
 
 
 @dataclasses.dataclass

@@ -407,7 +407,7 @@ def test_slurm_environment_initializes_jax_distributed(tmp_path):
         "print(json.dumps([jax.process_index(), jax.process_count(), jax.device_count(), sys.argv[1:]]))\n"
         "jax.distributed.shutdown()\n"
     )
-    env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_cpu_collective_call_terminate_timeout_seconds=1800", JAX_PLATFORMS="cpu", **exported)
+    env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_cpu_collective_call_terminate_timeout_seconds=300", JAX_PLATFORMS="cpu", **exported)
     procs = [subprocess.Popen([*wrapper, sys.executable, "-c", probe, *args], cwd=REPO,
                               env=dict(env, SLURM_PROCID=str(i)), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in range(2)]

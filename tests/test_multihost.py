@@ -33,7 +33,7 @@ def test_two_processes_match_one(tmp_path):
     port = _free_port()
     env = dict(os.environ)
     env.update(
-        XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_cpu_collective_call_terminate_timeout_seconds=1800",
+        XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_cpu_collective_call_terminate_timeout_seconds=300",
         JAX_PLATFORMS="cpu",
         PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""),
     )

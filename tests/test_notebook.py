@@ -48,7 +48,7 @@ def test_quickstart_notebook_runs_on_the_test_config(tmp_path, monkeypatch):
     # the found model only (the pipeline test covers the baselines): a 5x cheaper pipeline
     monkeypatch.setenv("ELM_JAX_NOTEBOOK_OVERRIDES",
                        "--config.export.baselines=() --config.export.measure_latency=False")
-    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2 --xla_cpu_collective_call_terminate_timeout_seconds=1800")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2 --xla_cpu_collective_call_terminate_timeout_seconds=300")
     nb = nbformat.read(NOTEBOOK, as_version=4)
     NotebookClient(nb, timeout=1200, kernel_name="python3",
                    resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()  # raises on a failing cell

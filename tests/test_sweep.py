@@ -192,7 +192,7 @@ def test_real_two_point_sweep_of_the_cheap_stages(tmp_path):
                         "    return [{'teacher.train.steps': s, 'search.budgets': [{'name': 'b', 'max_params': m}]}\n"
                         "            for s, m in ((4, 15000), (6, 16000))]\n")
     root = tmp_path / "root"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_cpu_collective_call_terminate_timeout_seconds=1800")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_cpu_collective_call_terminate_timeout_seconds=300")
     cmd = [sys.executable, "-m", "elm_jax.sweep", "run", f"--config={cfg_file}:test", f"--root={root}",
            "--stages=data,teacher"]
     run = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
