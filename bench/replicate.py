@@ -134,7 +134,9 @@ def _run_main(run_dir: Path, task: str, overrides: dict[str, Any], stages: str, 
     if rc != 0:
         log(f"{run_dir.name}: FAILED (rc {rc}); see {run_dir / 'log.txt'}")
         return False
-    (run_dir / "wall_s.txt").write_text(f"{time.time() - t0:.0f}\n")
+    wall = run_dir / "wall_s.txt"  # summed over the run's invocations (supernet part, the rest)
+    before = int(wall.read_text()) if wall.is_file() else 0
+    wall.write_text(f"{before + time.time() - t0:.0f}\n")
     marker.write_text("ok\n")
     return True
 
@@ -366,7 +368,7 @@ def ablation_table(root: Path) -> str:
     rows = []
     for name in ("elm", "nocka", *ABLATIONS):
         found = [_found(r, b) for r in _runs(root, f"mlm_{name}")]
-        rows.append(f"| {name} | {fmt_mean_std([f['loss'] for f in found])} | "
+        rows.append(f"| {name} | {fmt_mean_std([f['loss'] for f in found], 4)} | "
                     f"{fmt_mean_std([f['acc'] for f in found])} | "
                     f"{fmt_mean_std([f['disc'] for f in found])} | "
                     f"{fmt_mean_std([f['params'] for f in found], 0)} |")
@@ -380,11 +382,13 @@ def budget_table(root: Path, task: str) -> str:
     for b in BUDGETS[task]:
         for model in (b["name"], f"{b['name']}_uniform_bert", f"{b['name']}_uniform_mobilebert"):
             found = [_found(r, model) for r in runs]
+            if model != b["name"] and not any(f["params"] for f in found):
+                continue  # no such baseline fits this budget (e.g. all-BERT under 480k)
             label = "found (ELM)" if model == b["name"] else model.split("_", 1)[1].replace("_", " ")
             metric = ([f["ppl"] for f in found] if task == "clm" else [f["loss"] for f in found])
             acc = fmt_mean_std([f["acc"] for f in found]) if task == "mlm" else "n/a"
             rows.append(f"| {b['max_params']:,} | {label} | {fmt_mean_std([f['params'] for f in found], 0)} | "
-                        f"{fmt_mean_std(metric)} | {acc} |")
+                        f"{fmt_mean_std(metric, 2 if task == 'clm' else 4)} | {acc} |")
     what = "val. perplexity" if task == "clm" else "val. MLM loss"
     return (f"| budget (max params) | model | params | {what} after retraining | polarity test acc. |\n"
             "|---|---|---|---|---|\n" + "\n".join(rows))

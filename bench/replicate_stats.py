@@ -63,8 +63,10 @@ def mean_std(values: Sequence[float]) -> tuple[float, float, int]:
 
 
 def fmt_mean_std(values: Sequence[float], digits: int = 3) -> str:
-    """``mean ± std (n=k)``, or ``-`` when nothing finished."""
+    """``mean ± std (n=k)`` (just ``mean (n=1)`` for one value), or ``-`` when nothing finished."""
     m, s, n = mean_std(values)
     if n == 0:
         return "-"
-    return f"{m:.{digits}f} ± {s:.{digits}f} (n={n})"
+    if digits == 0:
+        return f"{m:,.0f}" + (f" ± {s:,.0f}" if n > 1 else "") + f" (n={n})"
+    return f"{m:.{digits}f}" + (f" ± {s:.{digits}f}" if n > 1 else "") + f" (n={n})"
