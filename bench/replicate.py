@@ -52,6 +52,9 @@ BUDGETS = {
     "clm": [{"name": "b400k", "max_params": 400_000}, {"name": "b460k", "max_params": 460_000}],
 }
 MAIN_BUDGET = {"mlm": "b480k", "clm": "b460k"}
+# The smallest BERT-only architecture of the demo space has 490,624 parameters, so the BERT-only
+# ablation is compared with the full method at a budget both can meet.
+BERT_ONLY_BUDGET = {"name": "b560k", "max_params": 560_000}
 COMMON = {"export.measure_latency": False, "latency.predict": False, "supernet.sample_per": "device"}
 ABLATIONS = {  # name -> overrides of the full method, all at the main budget without baselines
     "mse": {"supernet.kd_loss": "mse"},
@@ -157,16 +160,20 @@ def run_elm(root: Path, task: str, seed: int) -> bool:
 def run_ablation(root: Path, name: str, seed: int) -> bool:
     budget = [b for b in BUDGETS["mlm"] if b["name"] == MAIN_BUDGET["mlm"]]
     base = teacher_overrides(root, "mlm", seed) | {"search.budgets": budget, "export.baselines": ()}
-    if name == "nocka":  # the full method's supernet and search, exported without the CKA module
+    if name == "bertonly":
+        o = base | ABLATIONS[name] | {"search.budgets": [BERT_ONLY_BUDGET]}
+        return run_main(root / "runs" / f"mlm_{name}_s{seed}", "mlm", o, PIPELINE)
+    if name in ("nocka", "elm560"):  # the full method's supernet, searched / exported again
         src = root / "runs" / f"mlm_elm_s{seed}"
-        dst = root / "runs" / f"mlm_nocka_s{seed}"
+        dst = root / "runs" / f"mlm_{name}_s{seed}"
         if not (src / "search" / "result.json").is_file():
             return False
         if not (dst / "search" / "result.json").is_file():
             for sub in ("data", "teacher", "supernet"):
                 if (src / sub).is_dir() and not (dst / sub).exists():
                     shutil.copytree(src / sub, dst / sub)
-        o = base | {"search.budgets": BUDGETS["mlm"], "export.cka_heads": False}
+        o = (base | {"search.budgets": BUDGETS["mlm"], "export.cka_heads": False} if name == "nocka"
+             else base | {"search.budgets": [BERT_ONLY_BUDGET]})
         return run_main(dst, "mlm", o, PIPELINE)
     return run_main(root / "runs" / f"mlm_{name}_s{seed}", "mlm", base | ABLATIONS[name], PIPELINE)
 
@@ -282,7 +289,7 @@ def plan(root: Path, seeds: list[int]) -> list[tuple[str, Any]]:
         jobs += [(f"score_{n}_s{s}", lambda n=n, s=s: score_inherited(root, f"{n}_s{s}"))
                  for n in RANK_SUPERNETS]
         jobs += [(f"mlm_{n}_s{s}", lambda n=n, s=s: run_ablation(root, n, s))
-                 for n in ("nocka", *ABLATIONS)]
+                 for n in ("nocka", *ABLATIONS, "elm560")]
         jobs += [("teacher_clm", lambda: ensure_teacher(root, "clm")),
                  (f"clm_elm_s{s}", lambda s=s: run_elm(root, "clm", s))]
     for s in rest:
@@ -294,7 +301,7 @@ def plan(root: Path, seeds: list[int]) -> list[tuple[str, Any]]:
                  (f"clm_elm_s{s}", lambda s=s: run_elm(root, "clm", s))]
     for s in rest:
         jobs += [(f"mlm_{n}_s{s}", lambda n=n, s=s: run_ablation(root, n, s))
-                 for n in ("nocka", *ABLATIONS)]
+                 for n in ("nocka", *ABLATIONS, "elm560")]
     return jobs
 
 
@@ -364,11 +371,12 @@ def ranking_table(root: Path) -> tuple[str, dict[str, list[float]]]:
 
 
 def ablation_table(root: Path) -> str:
-    b = MAIN_BUDGET["mlm"]
     rows = []
-    for name in ("elm", "nocka", *ABLATIONS):
+    for name in ("elm", "nocka", "mse", "nogrow", "sandwich", "elm560", "bertonly"):
+        b = BERT_ONLY_BUDGET["name"] if name in ("bertonly", "elm560") else MAIN_BUDGET["mlm"]
         found = [_found(r, b) for r in _runs(root, f"mlm_{name}")]
-        rows.append(f"| {name} | {fmt_mean_std([f['loss'] for f in found], 4)} | "
+        label = {"elm560": "elm (560k)", "bertonly": "bertonly (560k)"}.get(name, name)
+        rows.append(f"| {label} | {fmt_mean_std([f['loss'] for f in found], 4)} | "
                     f"{fmt_mean_std([f['acc'] for f in found])} | "
                     f"{fmt_mean_std([f['disc'] for f in found])} | "
                     f"{fmt_mean_std([f['params'] for f in found], 0)} |")
