@@ -372,9 +372,12 @@ def ranking_table(root: Path) -> tuple[str, dict[str, list[float]]]:
 
 def ablation_table(root: Path) -> str:
     rows = []
+    # the full method's row uses only the seeds some ablation has finished, so rows compare alike
+    ablated = {r.name.rsplit("_s", 1)[1] for n in ("nocka", *ABLATIONS) for r in _runs(root, f"mlm_{n}")}
     for name in ("elm", "nocka", "mse", "nogrow", "sandwich", "elm560", "bertonly"):
         b = BERT_ONLY_BUDGET["name"] if name in ("bertonly", "elm560") else MAIN_BUDGET["mlm"]
-        found = [_found(r, b) for r in _runs(root, f"mlm_{name}")]
+        runs = [r for r in _runs(root, f"mlm_{name}") if name != "elm" or r.name.rsplit("_s", 1)[1] in ablated]
+        found = [_found(r, b) for r in runs]
         label = {"elm560": "elm (560k)", "bertonly": "bertonly (560k)"}.get(name, name)
         rows.append(f"| {label} | {fmt_mean_std([f['loss'] for f in found], 4)} | "
                     f"{fmt_mean_std([f['acc'] for f in found])} | "
