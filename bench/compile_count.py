@@ -4,10 +4,10 @@
                                   [--synthetic] [--note=TEXT] [--out=BENCHMARKS.md] [--config.FIELD=VALUE ...]
 
 DESIGN §3: one compiled step for every architecture. This runs the supernet stage's own engine
-(:func:`elm_jax.supernet.supernet_trainer`: relational KD from a teacher -- here randomly
+(:func:`elm_jax.students.supernet_trainer`: relational KD from a teacher -- here randomly
 initialised, since weights do not change compilation) for ``--archs`` steps, each with the
 architectures the stage's sampler (:class:`elm_jax.supernet_steps.ArchBatches`) draws for it, and
-with the stage's hooks (:class:`elm_jax.supernet.SupernetHooks`: PCA/CKA statistics every
+with the stage's hooks (:class:`elm_jax.stages.supernet.SupernetHooks`: PCA/CKA statistics every
 ``calc_every`` steps, width growth at every epoch end), so the widths change during the run as
 they do in the stage. Then the eval step runs each of those architectures once (alternating the
 initial and the grown widths), and the search's :class:`elm_jax.search.PopulationScorer` scores
@@ -32,11 +32,11 @@ from ml_collections import config_flags
 from report_util import append_section, markdown_table
 from supernet_setup import build, recorded_command
 
-from elm_jax import sharding
-from elm_jax.metrics import MetricWriter
-from elm_jax.search import PopulationScorer
-from elm_jax.supernet import SupernetHooks
-from elm_jax.supernet_steps import arch_rows
+from elm_jax.engine import sharding
+from elm_jax.engine.metrics import MetricWriter
+from elm_jax.search.scoring import PopulationScorer
+from elm_jax.stages.supernet import SupernetHooks
+from elm_jax.data.arch_batches import arch_rows
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/mlm.py:demo", "Config file[:variant].")
 _ARCHS = flags.DEFINE_integer("archs", 200, "Training steps, each with its own sampled architectures.")

@@ -1,7 +1,7 @@
 """FLOP accounting for the MFU benchmark: dense-model (teacher) forward FLOPs in closed form, the
 supernet step's distillation projections, and an independent counter over a function's jaxpr.
 
-Convention (the one of :func:`elm_jax.arch.count_flops`): 2 x the multiply-accumulates of every
+Convention (the one of :func:`elm_jax.accounting.count_flops`): 2 x the multiply-accumulates of every
 matrix product, nothing else (no softmax, norms, activations, bias adds or embedding lookups).
 """
 
@@ -14,8 +14,9 @@ from typing import Any
 import jax
 from jax.extend import core as jex_core
 
-from elm_jax.arch import Arch, SearchSpace
+from elm_jax.arch import Arch
 from elm_jax.models.dense import DenseConfig
+from elm_jax.space import SearchSpace
 
 
 def dense_block_flops(cfg: DenseConfig, family: str, ffn: int, seq_len: int) -> int:

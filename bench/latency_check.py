@@ -21,11 +21,11 @@ import jax
 import numpy as np
 from report_util import machine  # bench/ is the script directory (on sys.path)
 
-from elm_jax import arch as arch_lib
 from elm_jax import config as config_lib
 from elm_jax import latency
 from elm_jax.data.corpus import default_cache_dir
 from elm_jax.fileio import atomic_write_json
+from elm_jax.space import SearchSpace
 
 
 def main() -> None:
@@ -46,7 +46,7 @@ def main() -> None:
     args = ap.parse_args()
 
     cfg = config_lib.load_config(args.config)
-    space = arch_lib.SearchSpace.from_config(
+    space = SearchSpace.from_config(
         cfg.space, vocab_size=cfg.data.tokenizer.vocab_size, max_len=cfg.data.seq_len,
         task=cfg.task)
     lc = cfg.latency

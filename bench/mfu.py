@@ -9,7 +9,7 @@ matmuls in the run's compute dtype (float32 on CPU, bfloat16 on accelerators und
 ``precision='auto'``), measured before AND after the step timing (the larger counts), times the
 number of devices of the mesh.
 
-Achieved: the supernet stage's own compiled step (:func:`elm_jax.supernet.supernet_trainer`, KD
+Achieved: the supernet stage's own compiled step (:func:`elm_jax.students.supernet_trainer`, KD
 from a randomly initialised teacher of the stage's teacher shape, see ``supernet_setup.py``) runs
 ``--warmup`` untimed then ``--steps`` timed steps, each on the architectures the stage's sampler
 draws for it, with pre-built device batches (host batch building is timed separately). Model FLOPs
@@ -17,7 +17,7 @@ of a step, summed over the timed steps and divided by their wall time:
 
     3 x (student forward + KD projections) + teacher forward
 
-- student forward: :func:`elm_jax.arch.count_flops` of each step's sampled architecture at the
+- student forward: :func:`elm_jax.accounting.count_flops` of each step's sampled architecture at the
   chosen widths (``grown``: every candidate at its cap, the end state of PCA growth, the default;
   ``initial``: the start of training), times its rows of the batch;
 - KD projections: the learned maps of the student's embedding, block and attention outputs to the
@@ -50,9 +50,9 @@ from ml_collections import config_flags
 from report_util import append_section, markdown_table
 from supernet_setup import build, recorded_command
 
-from elm_jax import arch as arch_lib
-from elm_jax import sharding
+from elm_jax.engine import sharding
 from elm_jax.precision import compute_dtype
+from elm_jax.accounting import count_flops
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/mlm.py:demo", "Config file[:variant].")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed train steps.")
@@ -149,7 +149,7 @@ def main(argv: list[str]) -> int:
     for s in range(_WARMUP.value, total):
         archs = bench.train.archs(s)
         rows = batch // len(archs)
-        student += sum(arch_lib.count_flops(space, a, widths, seq) for a in archs) * rows
+        student += sum(count_flops(space, a, widths, seq) for a in archs) * rows
         kd += sum(kd_projection_flops(space, a, tcfg.hidden, seq) for a in archs) * rows
     teacher = dense_forward_flops(tcfg, seq, head=False) * batch * _STEPS.value
     model_flops = 3 * (student + kd) + teacher

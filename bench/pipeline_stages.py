@@ -5,7 +5,7 @@
                                     [--config.FIELD=VALUE ...]   (forwarded to elm_jax.main)
 
 Runs ``python -m elm_jax.main --config=C --workdir=W --stages=S`` for one stage S after the other
-(in the order of ``elm_jax.config.STAGES``) and reaps each child with ``os.wait4``, whose resource
+(in the order of ``elm_jax.pipeline.STAGE_NAMES``) and reaps each child with ``os.wait4``, whose resource
 usage gives that stage's own peak RSS (``ru_maxrss``). Every process pays the interpreter and JAX
 start-up and the data preparation from the cache: the ``data`` row is roughly that fixed cost alone.
 
@@ -33,7 +33,7 @@ from pathlib import Path
 
 from report_util import append_section, markdown_table
 
-from elm_jax.config import STAGES, parse_stages
+from elm_jax.pipeline import STAGE_NAMES as STAGES, parse_stages
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -17,11 +17,11 @@ import time
 import numpy as np
 
 from elm_jax import config as config_lib
-from elm_jax import sharding
+from elm_jax.engine import sharding
 from elm_jax.data.prepare import prepare_data
 from elm_jax.models.elastic import init_supernet
-from elm_jax.search import PopulationScorer
-from elm_jax.supernet import space_of
+from elm_jax.search.scoring import PopulationScorer
+from elm_jax.stages.supernet import space_of
 
 from report_util import append_section, markdown_table  # noqa: E402  (bench/ is the script directory)
 

@@ -38,6 +38,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from elm_jax.models.dense import dense_config
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -191,7 +192,7 @@ def _rank_setup(root: Path):
 
     from elm_jax import config as config_lib
     from elm_jax.data.prepare import prepare_data
-    from elm_jax.supernet import space_of
+    from elm_jax.stages.supernet import space_of
 
     cfg = config_lib.load_config(str(write_config(root / "rank_standalone", "mlm",
                                                   teacher_overrides(root, "mlm", 0))))
@@ -199,7 +200,7 @@ def _rank_setup(root: Path):
     space = space_of(cfg, data.tokenizer.vocab_size)
     rng = np.random.default_rng(1234)
     widths = space.initial_widths()
-    from elm_jax.arch import count_params
+    from elm_jax.accounting import count_params
 
     pool = sorted({a.arch_id: a for a in (space.sample(rng) for _ in range(200))}.values(),
                   key=lambda a: count_params(space, a, widths))
@@ -224,12 +225,12 @@ def run_standalone(root: Path) -> bool:
     from flax import nnx
     from ml_collections import ConfigDict
 
-    from elm_jax import sharding
-    from elm_jax import train as train_lib
-    from elm_jax.arch import count_params
+    from elm_jax.engine import sharding
+    from elm_jax import engine as train_lib
+    from elm_jax.accounting import count_params
     from elm_jax.models.dense import init_dense
-    from elm_jax.retrain import DenseStudent, kd_fns
-    from elm_jax.teacher import evaluate_lm, load_teacher
+    from elm_jax.students import DenseStudent, kd_fns
+    from elm_jax.lm import evaluate_lm, load_teacher
 
     cfg, data, space, widths, picks, batches = _rank_setup(root)
     teacher = load_teacher(root / "teacher_mlm")
@@ -240,7 +241,7 @@ def run_standalone(root: Path) -> bool:
     result = {}
     for a in picks:
         log(f"standalone {a.arch_id[:10]} {a.describe()}")
-        model = init_dense(space.dense_config(a, widths), seed=0)
+        model = init_dense(dense_config(space, a, widths), seed=0)
         trainer = train_lib.Trainer(DenseStudent(model, teacher.cfg.hidden, 0), loss_fn, eval_fn, tc, mesh,
                                     frozen=t_params)
         state, _ = train_lib.fit(trainer, data.train, None, root / "rank_standalone", name=a.arch_id[:16])
@@ -262,8 +263,8 @@ def score_inherited(root: Path, run_name: str) -> bool:
         return False
     import numpy as np
 
-    from elm_jax.search import PopulationScorer
-    from elm_jax.supernet import load_supernet
+    from elm_jax.search.scoring import PopulationScorer
+    from elm_jax.models.io import load_supernet
 
     _, _, _, _, picks, batches = _rank_setup(root)
     net, widths, _ = load_supernet(run_dir / "supernet" / "final")

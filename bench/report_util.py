@@ -9,6 +9,8 @@ from typing import Sequence
 
 import jax
 
+from elm_jax import report
+
 
 def machine() -> str:
     dev = jax.devices()[0]
@@ -16,10 +18,9 @@ def machine() -> str:
             f"{dev.platform}:{dev.device_kind} x{jax.device_count()}")
 
 
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
-    return "\n".join(lines)
+def markdown_table(header: Sequence[object], rows: Sequence[Sequence[object]]) -> str:
+    """A markdown table of pre-formatted cells (:func:`elm_jax.report.markdown_table` with ``str``)."""
+    return "\n".join(report.markdown_table(header, rows, cell=str))
 
 
 def append_section(path: str, title: str, command: str, body: str, extra: str = "") -> None:

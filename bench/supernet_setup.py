@@ -1,11 +1,11 @@
 """The supernet stage's engine set up outside the pipeline, for bench/compile_count.py and bench/mfu.py.
 
 :func:`build` gives the exact compiled step the supernet stage runs
-(:func:`elm_jax.supernet.supernet_trainer`), its batch sampler
+(:func:`elm_jax.students.supernet_trainer`), its batch sampler
 (:class:`elm_jax.supernet_steps.ArchBatches`) and a randomly initialised teacher of the shape the
 stage would distil from (weights do not change compilation or speed):
 
-- ``teacher.source = 'train'``: ``cfg.teacher.model`` via :func:`elm_jax.teacher.dense_config_from`
+- ``teacher.source = 'train'``: ``cfg.teacher.model`` via :func:`elm_jax.lm.dense_config_from`
   (also for ``checkpoint:``, whose directory is not read);
 - ``hf_bert:``: BERT-base (hidden 768, 12 layers, 12 heads, FFN 3072, 512 positions, 2 segments);
 - ``hf_gpt2:``: GPT-2 small (hidden 768, 12 layers, 12 heads, FFN 3072, 1024 positions);
@@ -21,21 +21,22 @@ pipeline's keys, dtypes and shapes: ``inputs, targets, weights, mask, segment_id
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from elm_jax import sharding
-from elm_jax.arch import SearchSpace
+from elm_jax.engine import sharding
 from elm_jax.data.pipeline import LMBatches
 from elm_jax.data.tokenizer import SpecialIds
 from elm_jax.models import hf
 from elm_jax.models.dense import DenseConfig, DenseLM, init_dense
-from elm_jax.supernet import space_of, supernet_trainer
-from elm_jax.supernet_steps import BATCH_AXES, ArchBatches
-from elm_jax.teacher import dense_config_from
-from elm_jax.train import Trainer
+from elm_jax.stages.supernet import space_of
+from elm_jax.students import supernet_trainer
+from elm_jax.data.arch_batches import ArchBatches
+from elm_jax.engine.sharding import BATCH_AXES
+from elm_jax.lm import dense_config_from
+from elm_jax.engine.trainer import Trainer
+from elm_jax.space import SearchSpace
 
 # Synthetic special ids: 0..6; every other id is an ordinary token.
 SYNTHETIC_SPECIAL = SpecialIds(pad=0, unk=1, bos=2, eos=3, mask=4, cls=5, sep=6)
@@ -81,16 +82,15 @@ class SupernetBench:
     num_devices: int
 
 
-def build(cfg: Any, *, synthetic: bool, widths: str | Callable[[], np.ndarray] = "initial",
+def build(cfg: Any, *, synthetic: bool, widths: str | np.ndarray = "initial",
           eval_batches: int = 2) -> SupernetBench:
     """The supernet stage's trainer and sampler for ``cfg``.
 
     Args:
       cfg: a loaded config (``cfg.precision`` is honoured by the trainer).
       synthetic: random-token batches instead of the config's corpus.
-      widths: the widths the sampler reads at each batch: ``'initial'`` (the start of training),
-        ``'grown'`` (every candidate at its cap, the end state of PCA growth) or a callable returning
-        the current widths state (e.g. the stage's hooks, which grow them).
+      widths: the sampler's widths state: ``'initial'`` (the start of training), ``'grown'``
+        (every candidate at its cap, the end state of PCA growth) or a widths array ``[L, 2, T]``.
       eval_batches: how many fixed validation batches to return.
     """
     if synthetic:
@@ -109,13 +109,12 @@ def build(cfg: Any, *, synthetic: bool, widths: str | Callable[[], np.ndarray] =
     num_devices = int(np.prod([mesh.shape[a] for a in BATCH_AXES if a in mesh.axis_names]))
     teacher = init_dense(teacher_config(cfg, vocab), seed=cfg.seed + 7)
     trainer = supernet_trainer(cfg, space, teacher, mesh)
-    if callable(widths):
-        w = widths
-    elif widths in ("initial", "grown"):
-        fixed = space.initial_widths() if widths == "initial" else space.max_widths()
-        w = lambda: fixed
+    if isinstance(widths, str) and widths in ("initial", "grown"):
+        w = space.initial_widths() if widths == "initial" else space.max_widths()
+    elif isinstance(widths, str):
+        raise ValueError(f"widths must be 'initial', 'grown' or a widths array, got {widths!r}")
     else:
-        raise ValueError(f"widths must be 'initial', 'grown' or a callable, got {widths!r}")
+        w = np.asarray(widths, np.int32)
     sc = cfg.supernet
     src = ArchBatches(train_src, space, w, mode=sc.sample_per, num_devices=num_devices, seed=cfg.seed,
                       sandwich=sc.sandwich)

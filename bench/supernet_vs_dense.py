@@ -20,16 +20,19 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from elm_jax import arch as arch_lib
 from elm_jax import config as config_lib
-from elm_jax import sharding
-from elm_jax import train as train_lib
+from elm_jax.engine import sharding
+from elm_jax import engine as train_lib
 from elm_jax.data.prepare import prepare_data
-from elm_jax.models.elastic import extract, init_supernet
-from elm_jax.supernet_steps import arch_rows, supernet_lm_fns
-from elm_jax.teacher import lm_eval_fn, lm_loss_fn
+from elm_jax.models.elastic import init_supernet
+from elm_jax.models.extract import extract
+from elm_jax.data.arch_batches import arch_rows
+from elm_jax.lm import supernet_lm_fns
+from elm_jax.lm import lm_eval_fn, lm_loss_fn
 
 from report_util import append_section, markdown_table  # noqa: E402  (bench/ is the script directory)
+from elm_jax.accounting import count_params
+from elm_jax.space import SearchSpace
 
 
 def timed(step_fn, state, batches):
@@ -51,7 +54,7 @@ def main() -> None:
 
     cfg = config_lib.load_config(args.config)
     data = prepare_data(cfg)
-    space = arch_lib.SearchSpace.from_config(cfg.space, vocab_size=data.tokenizer.vocab_size,
+    space = SearchSpace.from_config(cfg.space, vocab_size=data.tokenizer.vocab_size,
                                              max_len=cfg.data.seq_len, task=cfg.task)
     mesh = sharding.make_mesh(cfg.mesh)
     tc = ConfigDict(cfg.teacher.train.to_dict() | {"seed": 0})
@@ -63,7 +66,7 @@ def main() -> None:
 
     rng = np.random.default_rng(0)
     init_w, max_w = space.initial_widths(), space.max_widths()
-    samples = sorted((arch_lib.count_params(space, a, init_w), a.arch_id, a)
+    samples = sorted((count_params(space, a, init_w), a.arch_id, a)
                      for a in (space.sample(rng) for _ in range(200)))
     # compilation count over 200 architectures
     for _, _, a in samples:
@@ -90,7 +93,7 @@ def main() -> None:
             d_t.append(t)
         s_ms, d_ms = 1000 * statistics.median(sn_t), 1000 * statistics.median(d_t)
         rows.append((name, "grown" if widths is max_w else "initial", a.describe(),
-                     arch_lib.count_params(space, a, widths), round(s_ms, 1), round(d_ms, 1),
+                     count_params(space, a, widths), round(s_ms, 1), round(d_ms, 1),
                      round(s_ms / d_ms, 3)))
     header = ("arch", "widths", "layers", "params", "supernet step ms", "dense step ms", "ratio")
     table = markdown_table(header, rows)

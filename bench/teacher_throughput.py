@@ -16,11 +16,11 @@ import jax
 from ml_collections import ConfigDict
 
 from elm_jax import config as config_lib
-from elm_jax import sharding
-from elm_jax import train as train_lib
+from elm_jax.engine import sharding
+from elm_jax import engine as train_lib
 from elm_jax.data.prepare import prepare_data
 from elm_jax.models.dense import count_params, init_dense
-from elm_jax.teacher import dense_config_from, lm_eval_fn, lm_loss_fn
+from elm_jax.lm import dense_config_from, lm_eval_fn, lm_loss_fn
 
 from report_util import append_section, markdown_table  # noqa: E402  (bench/ is the script directory)
 

@@ -20,7 +20,7 @@ def load_model(path: str | os.PathLike):
     """The :class:`~elm_jax.models.dense.DenseLM` saved in a model directory (an exported,
     retrained or teacher model), ready for inference; its metadata is ``model.cfg`` plus the
     directory's ``arch.json`` when present."""
-    from elm_jax.export import load_model as _load
+    from elm_jax.models.io import load_model as _load
 
     return _load(path)[0]
 

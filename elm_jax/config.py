@@ -7,14 +7,12 @@
 from __future__ import annotations
 
 import os
-import re
 import runpy
 from typing import Any, Sequence
 
 import ml_collections
+from elm_jax.space import SearchSpace
 
-STAGES = ("data", "teacher", "supernet", "search", "export", "retrain", "finetune", "evaluate")
-IMPLEMENTED_STAGES = STAGES
 TEACHER_KINDS = ("train", "hf_bert", "hf_gpt2", "checkpoint")
 
 
@@ -87,18 +85,11 @@ def _bool(cfg, field: str) -> bool:
     return v
 
 
-def parse_stages(stages: str | Sequence[str]) -> list[str]:
-    """``'all'`` or a comma list of known stages, in pipeline order, without repeats."""
-    items = [s.strip() for s in stages.split(",")] if isinstance(stages, str) else list(stages)
-    items = [s for s in items if s]
-    if not items:
-        raise ConfigError("--stages is empty; give 'all' or some of " + ",".join(STAGES))
-    if items == ["all"]:
-        return list(STAGES)
-    unknown = [s for s in items if s not in STAGES]
-    if unknown:
-        raise ConfigError(f"--stages: unknown stage(s) {unknown}; known: all, {', '.join(STAGES)}")
-    return [s for s in STAGES if s in items]
+class _Every:
+    """``name in _Every()`` is always true: validate every section."""
+
+    def __contains__(self, name: object) -> bool:
+        return True
 
 
 def validate_train(cfg, prefix: str) -> None:
@@ -117,8 +108,10 @@ def validate_train(cfg, prefix: str) -> None:
     _choice(cfg, f"{prefix}.nan_policy", ("stop", "skip"))
 
 
-def validate(cfg: ml_collections.ConfigDict, stages: Sequence[str] = STAGES) -> None:
-    """Checks the fields the given stages use; raises ConfigError naming the first bad field."""
+def validate(cfg: ml_collections.ConfigDict, stages: Sequence[str] | None = None) -> None:
+    """Checks the fields the given stages use (``None``: every section); raises ConfigError
+    naming the first bad field."""
+    stages = _Every() if stages is None else stages
     _choice(cfg, "task", ("mlm", "clm"))
     _int(cfg, "seed", 0)
 
@@ -207,35 +200,7 @@ def validate(cfg: ml_collections.ConfigDict, stages: Sequence[str] = STAGES) -> 
 
     if "search" in stages:
         validate_space(cfg)
-        for f in ("population", "generations", "parents", "eval_batches"):
-            _int(cfg, f"search.{f}", 1)
-        for f in ("mutations", "crossovers"):
-            _int(cfg, f"search.{f}", 0)
-        _float(cfg, "search.mutation_prob", 0.0, 1.0)
-        sc = cfg.search
-        if sc.parents + sc.mutations + sc.crossovers > sc.population:
-            _fail("search.population", f"must be >= parents + mutations + crossovers = "
-                  f"{sc.parents} + {sc.mutations} + {sc.crossovers}", sc.population)
-        budgets = _get(cfg, "search.budgets")
-        if not isinstance(budgets, (list, tuple)) or not budgets:
-            _fail("search.budgets", "must be a non-empty list of dicts", budgets)
-        allowed = {"name"} | {f"{m}_{q}" for m in ("min", "max") for q in ("params", "flops", "latency_ms")}
-        for i, b in enumerate(budgets):
-            if not hasattr(b, "keys") or "name" not in b:
-                _fail(f"search.budgets[{i}]", "must be a dict with a 'name'", b)
-            bad = sorted(set(b) - allowed)
-            if bad:
-                _fail(f"search.budgets[{i}]", f"unknown keys {bad}; allowed: {sorted(allowed)}", dict(b))
-            for k, v in b.items():
-                if k != "name" and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0):
-                    _fail(f"search.budgets[{i}].{k}", "must be a non-negative number", v)
-            name = b["name"]
-            if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name == "teacher":
-                _fail(f"search.budgets[{i}].name", "must be a directory-safe name (letters, digits, "
-                      "'_', '.', '-'), not 'teacher'", name)
-        names = [b["name"] for b in budgets]
-        if len(set(names)) != len(names):
-            _fail("search.budgets", "budget names must be unique", names)
+        validate_search(cfg)
     if "search" in stages or "export" in stages:
         _bool(cfg, "latency.predict")
         _int(cfg, "latency.batch", 1)
@@ -275,9 +240,25 @@ def validate(cfg: ml_collections.ConfigDict, stages: Sequence[str] = STAGES) -> 
             validate_train(cfg, "finetune.teacher_train")
 
 
+def validate_search(cfg) -> None:
+    """The ``search`` section through the search's own checkers (one parser each):
+    :func:`~elm_jax.search.evolution.check_search_params` and
+    :func:`~elm_jax.search.constraints.parse_budgets`; their :class:`SearchError` (message
+    ``search.<field>: <reason> (got <value>)``) becomes ``config.<message>``."""
+    from elm_jax.search.constraints import SearchError, parse_budgets
+    from elm_jax.search.evolution import SEARCH_PARAMS, check_search_params
+
+    search = _get(cfg, "search")
+    try:
+        check_search_params(search, SEARCH_PARAMS)
+        parse_budgets(_get(cfg, "search.budgets"))
+    except SearchError as e:
+        raise ConfigError(f"config.{e}") from None
+
+
 def validate_space(cfg) -> None:
     """The search space section, through SearchSpace's own checks (clear ArchError text)."""
-    from elm_jax.arch import ArchError, SearchSpace
+    from elm_jax.arch import ArchError
 
     try:
         space = SearchSpace.from_config(cfg.space, vocab_size=max(cfg.data.tokenizer.vocab_size, 16),

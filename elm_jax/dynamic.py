@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from elm_jax.arch import FAMILY_INDEX, NUM_FAMILIES, ArchArrays, family_branch
+from elm_jax.models.dense import DenseLM
 
 # Variance share a block's FFN pre-activation must exceed (DESIGN §1.2).
 ETA: dict[str, float] = {"bert": 0.99, "mobilebert": 0.9}
@@ -396,3 +397,25 @@ def mean_offdiag_cka(cka: Any) -> float:
     if h < 2:
         return float("nan")
     return float((c.sum() - np.trace(c)) / (h * (h - 1)))
+
+
+def cka_head_counts(model: DenseLM, batches: list[dict], threshold: float = 0.9,
+                    allowed: tuple[int, ...] | None = None) -> list[dict]:
+    """DESIGN §1.3 on a dense model: per layer, linear CKA between its heads' contexts over the
+    given batches' examples; heads ``k > j`` with ``CKA(j, k) > threshold`` are redundant and the
+    new head count is the number of non-redundant heads reduced to a divisor of the width."""
+    from elm_jax.dynamic import head_cka_matrix, mean_offdiag_cka, reduced_head_count
+
+    ctxs = [model(b["inputs"], b["mask"], b["segment_ids"], return_internals=True).head_ctx
+            for b in batches]
+    out = []
+    for i, spec in enumerate(model.cfg.blocks):
+        ctx = jax.numpy.concatenate([c[i] for c in ctxs])  # [N, S, heads, d]
+        mask = jax.numpy.concatenate([jax.numpy.asarray(b["mask"]) for b in batches])
+        ctx = ctx.reshape(*ctx.shape[:2], -1)
+        cka = np.asarray(head_cka_matrix(ctx, spec.heads, mask))
+        width = model.cfg.hidden if spec.family != "mobilebert" else model.cfg.inner
+        new = reduced_head_count(cka, width, threshold, allowed)
+        out.append({"layer": i, "heads": spec.heads, "new_heads": min(new, spec.heads),
+                    "mean_offdiag_cka": mean_offdiag_cka(cka)})
+    return out

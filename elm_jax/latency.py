@@ -2,7 +2,7 @@
 
 Search constraints on *measured* latency need a latency for every candidate architecture,
 and timing hundreds of models end to end is too slow. Instead the forward pass of the
-extracted dense model (``space.dense_config(arch, widths)``) is decomposed into parts that
+extracted dense model (``dense_config(space, arch, widths)``) is decomposed into parts that
 are measured once per device:
 
     latency(arch) = embedding + sum_{active layers l} block[family_l, ffn_l, heads_l]
@@ -40,14 +40,8 @@ architectures of the space, under grown and initial widths)::
 
     overhead = median_c ( t(model_c) - [embedding + sum blocks_c + head] )    (3)
 
-**Noise.** A timing is a quantile of single, blocking calls after ``warmup`` untimed
-calls (the first compiles), see :func:`measure_many`. Measurements that are compared
-with each other are *interleaved*: every round times each item once (right after one
-untimed call of the same executable, so caches hold that item's data, as when a model is
-served repeatedly), in a freshly shuffled order, so a burst of load from other processes
-hits all items alike instead of corrupting a few; rounds go on for at least ``repeats``
-rounds and ``min_time_s`` seconds (default 2 s) so that short bursts of load are not the
-whole sample; the garbage collector is paused while timing.
+**Noise.** Timings come from :mod:`elm_jax.timing` (interleaved rounds, a quantile of
+single blocking calls).
 
 The table and :func:`check` use the **minimum** (``quantile=0``, :data:`DEFAULT_QUANTILE`)
 rather than the median: the table is built at one time and used (and checked) at
@@ -77,12 +71,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import gc
 import hashlib
 import json
 import os
-import platform
-import random
 import statistics
 import time
 from pathlib import Path
@@ -93,17 +84,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from elm_jax.arch import Arch, SearchSpace, count_params
+from elm_jax.accounting import count_params
+from elm_jax.arch import Arch
 from elm_jax.fileio import atomic_write_json
 from elm_jax.models.dense import (
     BertBlock,
     BlockSpec,
     DenseConfig,
-    DenseLM,
     MobileBertBlock,
+    dense_config,
     init_dense,
 )
 from elm_jax.models.layers import attention_mask
+from elm_jax.timing import device_fingerprint, measure_many, model_inputs, model_item, on_device
+from elm_jax.space import SearchSpace
 
 # Bump when the measurement method changes: old cached tables then stop matching.
 TABLE_VERSION = 1
@@ -118,98 +112,8 @@ BlockKey = tuple[str, int, int]  # (family, ffn, heads)
 
 
 # ----------------------------------------------------------------------------------
-# Timing
-# ----------------------------------------------------------------------------------
-
-def device() -> jax.Device:
-    """The one device latency is measured on: ``jax.devices()[0]``."""
-    return jax.devices()[0]
-
-
-def _on_device(tree: Any) -> Any:
-    return jax.device_put(tree, device())
-
-
-def measure_many(items: Mapping[str, tuple[Callable[..., Any], tuple[Any, ...]]],
-                 repeats: int, warmup: int, *, seed: int = 0, quantile: float = 0.5,
-                 min_time_s: float = 0.0, rewarm: int = 1) -> dict[str, float]:
-    """Wall time in seconds of one call of each jitted ``fn(*args)`` in ``items`` (name ->
-    ``(fn, args)``), measured interleaved: the ``quantile`` (0.5 = median, 0 = minimum) of
-    the timed calls of each item.
-
-    Every function is jitted and called ``max(1, warmup)`` times untimed (the first call
-    compiles, so compile time is excluded). Then rounds visit every item in an order
-    reshuffled every round (seeded): ``rewarm`` untimed calls, then one timed call,
-    blocking on its result (``jax.block_until_ready``). Rounds go on until at least
-    ``repeats`` rounds and ``min_time_s`` seconds have passed. Interleaving shares the
-    machine's background load among the items, which is what makes differences and sums
-    of these times meaningful on a busy machine; the re-warm call makes each timed call
-    follow a call of the same executable, as when one model serves requests back to back.
-    Python's garbage collector is disabled while timing."""
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
-    compiled: dict[str, tuple[Callable[..., Any], tuple[Any, ...]]] = {}
-    for name, (fn, args) in items.items():
-        f = jax.jit(fn)
-        for _ in range(max(1, warmup)):
-            jax.block_until_ready(f(*args))
-        compiled[name] = (f, args)
-    samples: dict[str, list[float]] = {name: [] for name in compiled}
-    order = list(compiled)
-    rng = random.Random(seed)
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        t_begin, rounds = time.perf_counter(), 0
-        while rounds < repeats or time.perf_counter() - t_begin < min_time_s:
-            rounds += 1
-            rng.shuffle(order)
-            for name in order:
-                f, args = compiled[name]
-                for _ in range(rewarm):
-                    jax.block_until_ready(f(*args))
-                t0 = time.perf_counter()
-                jax.block_until_ready(f(*args))
-                samples[name].append(time.perf_counter() - t0)
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    return {name: float(np.quantile(np.asarray(s), quantile)) for name, s in samples.items()}
-
-
-def measure(fn: Callable[..., Any], args: Sequence[Any], repeats: int = 20,
-            warmup: int = 3) -> float:
-    """Median wall time in seconds of one call of ``jax.jit(fn)(*args)`` (blocking on the
-    result), over ``repeats`` timed calls after ``max(1, warmup)`` untimed warm-up calls
-    (compile excluded); see :func:`measure_many` for the timing loop."""
-    return measure_many({"fn": (fn, tuple(args))}, repeats, warmup, quantile=0.5)["fn"]
-
-
-# ----------------------------------------------------------------------------------
 # Keys and fingerprints
 # ----------------------------------------------------------------------------------
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def device_fingerprint() -> dict[str, Any]:
-    """What identifies the target device: platform, ``device_kind`` of
-    ``jax.devices()[0]`` and the jax version; on a CPU (whose device kind is just 'cpu')
-    also the CPU model and the number of cores, since those set the speed."""
-    dev = device()
-    fp: dict[str, Any] = {"platform": dev.platform, "device_kind": dev.device_kind,
-                          "jax": jax.__version__}
-    if dev.platform == "cpu":
-        fp.update(cpu=_cpu_model(), cpu_count=os.cpu_count())
-    return fp
 
 
 def space_fields(space: SearchSpace) -> dict[str, Any]:
@@ -254,7 +158,7 @@ def _parts_config(space: SearchSpace, seq_len: int) -> DenseConfig:
     """The DenseConfig of the space's extracted models without blocks (the settings of
     ``space.dense_config``: factorised embedding, head = task, causal for 'clm')."""
     arch = space.smallest(space.initial_widths())
-    cfg = space.dense_config(arch, space.initial_widths())
+    cfg = dense_config(space, arch, space.initial_widths())
     if seq_len > cfg.max_len:
         raise ValueError(f"seq_len={seq_len} exceeds the space's max_len={cfg.max_len}")
     return dataclasses.replace(cfg, blocks=())
@@ -268,7 +172,7 @@ def _inputs(space: SearchSpace, batch: int, seq_len: int, seed: int) -> dict[str
     ones = np.ones((batch, seq_len), np.int32)
     x = rng.normal(size=(batch, seq_len, space.hidden)).astype(np.float32)
     amask = attention_mask(jnp.asarray(ones), seq_len, space.task == "clm")
-    return _on_device({"ids": jnp.asarray(ids), "mask": jnp.asarray(ones),
+    return on_device({"ids": jnp.asarray(ids), "mask": jnp.asarray(ones),
                        "x": jnp.asarray(x), "amask": amask})
 
 
@@ -276,20 +180,6 @@ def _noop(x: jax.Array, *rest: Any) -> jax.Array:
     """The inputs of a part, no parameters, (almost) no work: the base dispatch cost of
     (2)."""
     return x.reshape(-1)[:1]
-
-
-def _model_fn(graphdef: Any) -> Callable[..., jax.Array]:
-    """Inference forward of a whole DenseLM: logits (or last hidden without a head)."""
-    def fwd(state: Any, ids: jax.Array, mask: jax.Array) -> jax.Array:
-        out = nnx.merge(graphdef, state)(ids, mask)
-        return out.logits if out.logits is not None else out.last_hidden
-    return fwd
-
-
-def _model_item(model: DenseLM, ids: jax.Array, mask: jax.Array
-                ) -> tuple[Callable[..., jax.Array], tuple[Any, ...]]:
-    graphdef, state = nnx.split(model)
-    return _model_fn(graphdef), (_on_device(state), ids, mask)
 
 
 def _calibration_archs(space: SearchSpace, n: int, seed: int) -> list[tuple[Arch, np.ndarray]]:
@@ -378,7 +268,7 @@ class LatencyTable:
         lm = init_dense(base, seed)
         embed_gd, embed_st = nnx.split(lm.embed)
         head_gd, head_st = nnx.split(lm.head)
-        table_ve = _on_device(lm.embed.token_table())
+        table_ve = on_device(lm.embed.token_table())
 
         def embed_fn(st: Any, ids: jax.Array, mask: jax.Array) -> jax.Array:
             return nnx.merge(embed_gd, st)(ids, mask)
@@ -386,8 +276,8 @@ class LatencyTable:
         def head_fn(st: Any, x: jax.Array, tbl: jax.Array) -> jax.Array:
             return nnx.merge(head_gd, st)(x, tbl)
 
-        items["embedding"] = (embed_fn, (_on_device(embed_st), inp["ids"], inp["mask"]))
-        items["head"] = (head_fn, (_on_device(head_st), inp["x"], table_ve))
+        items["embedding"] = (embed_fn, (on_device(embed_st), inp["ids"], inp["mask"]))
+        items["head"] = (head_fn, (on_device(head_st), inp["x"], table_ve))
         # Base dispatch references (2): the parts' inputs, no parameters, no work.
         items["noop:embedding"] = (_noop, (inp["ids"], inp["mask"]))
         items["noop:head"] = (_noop, (inp["x"], table_ve))
@@ -403,13 +293,13 @@ class LatencyTable:
             fam, ffn, heads = key
             blk = _BLOCKS[fam](base, BlockSpec(fam, ffn, heads), rngs=nnx.Rngs(seed))
             gd, st = nnx.split(blk)
-            st = _on_device(st)
+            st = on_device(st)
             items[_block_name(key)] = (block_fn(gd), (st, inp["x"], inp["amask"]))
 
         calib = _calibration_archs(space, calibration_models, seed)
         for c, (a, w) in enumerate(calib):
-            model = init_dense(space.dense_config(a, w), seed)
-            items[f"model:{c}"] = _model_item(model, inp["ids"], inp["mask"])
+            model = init_dense(dense_config(space, a, w), seed)
+            items[f"model:{c}"] = model_item(model, inp["ids"], inp["mask"])
 
         t = {k: 1e3 * v for k, v in measure_many(
             items, repeats, warmup, seed=seed, quantile=quantile, min_time_s=min_time_s).items()}
@@ -468,7 +358,7 @@ class LatencyTable:
                           if fields.get(k) != self.space.get(k))
             raise ValueError(f"latency table was built for a different search space "
                              f"(fields {diff} differ); rebuild it for this space")
-        return self.predict_config_ms(space.dense_config(arch, widths))
+        return self.predict_config_ms(dense_config(space, arch, widths))
 
     # ------------------------------------------------------------------ JSON
 
@@ -540,32 +430,13 @@ def load_or_build(space: SearchSpace, latency_cfg: Any, seq_len: int,
 # End-to-end check
 # ----------------------------------------------------------------------------------
 
-def _model_inputs(vocab_size: int, batch: int, seq_len: int, seed: int
-                  ) -> tuple[jax.Array, jax.Array]:
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(0, vocab_size, size=(batch, seq_len), dtype=np.int32)
-    return _on_device((jnp.asarray(ids), jnp.ones((batch, seq_len), jnp.int32)))
-
-
-def measure_model_ms(model: DenseLM, batch: int, seq_len: int, repeats: int = 20,
-                     warmup: int = 3, *, seed: int = 0, quantile: float = 0.5,
-                     min_time_s: float = 0.0) -> float:
-    """End-to-end inference latency (ms) of a dense model: the ``quantile`` (default the
-    median) of the time of one jitted forward (parameters as arguments, logits out) on
-    random ids ``[batch, seq_len]`` with a padding mask of ones, on ``jax.devices()[0]``
-    (:func:`measure_many`; pass ``quantile=DEFAULT_QUANTILE`` to compare with a table)."""
-    ids, mask = _model_inputs(model.cfg.vocab_size, batch, seq_len, seed)
-    fn, args = _model_item(model, ids, mask)
-    return 1e3 * measure_many({"model": (fn, args)}, repeats, warmup, seed=seed,
-                              quantile=quantile, min_time_s=min_time_s)["model"]
-
 
 def check(table: LatencyTable, space: SearchSpace, widths: Any, archs: Sequence[Arch], *,
           repeats: int | None = None, warmup: int | None = None, seed: int = 0,
           quantile: float | None = None, min_time_s: float | None = None
           ) -> list[dict[str, Any]]:
     """Checks the table against end-to-end timing: for each arch, the dense model of
-    ``space.dense_config(arch, widths)`` with random init (:func:`init_dense`) is timed
+    ``dense_config(space, arch, widths)`` with random init (:func:`init_dense`) is timed
     end to end (batch and seq_len of the table; all models interleaved, see
     :func:`measure_many`, with the table's timing settings unless given) and compared with
     :meth:`LatencyTable.predict_ms`.
@@ -576,12 +447,12 @@ def check(table: LatencyTable, space: SearchSpace, widths: Any, archs: Sequence[
     warmup = (table.warmup or 3) if warmup is None else warmup
     quantile = table.quantile if quantile is None else quantile
     min_time_s = table.min_time_s if min_time_s is None else min_time_s
-    ids, mask = _model_inputs(space.vocab_size, table.batch, table.seq_len, seed)
+    ids, mask = model_inputs(space.vocab_size, table.batch, table.seq_len, seed)
     items, preds = {}, {}
     for i, a in enumerate(archs):
         preds[i] = table.predict_ms(space, a, widths)
-        model = init_dense(space.dense_config(a, widths), seed)
-        items[str(i)] = _model_item(model, ids, mask)
+        model = init_dense(dense_config(space, a, widths), seed)
+        items[str(i)] = model_item(model, ids, mask)
     measured = measure_many(items, repeats, warmup, seed=seed, quantile=quantile,
                             min_time_s=min_time_s)
     rows = []
@@ -609,8 +480,7 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
 
 
 __all__ = [
-    "TABLE_VERSION", "DEFAULT_QUANTILE", "DEFAULT_MIN_TIME_S", "LatencyTable", "measure",
-    "measure_many", "measure_model_ms",
-    "check", "summarize", "load_or_build", "device", "device_fingerprint", "space_fields",
+    "TABLE_VERSION", "DEFAULT_QUANTILE", "DEFAULT_MIN_TIME_S", "LatencyTable",
+    "check", "summarize", "load_or_build", "space_fields",
     "reachable_widths", "expected_block_keys", "default_latency_dir",
 ]

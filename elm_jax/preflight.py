@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from elm_jax.config import ConfigError
+from elm_jax.space import SearchSpace
 
 
 def check_devices(cfg: Any, stages: Sequence[str]) -> int:
     """The mesh fits the devices and every global batch splits evenly over them (the batch is
     sharded over both mesh axes). Returns the device count."""
-    from elm_jax import sharding
+    from elm_jax.engine import sharding
 
     try:
         mesh = sharding.make_mesh(cfg.mesh)
@@ -141,32 +142,22 @@ def check_teacher(cfg: Any, workdir: str | os.PathLike, stages: Sequence[str], v
 def check_budgets(cfg: Any, vocab_size: int) -> None:
     """Every search budget is reachable by some architecture at SOME widths the supernet can
     grow to: widths only grow, so the smallest model is the smallest architecture at the
-    initial widths and the largest the largest architecture at the maximum widths."""
-    from elm_jax.arch import SearchSpace
-    from elm_jax.search import reachable_ranges
+    initial widths and the largest the largest architecture at the maximum widths. The budgets
+    are read by :func:`~elm_jax.search.constraints.parse_budgets` and tested by
+    :func:`~elm_jax.search.constraints.check_reachable` (the search's own test)."""
+    from elm_jax.accounting import SearchSpace, reachable_ranges
+    from elm_jax.search.constraints import SearchError, check_reachable, parse_budgets
 
     space = SearchSpace.from_config(cfg.space, vocab_size=vocab_size, max_len=cfg.data.seq_len,
                                     task=cfg.task)
     seq = int(cfg.data.seq_len)
     lo = reachable_ranges(space, space.initial_widths(), seq)
     hi = reachable_ranges(space, space.max_widths(), seq)
-    for i, b in enumerate(cfg.search.budgets):
-        for q in ("params", "flops"):
-            low, high = lo[q][0], hi[q][1]
-            bmax, bmin = b.get(f"max_{q}"), b.get(f"min_{q}")
-            if bmax is not None and bmax < low:
-                raise ConfigError(
-                    f"config.search.budgets[{i}].max_{q}: budget {b.get('name')!r} is impossible, "
-                    f"the smallest architecture has {low:,.0f} {q}; reachable {q}: "
-                    f"[{low:,.0f}, {high:,.0f}] (got {bmax:,})")
-            if bmin is not None and bmin > high:
-                raise ConfigError(
-                    f"config.search.budgets[{i}].min_{q}: budget {b.get('name')!r} is impossible, "
-                    f"the largest architecture has {high:,.0f} {q}; reachable {q}: "
-                    f"[{low:,.0f}, {high:,.0f}] (got {bmin:,})")
-            if bmin is not None and bmax is not None and bmin > bmax:
-                raise ConfigError(f"config.search.budgets[{i}].min_{q}: above max_{q}={bmax:,} "
-                                  f"(got {bmin:,})")
+    try:
+        for i, (name, bounds) in enumerate(parse_budgets(cfg.search.budgets)):
+            check_reachable(name, bounds, lo, hi, field=f"search.budgets[{i}]")
+    except SearchError as e:
+        raise ConfigError(f"config.{e}") from None
 
 
 def check_finetune_data(cfg: Any) -> None:

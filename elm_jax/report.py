@@ -28,21 +28,14 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
 
 from elm_jax.fileio import atomic_write_bytes
+from elm_jax.pipeline import STAGES
 
-# The file each stage writes last: the stage is complete when it exists.
-STAGE_OUTPUTS = {
-    "data": "data/stats.json",
-    "teacher": "teacher/result.json",
-    "supernet": "supernet/result.json",
-    "search": "search/result.json",
-    "export": "export/result.json",
-    "retrain": "retrain/result.json",
-    "finetune": "finetune/result.json",
-    "evaluate": "evaluate/result.json",
-}
+# The file each stage writes last: the stage is complete when it exists (the pipeline's registry).
+STAGE_OUTPUTS = {s.name: s.outputs[-1] for s in STAGES}
 TRAINING_STAGES = ("teacher", "supernet", "retrain", "finetune")
 REPORT_DIR = "report"
 
@@ -85,10 +78,12 @@ def fmt(v: Any, digits: int = 4) -> str:
     return str(v)
 
 
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
-    """Lines of a markdown table (cells through :func:`fmt`)."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
+def markdown_table(header: Sequence[Any], rows: Sequence[Sequence[Any]],
+                   cell: Callable[[Any], str] = fmt) -> list[str]:
+    """Lines of a markdown table, body cells through ``cell`` (default :func:`fmt`; benchmarks
+    pass ``str`` for cells they formatted themselves)."""
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
 
 
 # ----------------------------------------------------------------------------------
@@ -243,7 +238,7 @@ def plot_search(workdir: str | os.PathLike) -> Path | None:
     result = load_json(wd / STAGE_OUTPUTS["search"])
     if not result.get("scored"):
         return None
-    from elm_jax.search import plot_pareto
+    from elm_jax.search.pareto import plot_pareto
 
     return plot_pareto(result["scored"], wd / REPORT_DIR / "pareto.png")
 
@@ -358,3 +353,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+

@@ -57,6 +57,7 @@ import ml_collections
 
 from elm_jax import config as config_lib
 from elm_jax.fileio import atomic_write_bytes, atomic_write_json
+from elm_jax.pipeline import parse_stages
 from elm_jax.report import fmt, load_json, markdown_table
 
 OVERRIDES_FILE = "overrides.json"
@@ -233,7 +234,7 @@ def plan(spec: str, root: str | os.PathLike, stages: str = "all") -> list[Point]
     literals, each overridden config passes :func:`elm_jax.config.validate` for ``stages``, run
     names are unique."""
     base, points = load_sweep(spec)
-    stage_list = config_lib.parse_stages(stages)
+    stage_list = parse_stages(stages)
     fields = leaf_fields(base)
     root = Path(root).absolute()
     out, seen = [], {}
@@ -280,7 +281,7 @@ def _done(point: Point, stages: str) -> bool:
     status = load_json(point.workdir / STATUS_FILE)
     if status.get("returncode") != 0:
         return False
-    return set(config_lib.parse_stages(stages)) <= set(config_lib.parse_stages(status.get("stages", "all")))
+    return set(parse_stages(stages)) <= set(parse_stages(status.get("stages", "all")))
 
 
 def check_owner(point: Point, source: str) -> None:

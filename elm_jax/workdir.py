@@ -9,8 +9,8 @@ their process. Multi-host runs: only process 0 takes the lock (the other process
 in the same run).
 
 **Config fingerprints.** ``WORKDIR/fingerprints.json`` records, per stage, the config fields
-that stage's results depend on (:data:`STAGE_FIELDS`; a stage also depends on everything
-upstream). Before a stage runs, a changed field of it or of an upstream stage whose outputs
+that stage's results depend on (``config_fields`` of :data:`elm_jax.pipeline.STAGES`, which
+the caller passes in as ``specs``; a stage also depends on everything upstream). Before a stage runs, a changed field of it or of an upstream stage whose outputs
 exist is refused with a message naming the fields and stages; ``--allow_config_change`` instead
 deletes the invalidated stages' outputs (and everything downstream) so they are redone.
 
@@ -39,20 +39,6 @@ from elm_jax.fileio import atomic_write_json
 
 LOCK_FILE = ".lock"
 FINGERPRINT_FILE = "fingerprints.json"
-
-# The stages with outputs in WORKDIR/<stage>/, in pipeline order; each depends on the previous.
-PIPELINE = ("data", "teacher", "supernet", "search", "export", "retrain", "finetune")
-
-# Config fields (dotted prefixes) each stage's own results depend on.
-STAGE_FIELDS: dict[str, tuple[str, ...]] = {
-    "data": ("task", "seed", "data"),
-    "teacher": ("teacher", "precision"),
-    "supernet": ("supernet", "space", "precision"),
-    "search": ("search", "latency.predict", "latency.batch", "latency.seq_len"),
-    "export": ("export", "latency.batch", "latency.seq_len"),
-    "retrain": ("retrain", "precision"),
-    "finetune": ("finetune", "precision"),
-}
 
 # Fields under those prefixes that do not change results ('*' = any one component).
 IGNORED_FIELDS: tuple[str, ...] = (
@@ -142,11 +128,12 @@ def _ignored(field: str) -> bool:
     return False
 
 
-def stage_fields(cfg: Any, stage: str) -> dict[str, Any]:
-    """The values of the config fields ``stage``'s own results depend on."""
+def stage_fields(cfg: Any, stage: Any) -> dict[str, Any]:
+    """The values of the config fields ``stage``'s own results depend on (``stage`` a
+    :class:`elm_jax.pipeline.Stage`)."""
     flat = _flatten(cfg)
-    prefixes = STAGE_FIELDS[stage]
-    if stage == "teacher" and not str(flat.get("teacher.source", "train")).startswith("train"):
+    prefixes = stage.config_fields
+    if stage.name == "teacher" and not str(flat.get("teacher.source", "train")).startswith("train"):
         prefixes = ("teacher.source", "precision")  # a pretrained teacher: its model/train unused
     out = {}
     for k, v in flat.items():
@@ -182,7 +169,7 @@ def load_fingerprints(workdir: str | os.PathLike) -> dict[str, dict[str, Any]]:
                            f"(earlier stages are then trusted as they are)") from None
 
 
-def check_config(cfg: Any, workdir: str | os.PathLike, stages: Sequence[str], *,
+def check_config(cfg: Any, workdir: str | os.PathLike, stages: Sequence[str], specs: Sequence[Any], *,
                  allow_change: bool = False, write: bool = True) -> list[str]:
     """Compares ``cfg`` with the fields recorded for ``stages`` and their upstream stages.
 
@@ -190,27 +177,30 @@ def check_config(cfg: Any, workdir: str | os.PathLike, stages: Sequence[str], *,
     Without ``allow_change`` that raises :class:`WorkdirError` naming the fields, the stages
     and the ways out; with it, the outputs of the first invalidated stage and of every stage
     after it are deleted. Then (with ``write``, on process 0) the current fields of the checked
-    stages are recorded. Returns the names of the deleted stage directories.
+    stages are recorded. ``specs`` is the stage registry (:data:`elm_jax.pipeline.STAGES`).
+    Returns the names of the deleted stage directories.
     """
     wd = Path(workdir)
-    requested = [s for s in stages if s in PIPELINE]
+    by_name = {s.name: s for s in specs}
+    fingerprinted = tuple(s.name for s in specs if s.config_fields is not None)  # fingerprinted, in order
+    requested = [s for s in stages if s in fingerprinted]
     if not requested:
         return []
-    last = max(PIPELINE.index(s) for s in requested)
-    checked = PIPELINE[: last + 1]
+    last = max(fingerprinted.index(s) for s in requested)
+    checked = fingerprinted[: last + 1]
     recorded = load_fingerprints(wd)
     first_bad, changes = None, []
     for i, stage in enumerate(checked):
         old = recorded.get(stage)
         if old is None:
             continue
-        diff = _diff(old.get("fields", {}), stage_fields(cfg, stage))
-        if diff and any(_has_output(wd, s) for s in PIPELINE[i:]):
+        diff = _diff(old.get("fields", {}), stage_fields(cfg, by_name[stage]))
+        if diff and any(_has_output(wd, s) for s in fingerprinted[i:]):
             first_bad, changes = stage, diff
             break
     removed: list[str] = []
     if first_bad is not None:
-        affected = [s for s in PIPELINE[PIPELINE.index(first_bad):] if _has_output(wd, s)]
+        affected = [s for s in fingerprinted[fingerprinted.index(first_bad):] if _has_output(wd, s)]
         shown = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
         if not allow_change:
             raise WorkdirError(
@@ -219,16 +209,17 @@ def check_config(cfg: Any, workdir: str | os.PathLike, stages: Sequence[str], *,
                 f"match. Use a new --workdir, or rerun with --allow_config_change to delete and redo "
                 f"them.")
         if write:
-            for s in [*PIPELINE[PIPELINE.index(first_bad):], "evaluate"]:
+            later = [s.name for s in specs][[s.name for s in specs].index(first_bad):]
+            for s in later:
                 if (wd / s).exists():
                     shutil.rmtree(wd / s)
                     removed.append(s)
-            for s in PIPELINE[PIPELINE.index(first_bad):]:
+            for s in fingerprinted[fingerprinted.index(first_bad):]:
                 recorded.pop(s, None)
     if write:
         for stage in checked:
             if stage in requested or stage not in recorded:
-                recorded[stage] = {"fields": stage_fields(cfg, stage)}
+                recorded[stage] = {"fields": stage_fields(cfg, by_name[stage])}
         atomic_write_json(wd / FINGERPRINT_FILE, {"version": 1, "stages": recorded})
     return removed
 
@@ -237,37 +228,18 @@ def check_config(cfg: Any, workdir: str | os.PathLike, stages: Sequence[str], *,
 # Inputs of a run
 
 
-def _complete(workdir: Path, stage: str) -> bool:
-    """Whether ``stage``'s output is complete (the markers each stage itself checks)."""
-    if stage == "teacher":
-        return (workdir / "teacher" / "model" / "config.json").is_file() and \
-            (workdir / "teacher" / "result.json").is_file()
-    if stage == "supernet":
-        return (workdir / "supernet" / "final" / "widths.json").is_file()
-    return (workdir / stage / "result.json").is_file()
-
-
-# stage -> the stages whose outputs it reads (any one of a tuple's entries suffices)
-NEEDS: dict[str, tuple[tuple[str, ...], ...]] = {
-    "supernet": (("teacher",),),
-    "search": (("supernet",),),
-    "export": (("search",), ("supernet",)),
-    "retrain": (("export",), ("teacher",)),
-    "finetune": (("retrain", "export"),),
-    "evaluate": (("retrain", "export"),),
-}
-
-
-def check_inputs(workdir: str | os.PathLike, stages: Sequence[str]) -> None:
+def check_inputs(workdir: str | os.PathLike, stages: Sequence[str], specs: Sequence[Any]) -> None:
     """Raises :class:`WorkdirError` when a requested stage needs the output of a stage that is
     neither complete in ``workdir`` nor requested before it (e.g. ``--stages=search`` on a
-    directory without a trained supernet), before anything is computed."""
+    directory without a trained supernet), before anything is computed. ``specs`` is the stage
+    registry (:data:`elm_jax.pipeline.STAGES`: each stage's ``needs`` and ``complete``)."""
     wd = Path(workdir)
-    order = (*PIPELINE, "evaluate")
+    by_name = {s.name: s for s in specs}
+    order = [s.name for s in specs]
     for stage in stages:
-        for options in NEEDS.get(stage, ()):
+        for options in by_name[stage].needs:
             earlier = [s for s in stages if order.index(s) < order.index(stage)]
-            if not any(s in earlier or _complete(wd, s) for s in options):
+            if not any(s in earlier or by_name[s].complete(workdir) for s in options):
                 what = " or ".join(options)
                 raise WorkdirError(
                     f"--stages={','.join(stages)}: the {stage} stage needs the output of the {what} "

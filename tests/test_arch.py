@@ -15,9 +15,12 @@ from flax import nnx
 
 from configs.common import base_config
 from elm_jax import arch as A
-from elm_jax.arch import Arch, ArchArrays, ArchError, LayerChoice, SearchSpace
+from elm_jax.arch import Arch, ArchArrays, ArchError, LayerChoice
 from elm_jax.models.dense import BlockSpec, DenseLM
 from elm_jax.models.dense import count_params as dense_count_params
+from elm_jax.accounting import block_params, count_flops, count_params
+from elm_jax.models.dense import dense_config
+from elm_jax.space import SearchSpace
 
 # Three small spaces: both families with elastic depth and segments (MLM), a CLM space
 # without elastic depth, and a single-family space with a restricted head menu.
@@ -96,7 +99,7 @@ def test_canonical_merges_inactive_genes():
     assert a.arch_id != b.arch_id
     assert MLM.canonical(a) == MLM.canonical(b)
     w = MLM.initial_widths()
-    assert MLM.dense_config(a, w) == MLM.dense_config(MLM.canonical(a), w)
+    assert dense_config(MLM, a, w) == dense_config(MLM, MLM.canonical(a), w)
 
 
 # ----------------------------------------------------------------------------------
@@ -355,8 +358,8 @@ def test_invalid_arch(space, arch, msg):
     with pytest.raises(ArchError, match=msg):
         space.validate(arch)
     for fn in (lambda: space.to_arrays(arch, space.initial_widths()),
-               lambda: A.count_params(space, arch, space.initial_widths()),
-               lambda: space.dense_config(arch, space.initial_widths())):
+               lambda: count_params(space, arch, space.initial_widths()),
+               lambda: dense_config(space, arch, space.initial_widths())):
         with pytest.raises(ArchError, match=msg):
             fn()
 
@@ -383,7 +386,7 @@ def test_invalid_arch_json(make, msg):
 def test_dense_config_fields():
     w = grown_widths(MLM, np.random.default_rng(7))
     a = _mlm_arch((1, dict(active=False)))
-    cfg = MLM.dense_config(a, w)
+    cfg = dense_config(MLM, a, w)
     assert cfg.blocks == (BlockSpec("bert", int(w[0, 0, 0]), 4),
                           BlockSpec("bert", int(w[2, 0, 2]), 1),
                           BlockSpec("mobilebert", int(w[3, 1, 0]), 4))
@@ -391,10 +394,10 @@ def test_dense_config_fields():
     assert sizes == (32, 8, 8, 50, 16)
     assert cfg.embedding == "factorized" and cfg.type_vocab_size == 2
     assert cfg.head == "mlm" and not cfg.causal and not cfg.final_norm
-    c2 = CLM.dense_config(CLM.sample(np.random.default_rng(0)), CLM.initial_widths(), dropout=0.1)
+    c2 = dense_config(CLM, CLM.sample(np.random.default_rng(0)), CLM.initial_widths(), dropout=0.1)
     assert c2.head == "clm" and c2.causal and c2.dropout == 0.1 and c2.type_vocab_size == 0
     with pytest.raises(ArchError, match="cannot override"):
-        MLM.dense_config(a, w, final_norm=True)
+        dense_config(MLM, a, w, final_norm=True)
 
 
 @pytest.mark.parametrize("name,tv,n", [("mlm", 2, 50), ("clm", 0, 50), ("bert_only", 0, 30),
@@ -407,7 +410,7 @@ def test_count_params_equals_dense_tree(name, tv, n):
     archs = [space.largest(), space.smallest()] + [space.sample(rng) for _ in range(n - 2)]
     for i, a in enumerate(archs):
         w = space.initial_widths() if i % 3 == 0 else grown_widths(space, rng)
-        assert A.count_params(space, a, w) == dense_count_params(space.dense_config(a, w)), a
+        assert count_params(space, a, w) == dense_count_params(dense_config(space, a, w)), a
 
 
 def test_flops_hand_count_all_bert():
@@ -428,10 +431,10 @@ def test_flops_hand_count_all_bert():
         total += qkv + out + scores + context + ffn
     head = 2 * S * H * H + 2 * S * H * E + 2 * S * E * V  # transform, proj, vocab
     total += head
-    assert A.count_flops(MLM, a, w, S) == total
+    assert count_flops(MLM, a, w, S) == total
     # Heads do not change the FLOPs.
     a4 = Arch(tuple(dataclasses.replace(lc, heads=4) for lc in a.layers))
-    assert A.count_flops(MLM, a4, w, S) == total
+    assert count_flops(MLM, a4, w, S) == total
 
 
 def test_flops_hand_count_mixed_with_skip():
@@ -453,9 +456,9 @@ def test_flops_hand_count_mixed_with_skip():
     bert_F = 12
     bert = 4 * 2 * S * H * H + 2 * 2 * S * S * H + 2 * 2 * S * H * bert_F
     head = 2 * S * H * E + 2 * S * E * V  # CLM: proj H -> E, vocab
-    assert A.count_flops(space, a, w, S) == embed + mobile + bert + head
+    assert count_flops(space, a, w, S) == embed + mobile + bert + head
     with pytest.raises(ArchError, match="seq_len"):
-        A.count_flops(space, a, w, space.max_len + 1)
+        count_flops(space, a, w, space.max_len + 1)
 
 
 def _jaxpr_matmul_flops(jaxpr) -> int:
@@ -482,11 +485,11 @@ def test_flops_match_traced_model(name):
     rng = np.random.default_rng(9)
     for _ in range(2):
         a, w, seq = space.sample(rng), grown_widths(space, rng), int(rng.integers(3, 9))
-        model = nnx.eval_shape(lambda: DenseLM(space.dense_config(a, w), rngs=nnx.Rngs(0)))
+        model = nnx.eval_shape(lambda: DenseLM(dense_config(space, a, w), rngs=nnx.Rngs(0)))
         graphdef, state = nnx.split(model)
         fwd = lambda st, ids: nnx.merge(graphdef, st)(ids).logits
         jaxpr = jax.make_jaxpr(fwd)(state, jax.ShapeDtypeStruct((1, seq), jnp.int32))
-        assert A.count_flops(space, a, w, seq) == _jaxpr_matmul_flops(jaxpr.jaxpr), a
+        assert count_flops(space, a, w, seq) == _jaxpr_matmul_flops(jaxpr.jaxpr), a
 
 
 # ----------------------------------------------------------------------------------
@@ -504,14 +507,14 @@ def test_largest_and_smallest_are_extremes(name):
          space.smallest(space.initial_widths())),
         (w := grown_widths(space, rng), space.largest(w), space.smallest(w)),
     ]:
-        counts = [A.count_params(space, a, widths) for a in archs]
-        assert A.count_params(space, lg, widths) >= max(counts)
-        assert A.count_params(space, sm, widths) <= min(counts)
+        counts = [count_params(space, a, widths) for a in archs]
+        assert count_params(space, lg, widths) >= max(counts)
+        assert count_params(space, sm, widths) <= min(counts)
     # The definition with widths at the caps: all active, last candidate, max heads, the
     # family with the most params at max width; smallest: first min_layers layers.
     lg, sm = space.largest(), space.smallest()
-    big = max(space.families, key=lambda f: A.block_params(space, f, space.max_ffn_of(f)))
-    small = min(space.families, key=lambda f: A.block_params(space, f, space.max_ffn_of(f)))
+    big = max(space.families, key=lambda f: block_params(space, f, space.max_ffn_of(f)))
+    small = min(space.families, key=lambda f: block_params(space, f, space.max_ffn_of(f)))
     assert all(lc == LayerChoice(big, space.candidates - 1, max(space.head_choices), True)
                for lc in lg.layers)
     n_on = space.min_layers if space.elastic_depth else space.layers
@@ -523,7 +526,7 @@ def test_largest_and_smallest_are_extremes(name):
 def test_largest_family_is_computed():
     """With a huge MobileBERT cap, MobileBERT blocks are the larger ones."""
     space = SearchSpace(**space_kwargs(max_ffn={"bert": 16, "mobilebert": 4000}))
-    assert A.block_params(space, "mobilebert", 4000) > A.block_params(space, "bert", 16)
+    assert block_params(space, "mobilebert", 4000) > block_params(space, "bert", 16)
     assert {lc.family for lc in space.largest().layers} == {"mobilebert"}
     assert {lc.family for lc in space.smallest().layers} == {"bert"}
 
@@ -544,7 +547,7 @@ def test_from_config(task, variant):
                                        if cfg.space.base_heads % d == 0)
     assert hash(space) == hash(dataclasses.replace(space))
     a = space.sample(np.random.default_rng(0))
-    assert A.count_params(space, a, space.initial_widths()) > 0
+    assert count_params(space, a, space.initial_widths()) > 0
     seg = SearchSpace.from_config(cfg.space, vocab_size=100, max_len=8, task=task,
                                   type_vocab_size=2)
     assert seg.type_vocab_size == 2

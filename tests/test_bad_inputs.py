@@ -25,6 +25,7 @@ import pytest
 
 from elm_jax import main as main_lib
 from elm_jax.data import corpus
+from elm_jax.pipeline import EXIT_BAD_INPUT
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "--config=configs/mlm.py:test"
@@ -57,7 +58,7 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str, int]:
 def assert_refused(result, *needles: str) -> str:
     rc, out, err, compiles = result
     lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert rc == main_lib.EXIT_BAD_INPUT, (rc, out[-2000:], err[-2000:])
+    assert rc == EXIT_BAD_INPUT, (rc, out[-2000:], err[-2000:])
     assert "Traceback" not in err and "Traceback" not in out, err
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     for n in needles:

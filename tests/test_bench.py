@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from elm_jax import arch as arch_lib
-from elm_jax.arch import Arch, LayerChoice, SearchSpace
+from elm_jax.arch import Arch, LayerChoice
 from elm_jax.models.dense import BlockSpec, DenseConfig, init_dense
+from elm_jax.accounting import count_flops
+from elm_jax.models.dense import dense_config
+from elm_jax.space import SearchSpace
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 from flop_count import (
@@ -56,7 +58,7 @@ def test_dense_forward_flops_equal_the_traced_matmuls(name):
 
 
 def test_dense_counter_agrees_with_arch_count_flops_on_extracted_models():
-    """Two closed forms written apart: the dense counter on ``space.dense_config(arch, widths)``
+    """Two closed forms written apart: the dense counter on ``dense_config(space, arch, widths)``
     equals :func:`elm_jax.arch.count_flops` of the architecture."""
     space = SearchSpace(layers=4, hidden=32, inner=8, embed_size=8, candidates=3, f0=8,
                         max_ffn={"bert": 64, "mobilebert": 20}, base_heads=4,
@@ -66,8 +68,8 @@ def test_dense_counter_agrees_with_arch_count_flops_on_extracted_models():
     for widths in (space.initial_widths(), space.max_widths()):
         for _ in range(20):
             a = space.sample(rng)
-            assert (dense_forward_flops(space.dense_config(a, widths), 16)
-                    == arch_lib.count_flops(space, a, widths, 16))
+            assert (dense_forward_flops(dense_config(space, a, widths), 16)
+                    == count_flops(space, a, widths, 16))
 
 
 def test_jaxpr_counter_by_hand():

@@ -12,8 +12,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from elm_jax import checkpoint as ckpt_lib
-from elm_jax import sharding as shd
+from elm_jax.engine import checkpoint as ckpt_lib
+from elm_jax.engine import sharding as shd
 
 # Orbax's async reader leaves an un-awaited coroutine / closed event loop behind when a
 # restore of a deliberately damaged step fails; that noise is not ours to fix.

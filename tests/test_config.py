@@ -9,6 +9,7 @@ import pytest
 
 from elm_jax import config as config_lib
 from elm_jax.config import ConfigError, load_config
+from elm_jax.pipeline import STAGE_NAMES as STAGES, parse_stages
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -96,10 +97,10 @@ def test_files_corpus_needs_files():
 
 
 def test_parse_stages():
-    assert config_lib.parse_stages("all") == list(config_lib.STAGES)
-    assert config_lib.parse_stages("search,data") == ["data", "search"]
+    assert parse_stages("all") == list(STAGES)
+    assert parse_stages("search,data") == ["data", "search"]
     with pytest.raises(ConfigError, match=r"unknown stage\(s\) \['trian'\]"):
-        config_lib.parse_stages("data,trian")
+        parse_stages("data,trian")
 
 
 def _cli(*args):

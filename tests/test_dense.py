@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from elm_jax.losses import weighted_cross_entropy
+from elm_jax.engine.losses import weighted_cross_entropy
 from elm_jax.models.dense import BlockSpec, DenseConfig, DenseLM, count_params, init_dense
 from elm_jax.models.layers import neighbour_concat
 

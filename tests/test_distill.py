@@ -10,8 +10,9 @@ import pytest
 from ml_collections import ConfigDict
 
 from elm_jax import distill
-from elm_jax.arch import FAMILY_INDEX, ArchArrays, SearchSpace
+from elm_jax.arch import FAMILY_INDEX, ArchArrays
 from elm_jax.models.elastic import LayerFeatures, SupernetOutput, init_supernet
+from elm_jax.space import SearchSpace
 
 B, S = 3, 7
 

@@ -10,8 +10,9 @@ from ml_collections import ConfigDict
 from flax import nnx
 
 from elm_jax import dynamic
-from elm_jax.arch import ArchArrays, SearchSpace
+from elm_jax.arch import ArchArrays
 from elm_jax.models.elastic import init_supernet
+from elm_jax.space import SearchSpace
 
 
 # ------------------------------------------------------------------ PCA

@@ -7,12 +7,16 @@ import pytest
 from flax import nnx
 from ml_collections import ConfigDict
 
-from elm_jax import sharding
-from elm_jax import train as train_lib
-from elm_jax.arch import FAMILY_INDEX, SearchSpace, count_params as arch_count_params
+from elm_jax.engine import sharding
+from elm_jax import engine as train_lib
+from elm_jax.arch import FAMILY_INDEX
+from elm_jax.accounting import count_params as arch_count_params
 from elm_jax.models.dense import count_params
-from elm_jax.models.elastic import FAMILY_PARAMS, extract, init_supernet, _pkey
-from elm_jax.supernet_steps import ArchBatches, FixedArchBatches, arch_rows, supernet_lm_fns
+from elm_jax.models.elastic import FAMILY_PARAMS, init_supernet, _pkey
+from elm_jax.models.extract import extract
+from elm_jax.data.arch_batches import ArchBatches, FixedArchBatches, arch_rows
+from elm_jax.lm import supernet_lm_fns
+from elm_jax.space import SearchSpace
 
 VOCAB, SEQ = 97, 12
 
@@ -174,7 +178,7 @@ class _Toy:
 
 def test_one_compilation_for_many_architectures(engine):
     space, mesh, trainer = engine
-    src = ArchBatches(_Toy(), space, space.initial_widths, mode="device", num_devices=8, seed=0)
+    src = ArchBatches(_Toy(), space, space.initial_widths(), mode="device", num_devices=8, seed=0)
     state = trainer.init_state()
     seen, losses = set(), []
     for step in range(8):  # 8 devices x 8 steps = 64 architectures
@@ -199,7 +203,7 @@ def test_per_device_architectures_give_the_mean_of_their_losses(engine):
     b = _Toy().batch(0)
     got = trainer.eval_step(state, sharding.global_batch(b | arch_rows(arrays, 16), mesh))
     model = trainer.model_from_state(state)
-    from elm_jax.losses import weighted_cross_entropy
+    from elm_jax.engine.losses import weighted_cross_entropy
     want = 0.0
     for d in range(8):  # device d holds rows 2d, 2d+1 and architecture d
         sl = slice(2 * d, 2 * d + 2)
@@ -210,7 +214,7 @@ def test_per_device_architectures_give_the_mean_of_their_losses(engine):
 
 def test_supernet_training_reduces_the_loss(engine):
     space, mesh, trainer = engine
-    src = ArchBatches(_Toy(), space, space.initial_widths, mode="step", num_devices=8, seed=1)
+    src = ArchBatches(_Toy(), space, space.initial_widths(), mode="step", num_devices=8, seed=1)
     ev = FixedArchBatches(_Toy(), space, space.largest(), space.initial_widths())
     state = trainer.init_state()
     before = train_lib.evaluate(trainer, state, ev)["loss"]

@@ -8,9 +8,11 @@ import pytest
 import elm_jax
 from elm_jax.config import load_config
 from elm_jax.data.prepare import prepare_data
-from elm_jax.export import flat_params, run_export_stage
+from elm_jax.models.io import flat_params
+from elm_jax.stages.export import run as run_export_stage
 from elm_jax.models.elastic import init_supernet
-from elm_jax.supernet import save_supernet, space_of
+from elm_jax.models.io import save_supernet
+from elm_jax.stages.supernet import space_of
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from elm_jax.pipeline import EXIT_NONFINITE
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("data", "teacher", "supernet", "search", "export", "retrain", "finetune", "evaluate")
@@ -301,7 +302,7 @@ def test_silently_changed_checkpoint_is_detected_by_its_checksums(tmp_path, capl
     import jax
     import jax.numpy as jnp
 
-    from elm_jax import checkpoint as ckpt_lib
+    from elm_jax.engine import checkpoint as ckpt_lib
 
     good = {"w": jnp.arange(12.0).reshape(3, 4), "n": jnp.int32(1)}
     other = {"w": jnp.arange(12.0).reshape(3, 4) + 1.0, "n": jnp.int32(2)}
@@ -329,7 +330,7 @@ def test_nan_stops_within_one_step_and_skip_recovers(capsys, tmp_path):
     first bad step, names it, keeps the last good checkpoint (never a non-finite one) and exits
     with code 3; rerun with ``nan_policy=skip`` (not a config-change refusal) it finishes with
     those steps skipped and finite weights."""
-    from elm_jax import checkpoint as ckpt_lib
+    from elm_jax.engine import checkpoint as ckpt_lib
     from elm_jax import main as main_lib
 
     base = ["elm_jax.main", "--config=configs/mlm.py:test", f"--workdir={tmp_path}", "--stages=teacher",
@@ -338,7 +339,7 @@ def test_nan_stops_within_one_step_and_skip_recovers(capsys, tmp_path):
             "--config.teacher.train.log_every=100"]
     rc = main_lib.cli(base)
     out, err = capsys.readouterr()
-    assert rc == main_lib.EXIT_NONFINITE, out[-2000:] + err[-2000:]
+    assert rc == EXIT_NONFINITE, out[-2000:] + err[-2000:]
     m = re.search(r"non-finite loss or gradient norm at step (\d+) \(nan_policy='stop'; stopped at step (\d+)\)",
                   err)
     assert m and "Traceback" not in err, err[-2000:]
@@ -363,8 +364,10 @@ def test_damaged_search_state_redoes_that_budget_with_a_warning(tmp_path):
     """A search state file damaged on disk (the search writes it atomically) is not a crash:
     the budget's search starts over with a warning and, being seeded, ends the same."""
     from elm_jax.config import load_config
-    from elm_jax.search import Constraints, evolutionary_search, reachable_ranges
-    from elm_jax.supernet import space_of
+    from elm_jax.search.constraints import Constraints
+    from elm_jax.search.evolution import evolutionary_search
+    from elm_jax.accounting import reachable_ranges
+    from elm_jax.stages.supernet import space_of
 
     cfg = load_config("configs/mlm.py:test")
     space = space_of(cfg, 256)

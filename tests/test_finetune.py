@@ -11,14 +11,19 @@ import pytest
 from flax import nnx
 from ml_collections import ConfigDict
 
-from elm_jax import export, sharding
-from elm_jax import finetune as ft
-from elm_jax import train as train_lib
+from elm_jax.engine import sharding
+
+from elm_jax import engine as train_lib
 from elm_jax.config import ConfigError, load_config, validate
 from elm_jax.data import glue
 from elm_jax.data.corpus import DataError
 from elm_jax.data.tokenizer import WordPieceTokenizer
 from elm_jax.models.dense import BlockSpec, DenseConfig, init_dense
+from elm_jax.data.tasks import SentenceBatches, encode_examples, load_task, pair_lengths
+from elm_jax.models.classifier import Classifier, encoder_of, load_classifier
+from elm_jax.models.io import save_model
+from elm_jax.stages.finetune import fine_tuned_teacher, make_loss_fns
+from elm_jax.stages.finetune import run as run_finetune_stage
 
 WORDS = ("the", "cat", "sat", "on", "a", "mat", "dog", "ran", "far", "good", "bad", "film", "was", "very",
          "dull", "fun", "it", "is", "not", "so", "what", "who", "why", "did", "you", "see", "here", "there",
@@ -148,9 +153,9 @@ def _longest_first(la, lb, budget):
 def test_pair_encoding_and_segments(tok):
     for la in range(14):
         for lb in range(14):
-            assert ft.pair_lengths(la, lb, 10) == _longest_first(la, lb, 10)
+            assert pair_lengths(la, lb, 10) == _longest_first(la, lb, 10)
     split = glue.TaskSplit(("the cat sat", "a " * 20), ("on a mat", "dog ran"), np.array([1, 0]))
-    enc = ft.encode_examples(tok, split, SEQ)
+    enc = encode_examples(tok, split, SEQ)
     ids = [2, *map(_wid, ("the", "cat", "sat")), 3, *map(_wid, ("on", "a", "mat")), 3]
     assert enc["inputs"][0].tolist() == ids + [0] * (SEQ - len(ids))
     assert enc["segment_ids"][0].tolist() == [0] * 5 + [1] * 4 + [0] * (SEQ - 9)
@@ -158,13 +163,13 @@ def test_pair_encoding_and_segments(tok):
     la, lb = _longest_first(20, 2, SEQ - 3)  # the long first text is cut, the short pair text kept
     assert enc["inputs"][1].tolist() == [2, *[_wid("a")] * la, 3, _wid("dog"), _wid("ran"), 3]
     assert enc["segment_ids"][1].tolist() == [0] * (la + 2) + [1] * (lb + 1)
-    single = ft.encode_examples(tok, glue.TaskSplit(("it is fun",), None, np.array([1])), SEQ)
+    single = encode_examples(tok, glue.TaskSplit(("it is fun",), None, np.array([1])), SEQ)
     assert single["inputs"][0, :5].tolist() == [2, _wid("it"), _wid("is"), _wid("fun"), 3]
     assert not single["segment_ids"].any()
     # the segment ids reach the encoder of a model with a segment table, and only there
     flipped = enc | {"segment_ids": 1 - enc["segment_ids"]}
     for segments, changes in ((2, True), (0, False)):
-        model = ft.Classifier(ft.encoder_of(_tiny(STUDENT, segments=segments)), 2, 0)
+        model = Classifier(encoder_of(_tiny(STUDENT, segments=segments)), 2, 0)
         assert np.allclose(_forward(model, enc), _forward(model, flipped)) != changes
 
 
@@ -237,13 +242,13 @@ def _np_kd(kind, zs, zt, tau):
 def test_kd_loss_wiring_matches_numpy(kind):
     rng = np.random.default_rng(1)
     c, w = 3, 7.5
-    teacher = ft.Classifier(ft.encoder_of(_tiny(TEACHER, seed=1)), c, 2)
-    student = ft.Classifier(ft.encoder_of(_tiny(STUDENT, seed=3)), c, 4)
+    teacher = Classifier(encoder_of(_tiny(TEACHER, seed=1)), c, 2)
+    student = Classifier(encoder_of(_tiny(STUDENT, seed=3)), c, 4)
     ids = rng.integers(5, VOCAB, (6, 10)).astype(np.int32)
     batch = {"inputs": ids, "mask": np.ones_like(ids), "segment_ids": np.zeros_like(ids),
              "labels": rng.integers(0, c, 6).astype(np.int32),
              "weights": np.array([1, 1, 1, 1, 1, 0], np.float32)}  # the last row: eval padding
-    loss_fn, _, frozen = ft.make_loss_fns(c, kind, w, 2.0, teacher)
+    loss_fn, _, frozen = make_loss_fns(c, kind, w, 2.0, teacher)
     loss, sums = nnx.jit(loss_fn)(student, batch, jax.random.key(0), frozen)  # dropout 0: deterministic
     real = batch["weights"] > 0
     zs = _forward(student, batch).astype(np.float64)[real]
@@ -261,20 +266,20 @@ def test_kd_moves_the_student_to_a_fixed_teacher():
     what the teacher predicts. Student and teacher start from the same encoder, their heads
     differ; each input is one distinct word (in the pooled first position) and [SEP]."""
     c, n = 3, 24
-    encoder = ft.encoder_of(_tiny(STUDENT, seed=1))
-    teacher, student = ft.Classifier(encoder, c, 7), ft.Classifier(ft.encoder_of(encoder), c, 8)
+    encoder = encoder_of(_tiny(STUDENT, seed=1))
+    teacher, student = Classifier(encoder, c, 7), Classifier(encoder_of(encoder), c, 8)
     rng = np.random.default_rng(0)
     ids = np.zeros((n, 8), np.int32)
     ids[:, 0], ids[:, 1] = rng.permutation(np.arange(5, VOCAB))[:n], 3
     data = {"inputs": ids, "mask": (ids != 0).astype(np.int32), "segment_ids": np.zeros_like(ids),
             "labels": rng.integers(0, c, n).astype(np.int32)}
     assert len(set(_forward(teacher, data).argmax(-1).tolist())) > 1
-    loss_fn, eval_fn, frozen = ft.make_loss_fns(c, "dist", 100.0, 1.0, teacher)
+    loss_fn, eval_fn, frozen = make_loss_fns(c, "dist", 100.0, 1.0, teacher)
     mesh = sharding.make_mesh(None)  # all 8 test devices: the KD step with a sharded batch and teacher
     tc = ConfigDict({"steps": 20, "lr": 1e-2, "warmup_frac": 0.1, "weight_decay": 0.01, "clip_norm": 1.0,
                      "seed": 0})
     trainer = train_lib.Trainer(student, loss_fn, eval_fn, tc, mesh, frozen=frozen)
-    src = ft.SentenceBatches(data, 16, 0)
+    src = SentenceBatches(data, 16, 0)
     state = trainer.init_state()
     before = train_lib.evaluate(trainer, state, src)
     kds = []
@@ -298,8 +303,8 @@ def test_finetune_stage_on_glue_with_dist_from_the_fine_tuned_teacher(tmp_path, 
     monkeypatch.setattr(sharding, "make_mesh", lambda cfg: make_mesh(cfg, devices=jax.devices()[:1]))
     wd = tmp_path / "wd"
     assert tok.vocab_size == VOCAB
-    export.save_model(wd / "teacher" / "model", _tiny(TEACHER, seed=1))
-    export.save_model(wd / "export" / "small", _tiny(STUDENT, seed=2))
+    save_model(wd / "teacher" / "model", _tiny(TEACHER, seed=1))
+    save_model(wd / "export" / "small", _tiny(STUDENT, seed=2))
     (wd / "export" / "result.json").write_text(json.dumps({"small": {"path": str(wd / "export" / "small")}}))
     cfg = load_config("configs/mlm.py:test")
     cfg.data.seq_len = SEQ
@@ -309,7 +314,7 @@ def test_finetune_stage_on_glue_with_dist_from_the_fine_tuned_teacher(tmp_path, 
         tc.update(steps=4, eval_every=4, checkpoint_every=4, log_every=2)
     validate(cfg, ["finetune"])
     data = types.SimpleNamespace(tokenizer=tok)
-    result = ft.run_finetune_stage(cfg, wd, data)
+    result = run_finetune_stage(cfg, wd, data)
     small, teacher = result["small"], result["teacher"]
     for entry in (small, teacher):
         assert entry["task"] == "glue/mrpc" and entry["metric_names"] == ["accuracy", "f1"]
@@ -322,19 +327,19 @@ def test_finetune_stage_on_glue_with_dist_from_the_fine_tuned_teacher(tmp_path, 
     for run in ("small_glue_mrpc_dist_run", "teacher_glue_mrpc_run"):
         assert (wd / "finetune" / run / "metrics.jsonl").is_file()
     # the cached teacher reproduces its reported metrics, computed here from its predictions
-    model = ft.load_classifier(wd / "finetune" / "teacher_glue_mrpc", 2)
-    enc = ft.encode_examples(tok, glue.read_glue_split(glue.GLUE_TASKS["mrpc"], "validation", glue_dir), SEQ)
+    model = load_classifier(wd / "finetune" / "teacher_glue_mrpc", 2)
+    enc = encode_examples(tok, glue.read_glue_split(glue.GLUE_TASKS["mrpc"], "validation", glue_dir), SEQ)
     pred = _forward(model, enc).argmax(-1)
     ref = _reference(enc["labels"], pred)
     assert teacher["test_metrics"] == pytest.approx({"accuracy": ref["accuracy"], "f1": ref["f1"]})
     assert json.loads((wd / "finetune" / "result.json").read_text()) == result
     # the fine-tuned teacher is cached: asked again, it is loaded, not trained
     capsys.readouterr()
-    task = ft.load_task(cfg, tok)
-    cached, entry = ft.fine_tuned_teacher(cfg, wd, task, sharding.make_mesh(cfg.mesh))
+    task = load_task(cfg, tok)
+    cached, entry = fine_tuned_teacher(cfg, wd, task, sharding.make_mesh(cfg.mesh))
     assert "teacher fine-tuned on glue/mrpc already" in capsys.readouterr().out and entry == teacher
     np.testing.assert_allclose(_forward(cached, enc), _forward(model, enc))
-    assert ft.run_finetune_stage(cfg, wd, data) == result  # complete: read back
+    assert run_finetune_stage(cfg, wd, data) == result  # complete: read back
     cfg.finetune.teacher_train.lr = 0.5  # a cache made with other settings is refused, not reused
     with pytest.raises(ValueError, match="other settings"):
-        ft.fine_tuned_teacher(cfg, wd, task, sharding.make_mesh(cfg.mesh))
+        fine_tuned_teacher(cfg, wd, task, sharding.make_mesh(cfg.mesh))

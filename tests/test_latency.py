@@ -21,8 +21,11 @@ import numpy as np
 import pytest
 
 from elm_jax import latency
-from elm_jax.arch import Arch, LayerChoice, SearchSpace
+from elm_jax.arch import Arch, LayerChoice
 from elm_jax.latency import LatencyTable
+from elm_jax.models.dense import dense_config
+from elm_jax.timing import device_fingerprint, measure, measure_model_ms
+from elm_jax.space import SearchSpace
 
 SEQ = 16
 
@@ -64,7 +67,7 @@ def hand_table(space: SearchSpace) -> LatencyTable:
     1000 * family index + w + h / 4."""
     blocks = {(f, w, h): 1000.0 * (f == "mobilebert") + w + h / 4
               for f, w, h in latency.expected_block_keys(space)}
-    return LatencyTable(device=latency.device_fingerprint(), space=latency.space_fields(space),
+    return LatencyTable(device=device_fingerprint(), space=latency.space_fields(space),
                         batch=1, seq_len=SEQ, embedding_ms=3.0, head_ms=5.0,
                         blocks_ms=blocks, overhead_ms=-0.5)
 
@@ -158,7 +161,7 @@ def test_measure_sleep_is_about_20ms():
             return v
         return jax.pure_callback(cb, jax.ShapeDtypeStruct(x.shape, x.dtype), x)
 
-    t = latency.measure(sleepy, (jnp.ones((4,), jnp.float32),), repeats=5, warmup=1)
+    t = measure(sleepy, (jnp.ones((4,), jnp.float32),), repeats=5, warmup=1)
     assert 0.010 <= t <= 0.030, t
 
 
@@ -186,5 +189,5 @@ def test_check_rows(built):
     s = latency.summarize(rows)
     assert s["n"] == 2 and s["max_rel_err"] >= s["mean_rel_err"] >= 0
     from elm_jax.models.dense import init_dense
-    model = init_dense(space.dense_config(archs[0], widths))
-    assert latency.measure_model_ms(model, 1, SEQ, repeats=3, warmup=1) > 0
+    model = init_dense(dense_config(space, archs[0], widths))
+    assert measure_model_ms(model, 1, SEQ, repeats=3, warmup=1) > 0

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 import toy_train as T
-from elm_jax import metrics as metrics_lib
-from elm_jax import sharding as shd
-from elm_jax import train
+from elm_jax.engine import metrics as metrics_lib
+from elm_jax.engine import sharding as shd
+from elm_jax import engine as train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, "tests", "toy_train.py")

@@ -16,7 +16,7 @@ from nbclient import NotebookClient
 import elm_jax
 from elm_jax import config as config_lib
 from elm_jax.models.dense import init_dense
-from elm_jax.teacher import dense_config_from
+from elm_jax.lm import dense_config_from
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOK = REPO / "notebooks" / "quickstart.ipynb"

@@ -13,10 +13,10 @@ import pytest
 from flax import nnx
 from ml_collections import ConfigDict
 
-from elm_jax.arch import SearchSpace
 from elm_jax.models.dense import DenseConfig, DenseLM, BlockSpec
 from elm_jax.models.elastic import init_supernet
 from elm_jax.precision import compute_dtype, with_compute_dtype
+from elm_jax.space import SearchSpace
 
 VOCAB, SEQ = 61, 10
 

@@ -14,21 +14,18 @@ import pytest
 from flax import nnx
 from ml_collections import ConfigDict
 
-from elm_jax import sharding
-from elm_jax.arch import Arch, LayerChoice, SearchSpace, count_flops, count_params
+from elm_jax.engine import sharding
+from elm_jax.arch import Arch, LayerChoice
+from elm_jax.accounting import count_flops, count_params
 from elm_jax.models.elastic import init_supernet
-from elm_jax.search import (
-    Constraints,
-    PopulationScorer,
-    ScoreCache,
-    SearchError,
-    check_feasible,
-    evolutionary_search,
-    pareto_front,
-    plot_pareto,
-    reachable_ranges,
-    run_search_stage,
-)
+from elm_jax.search.constraints import Constraints, SearchError, check_feasible
+from elm_jax.search.scoring import PopulationScorer
+from elm_jax.search.evolution import ScoreCache, evolutionary_search
+from elm_jax.search.pareto import pareto_front
+from elm_jax.search.pareto import plot_pareto
+from elm_jax.accounting import reachable_ranges
+from elm_jax.stages.search import run as run_search_stage
+from elm_jax.space import SearchSpace
 
 VOCAB, SEQ, CAPACITY = 97, 12, 8
 
@@ -340,7 +337,8 @@ def test_plot_pareto_writes_a_png(tmp_path):
 def test_search_stage_end_to_end(tmp_path, capsys):
     from elm_jax.config import load_config
     from elm_jax.data.prepare import prepare_data
-    from elm_jax.supernet import save_supernet, space_of
+    from elm_jax.models.io import save_supernet
+    from elm_jax.stages.supernet import space_of
 
     cfg = load_config("configs/mlm.py:test")
     data = prepare_data(cfg)

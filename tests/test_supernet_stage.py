@@ -5,13 +5,16 @@ import json
 import numpy as np
 import pytest
 
-from elm_jax import supernet as supernet_lib
+
 from elm_jax.config import load_config
 from elm_jax.data.prepare import prepare_data
 from elm_jax.dynamic import PCAAccumulator
-from elm_jax.models.elastic import extract
-from elm_jax.supernet import SupernetHooks, load_supernet, run_supernet_stage
-from elm_jax.teacher import run_teacher_stage
+from elm_jax.models.extract import extract
+from elm_jax.stages.supernet import SupernetHooks
+from elm_jax.models.io import load_supernet
+from elm_jax.stages.supernet import run as run_supernet_stage
+from elm_jax.stages.teacher import run as run_teacher_stage
+from elm_jax.models.io import flat_params as _flat
 
 
 @pytest.fixture(scope="module")
@@ -115,8 +118,8 @@ def test_killed_run_resumes_to_the_same_supernet(uninterrupted, cfg, data, teach
     result_b = run_supernet_stage(cfg, wd, data)  # resumes from the step-6 checkpoint
     assert result_b["train"]["resumed_from"] == 6
     assert result_b["widths"] == result_a["widths"] and result_b["growth"] == result_a["growth"]
-    a = supernet_lib._flat(load_supernet(wd_a / "supernet" / "final")[0])
-    b = supernet_lib._flat(load_supernet(wd / "supernet" / "final")[0])
+    a = _flat(load_supernet(wd_a / "supernet" / "final")[0])
+    b = _flat(load_supernet(wd / "supernet" / "final")[0])
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)

@@ -7,14 +7,16 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
-from elm_jax import export, sharding
+from elm_jax.engine import sharding
 from elm_jax.config import ConfigError, load_config
 from elm_jax.data.prepare import prepare_data
 from elm_jax.data.tokenizer import WordPieceTokenizer
 from elm_jax.models.dense import init_dense
 from elm_jax.models.hf import load_hf_bert
-from elm_jax.teacher import dense_config_from, evaluate_lm, load_teacher, run_teacher_stage
+from elm_jax.lm import dense_config_from, evaluate_lm, load_teacher
+from elm_jax.stages.teacher import run as run_teacher_stage
 from test_hf_loaders import minilm_dir
+from elm_jax.models.io import PARAMS_FILE, load_model, save_model
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +54,10 @@ def test_trained_teacher_beats_its_initialisation(trained, mlm_cfg, mlm_data):
 
 def test_complete_stage_is_reused(trained, mlm_cfg, mlm_data):
     wd, summary = trained
-    mtime = (wd / "teacher" / "model" / export.PARAMS_FILE).stat().st_mtime_ns
+    mtime = (wd / "teacher" / "model" / PARAMS_FILE).stat().st_mtime_ns
     again = run_teacher_stage(mlm_cfg, wd, mlm_data)
     assert again == json.loads(json.dumps(summary))
-    assert (wd / "teacher" / "model" / export.PARAMS_FILE).stat().st_mtime_ns == mtime
+    assert (wd / "teacher" / "model" / PARAMS_FILE).stat().st_mtime_ns == mtime
 
 
 def test_checkpoint_source_loads_a_saved_teacher(trained, mlm_cfg, mlm_data, tmp_path):
@@ -69,13 +71,13 @@ def test_checkpoint_source_loads_a_saved_teacher(trained, mlm_cfg, mlm_data, tmp
 def test_model_dir_round_trip_is_exact(trained, tmp_path):
     wd, _ = trained
     model = load_teacher(wd)
-    export.save_model(tmp_path / "m", model, {"x": 1})
-    back, meta = export.load_model(tmp_path / "m")
+    save_model(tmp_path / "m", model, {"x": 1})
+    back, meta = load_model(tmp_path / "m")
     ids = np.arange(2 * 16).reshape(2, 16) % model.cfg.vocab_size
     a, b = model(ids).logits, back(ids).logits
     assert meta == {"x": 1} and np.array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(FileNotFoundError, match="not an elm-jax model directory"):
-        export.load_model(tmp_path)
+        load_model(tmp_path)
 
 
 def test_vocabulary_mismatch_is_a_clear_error(mlm_data, tmp_path):

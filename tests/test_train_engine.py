@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 import toy_train as T
-from elm_jax import checkpoint as ckpt_lib
-from elm_jax import metrics as metrics_lib
-from elm_jax import sharding as shd
-from elm_jax import train
+from elm_jax.engine import checkpoint as ckpt_lib
+from elm_jax.engine import metrics as metrics_lib
+from elm_jax.engine import sharding as shd
+from elm_jax import engine as train
 
 STEPS = 12
 

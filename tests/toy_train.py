@@ -185,7 +185,8 @@ def _worker(argv: list[str]) -> None:
         )
     )
     import jax  # pylint: disable=import-outside-toplevel
-    from elm_jax import sharding, train  # pylint: disable=import-outside-toplevel
+    from elm_jax.engine import sharding
+    from elm_jax import engine as train
 
     assert jax.process_count() == a.num_processes, jax.process_count()
     mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=2)))

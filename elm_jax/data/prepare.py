@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from elm_jax.data import corpus as corpus_lib
-from elm_jax.data import pipeline, tfds_text, tokenizer as tok_lib
+from elm_jax.data import pipeline, tfds_text
+from elm_jax.data import tokenizer as tok_lib
 from elm_jax.data.corpus import DataError, Document
 from elm_jax.fileio import atomic_write_bytes, atomic_write_json
 

@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from elm_jax.arch import FAMILY_INDEX, ArchError
 from elm_jax.models.layers import (
     FFN,
     Attention,
@@ -473,3 +474,32 @@ __all__ = [
     "GPT2Block", "MobileBertBlock", "MLMHead", "CLMHead", "init_dense", "count_params",
     "FAMILIES", "FAMILY_ACT",
 ]
+
+
+# DenseConfig fields that dense_config() lets callers override: none of them changes the
+# parameter tree or the FLOPs, so the accounting stays exact.
+_DENSE_OVERRIDES = ("dropout", "dtype", "ln_eps", "hidden_act")
+
+
+def dense_config(space: Any, arch: Any, widths: Any, **overrides: Any) -> DenseConfig:
+    """The :class:`DenseConfig` of ``arch``'s standalone model (what ``models.extract.extract``
+    produces), for an :class:`~elm_jax.space.SearchSpace` ``space``:
+    only the active layers, in order, each ``BlockSpec(family, widths[l, fam, cand],
+    heads)``; factorised embedding of size E, no final norm, head = task, causal for
+    'clm'. ``overrides`` may set ``dropout``, ``dtype``, ``ln_eps`` or ``hidden_act``
+    (fields that change neither the parameter tree nor the FLOPs)."""
+    space.validate(arch)
+    w = space.validate_widths(widths)
+    bad = sorted(set(overrides) - set(_DENSE_OVERRIDES))
+    if bad:
+        raise ArchError(f"dense_config cannot override {bad}; allowed: {_DENSE_OVERRIDES}")
+    blocks = tuple(
+        BlockSpec(lc.family, int(w[l, FAMILY_INDEX[lc.family], lc.candidate]), lc.heads)
+        for l, lc in enumerate(arch.layers) if lc.active
+    )
+    return DenseConfig(
+        vocab_size=space.vocab_size, hidden=space.hidden, inner=space.inner,
+        blocks=blocks, max_len=space.max_len, embedding="factorized",
+        embed_size=space.embed_size, type_vocab_size=space.type_vocab_size,
+        causal=space.task == "clm", head=space.task, final_norm=False, **overrides,
+    )

@@ -28,13 +28,13 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx, struct
 
-from elm_jax.arch import FAMILY_INDEX, Arch, ArchArrays, SearchSpace, family_branch
+from elm_jax.arch import FAMILY_INDEX, ArchArrays, family_branch
 from elm_jax.models import layers
-from elm_jax.models.dense import CLMHead, DenseConfig, DenseLM, FAMILY_ACT, MLMHead
-from elm_jax.models.layers import FactorizedEmbedding, MASK_VALUE
+from elm_jax.models.dense import FAMILY_ACT, CLMHead, MLMHead, dense_config
+from elm_jax.models.layers import MASK_VALUE, FactorizedEmbedding
+from elm_jax.space import SearchSpace
 
 # Per-family parameters of one candidate: dense path -> (shape symbols, init, FFN axis or None).
 # Symbols: H hidden, I inner, F the family's maximum FFN width. The dense path names are those of
@@ -192,14 +192,14 @@ class Supernet(nnx.Module):
 
     ``template`` is the DenseConfig whose embedding / head settings (ln_eps, dtype, heads'
     activation) the supernet shares with every extracted model; it defaults to
-    ``space.dense_config(space.largest(), space.initial_widths())``.
+    ``dense_config(space, space.largest(), space.initial_widths())``.
     """
 
     def __init__(self, space: SearchSpace, *, rngs: nnx.Rngs, dtype: Any = jnp.float32,
                  ln_eps: float = 1e-12, remat: bool = False):
         self.space = space
         self.remat = remat  # recompute each layer in the backward pass (activation memory ~ 1 layer)
-        self.template = space.dense_config(space.largest(), space.initial_widths(),
+        self.template = dense_config(space, space.largest(), space.initial_widths(),
                                            dtype=dtype, ln_eps=ln_eps)
         t = self.template
         self.embed = FactorizedEmbedding(t.vocab_size, t.embed_size, t.hidden, t.max_len,
@@ -273,44 +273,6 @@ class Supernet(nnx.Module):
 
 def init_supernet(space: SearchSpace, seed: int = 0, **kw) -> Supernet:
     return Supernet(space, rngs=nnx.Rngs(params=seed), **kw)
-
-
-def extract_flat(supernet: Supernet, widths: Any, arch: Arch) -> tuple[DenseConfig, dict[str, np.ndarray]]:
-    """The dense config and ``{dotted.path: array}`` parameters of ``arch``'s standalone model.
-
-    Embedding and head are copied; each active layer takes its family's chosen candidate,
-    FFN tensors sliced to the candidate's current width; the head count only changes how the
-    dense model splits the same Q/K/V columns (contiguous groups), so no tensor changes for it.
-    """
-    space = supernet.space
-    space.validate(arch)
-    widths = space.validate_widths(widths)
-    cfg = space.dense_config(arch, widths, dtype=supernet.template.dtype, ln_eps=supernet.template.ln_eps)
-    flat: dict[str, np.ndarray] = {}
-    for mod in ("embed", "head"):
-        for path, v in nnx.to_flat_state(nnx.state(getattr(supernet, mod), nnx.Param)):
-            flat[".".join([mod, *map(str, path)])] = np.asarray(v[...])
-    i = 0
-    for l, choice in enumerate(arch.layers):
-        if not choice.active:
-            continue
-        width = int(widths[l, FAMILY_INDEX[choice.family], choice.candidate])
-        cand = supernet.blocks[choice.family].p
-        for path, (_, _, ffn_axis) in FAMILY_PARAMS[choice.family].items():
-            w = np.asarray(cand[_pkey(path)][...][l, choice.candidate])
-            if ffn_axis is not None:
-                w = np.take(w, np.arange(width), axis=ffn_axis)
-            flat[f"blocks.{i}.{path}"] = w
-        i += 1
-    return cfg, flat
-
-
-def extract(supernet: Supernet, widths: Any, arch: Arch) -> DenseLM:
-    """The standalone :class:`DenseLM` of ``arch`` with the supernet's inherited weights."""
-    from elm_jax.export import model_from_flat
-
-    cfg, flat = extract_flat(supernet, widths, arch)
-    return model_from_flat(cfg, flat)
 
 
 def block_discrimination(net: Supernet, embedding: jax.Array, block_outs_L: jax.Array,

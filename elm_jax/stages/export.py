@@ -16,131 +16,43 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import jax
-import numpy as np
-from flax import nnx
-from safetensors.numpy import load_file, save_file
 
-from elm_jax.fileio import atomic_directory, atomic_write_json
-from elm_jax.models.dense import DenseConfig, DenseLM, empty_model
-
-CONFIG_FILE = "config.json"
-PARAMS_FILE = "model.safetensors"
-
-
-def flat_params(model: DenseLM) -> dict[str, np.ndarray]:
-    """``{dotted.path: array}`` of every parameter of ``model``."""
-    state = nnx.state(model, nnx.Param)
-    return {".".join(map(str, k)): np.asarray(jax.device_get(v.get_value()))
-            for k, v in nnx.to_flat_state(state)}
-
-
-def write_model_files(directory: str | os.PathLike, model: DenseLM,
-                      meta: dict[str, Any] | None = None) -> None:
-    """Writes ``config.json`` and ``model.safetensors`` of ``model`` into ``directory``."""
-    d = Path(directory)
-    save_file(flat_params(model), os.fspath(d / PARAMS_FILE))
-    cfg = {"dense_config": model.cfg.to_dict(), "meta": meta or {}}
-    (d / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-
-
-def save_model(path: str | os.PathLike, model: DenseLM, meta: dict[str, Any] | None = None,
-               extra: Callable[[Path], None] | None = None) -> Path:
-    """Writes ``model`` (config + parameters) atomically to the directory ``path``.
-
-    ``extra(tmp_dir)`` may add more files (arch.json, orbax params, the tokenizer) before the
-    directory is renamed into place, so a model directory that exists is always complete.
-    """
-    path = Path(path)
-    with atomic_directory(path) as tmp:
-        write_model_files(tmp, model, meta)
-        if extra is not None:
-            extra(tmp)
-    return path
-
-
-def is_model_dir(path: str | os.PathLike) -> bool:
-    p = Path(path)
-    return (p / CONFIG_FILE).is_file() and (p / PARAMS_FILE).is_file()
-
-
-def load_model(path: str | os.PathLike) -> tuple[DenseLM, dict[str, Any]]:
-    """The DenseLM saved in ``path`` and its metadata; clear errors for a bad directory."""
-    p = Path(path)
-    if not is_model_dir(p):
-        raise FileNotFoundError(
-            f"{p} is not an elm-jax model directory (it needs {CONFIG_FILE} and {PARAMS_FILE})")
-    info = json.loads((p / CONFIG_FILE).read_text())
-    cfg = DenseConfig.from_dict(info["dense_config"])
-    return model_from_flat(cfg, load_file(os.fspath(p / PARAMS_FILE)), where=str(p / PARAMS_FILE)), info.get("meta", {})
-
-
-def model_from_flat(cfg: DenseConfig, tensors: dict[str, np.ndarray], where: str = "parameters") -> DenseLM:
-    """A DenseLM of ``cfg`` holding ``tensors`` (``{dotted.path: array}``, every parameter, exact
-    shapes); extra or missing names are errors."""
-    model = empty_model(cfg)
-    state = nnx.state(model, nnx.Param)
-    flat = {".".join(map(str, k)): v for k, v in nnx.to_flat_state(state)}
-    missing = sorted(set(flat) - set(tensors))
-    extra = sorted(set(tensors) - set(flat))
-    if missing or extra:
-        raise ValueError(f"{where}: missing parameters {missing[:5]}, unexpected {extra[:5]}")
-    for k, var in flat.items():
-        want = tuple(var.get_value().shape)
-        if tuple(tensors[k].shape) != want:
-            raise ValueError(f"{where}: {k} has shape {tuple(tensors[k].shape)}, expected {want}")
-        var.set_value(jax.numpy.asarray(tensors[k], jax.numpy.float32))
-    nnx.update(model, state)
-    return model
-
+from elm_jax.distributed import is_main_process
+from elm_jax.accounting import count_flops, count_params
+from elm_jax.dynamic import cka_head_counts
+from elm_jax.fileio import atomic_write_json
+from elm_jax.models.extract import with_heads
+from elm_jax.models.io import flat_params, is_model_dir, save_model, save_orbax_params
 
 # ---------------------------------------------------------------------------------------------
 # The export stage
 
 
-def cka_head_counts(model: DenseLM, batches: list[dict], threshold: float = 0.9,
-                    allowed: tuple[int, ...] | None = None) -> list[dict]:
-    """DESIGN §1.3 on a dense model: per layer, linear CKA between its heads' contexts over the
-    given batches' examples; heads ``k > j`` with ``CKA(j, k) > threshold`` are redundant and the
-    new head count is the number of non-redundant heads reduced to a divisor of the width."""
-    from elm_jax.dynamic import head_cka_matrix, mean_offdiag_cka, reduced_head_count
-
-    ctxs = [model(b["inputs"], b["mask"], b["segment_ids"], return_internals=True).head_ctx
-            for b in batches]
-    out = []
-    for i, spec in enumerate(model.cfg.blocks):
-        ctx = jax.numpy.concatenate([c[i] for c in ctxs])  # [N, S, heads, d]
-        mask = jax.numpy.concatenate([jax.numpy.asarray(b["mask"]) for b in batches])
-        ctx = ctx.reshape(*ctx.shape[:2], -1)
-        cka = np.asarray(head_cka_matrix(ctx, spec.heads, mask))
-        width = model.cfg.hidden if spec.family != "mobilebert" else model.cfg.inner
-        new = reduced_head_count(cka, width, threshold, allowed)
-        out.append({"layer": i, "heads": spec.heads, "new_heads": min(new, spec.heads),
-                    "mean_offdiag_cka": mean_offdiag_cka(cka)})
-    return out
-
-
-def with_heads(model: DenseLM, heads: list[int]) -> DenseLM:
-    """The same parameters re-split into ``heads[i]`` heads per layer (no tensor changes)."""
-    import dataclasses
-
-    blocks = tuple(dataclasses.replace(b, heads=h) for b, h in zip(model.cfg.blocks, heads))
-    return model_from_flat(dataclasses.replace(model.cfg, blocks=blocks), flat_params(model))
-
-
-def uniform_baseline(space, widths, family: str, budget: dict, seq_len: int):
+def uniform_baseline(space, widths, family: str, budget: dict, seq_len: int, latency_fn=None,
+                     name: str | None = None):
     """The hand-designed baseline of a budget: every active layer the same ``family`` block
     (same candidate, all base heads), the largest such model (most parameters) that satisfies
-    the budget's parameter and FLOPs bounds; ``None`` when none does. Depth is the first ``n``
-    layers active; all ``(candidate, n)`` combinations are tried."""
+    the budget (:class:`~elm_jax.search.constraints.Constraints`, the search's own reading of
+    it); ``None`` when none does. Depth is the first ``n`` layers active; all
+    ``(candidate, n)`` combinations are tried.
+
+    ``budget`` is a ``cfg.search.budgets`` entry; ``{}`` (a budget no longer in the config) is
+    unconstrained, named ``name`` (default ``uniform_<family>``). Latency bounds are IGNORED
+    when no ``latency_fn`` is given (the export stage gives none today: baselines are chosen by
+    parameters and FLOPs only); with ``latency_fn`` they are enforced like every other bound."""
     from elm_jax import arch as arch_lib
+    from elm_jax.search.constraints import Constraints
 
     if family not in space.families:
         return None
+    budget = dict(budget)
+    budget.setdefault("name", name or f"uniform_{family}")
+    if latency_fn is None:  # explicitly: no latency table, so latency bounds cannot be tested
+        budget = {k: v for k, v in budget.items() if not k.endswith("latency_ms")}
+    constraints = Constraints.from_budget(budget, space, widths, seq_len, latency_fn=latency_fn)
     best = None
     lo = space.min_layers if space.elastic_depth else space.layers
     for n in range(lo, space.layers + 1):
@@ -148,21 +60,11 @@ def uniform_baseline(space, widths, family: str, budget: dict, seq_len: int):
             layers = tuple(arch_lib.LayerChoice(family, j, space.base_heads, l < n)
                            for l in range(space.layers))
             a = space.validate(arch_lib.Arch(layers))
-            p = arch_lib.count_params(space, a, widths)
-            f = arch_lib.count_flops(space, a, widths, seq_len)
-            ok = all(budget.get(f"max_{k}", float("inf")) >= v and budget.get(f"min_{k}", 0) <= v
-                     for k, v in (("params", p), ("flops", f)))
-            if ok and (best is None or p > best[0]):
-                best = (p, a)
+            if constraints.ok(a):
+                p = constraints.measures(a)["params"]
+                if best is None or p > best[0]:
+                    best = (p, a)
     return None if best is None else best[1]
-
-
-def save_orbax_params(path: str | os.PathLike, model: DenseLM) -> None:
-    """The parameters as an orbax checkpoint (``path``), next to the safetensors copy."""
-    import orbax.checkpoint as ocp
-
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.abspath(path), flat_params(model))
 
 
 def _reusable(out: Path, arch_id: str, kind: str) -> dict[str, Any] | None:
@@ -178,7 +80,7 @@ def _reusable(out: Path, arch_id: str, kind: str) -> dict[str, Any] | None:
     return None
 
 
-def run_export_stage(cfg, workdir: str | os.PathLike, data) -> dict[str, Any]:
+def run(cfg, workdir: str | os.PathLike, data) -> dict[str, Any]:
     """Each budget's best architecture from the search -> a standalone model directory
     ``WORKDIR/export/<budget>/`` (config.json, model.safetensors, orbax/, arch.json,
     tokenizer), with the CKA head module applied when ``export.cka_heads``.
@@ -188,7 +90,7 @@ def run_export_stage(cfg, workdir: str | os.PathLike, data) -> dict[str, Any]:
     ones, and ``export/result.json`` (written last) marks the stage complete."""
     from elm_jax import arch as arch_lib
     from elm_jax import preemption
-    from elm_jax.supernet import load_supernet
+    from elm_jax.models.io import load_supernet
 
     root = Path(workdir) / "export"
     done_path = root / "result.json"
@@ -210,7 +112,7 @@ def run_export_stage(cfg, workdir: str | os.PathLike, data) -> dict[str, Any]:
             base = uniform_baseline(space, widths, fam, dict(budget), cfg.data.seq_len)
             if base is not None:
                 candidates.append((f"{name}_uniform_{fam}", name, base, f"uniform {fam}"))
-    main = jax.process_index() == 0
+    main = is_main_process()
     result = {}
     for i, (out_name, name, arch, kind) in enumerate(candidates):
         if preemption.agreed():
@@ -235,8 +137,7 @@ def _export_one(cfg, data, net, widths, batches, search, out: Path, name: str, a
                 main: bool) -> dict[str, Any]:
     """Extracts ``arch`` (CKA heads for a found model), measures it and writes its model
     directory atomically; returns its arch.json record."""
-    from elm_jax import arch as arch_lib
-    from elm_jax.models.elastic import extract
+    from elm_jax.models.extract import extract
 
     space = net.space
     entry = search["budgets"][name] if kind == "found" else {}
@@ -248,7 +149,7 @@ def _export_one(cfg, data, net, widths, batches, search, out: Path, name: str, a
         model = with_heads(model, [r["new_heads"] for r in heads_report])
     measured = None
     if cfg.export.measure_latency:
-        from elm_jax.latency import measure_model_ms
+        from elm_jax.timing import measure_model_ms
 
         lc = cfg.latency
         measured = measure_model_ms(model, lc.batch, lc.seq_len or cfg.data.seq_len, lc.repeats, lc.warmup)
@@ -258,8 +159,8 @@ def _export_one(cfg, data, net, widths, batches, search, out: Path, name: str, a
         "widths": [b.ffn for b in model.cfg.blocks],
         "heads": [b.heads for b in model.cfg.blocks],
         "cka_heads": heads_report,
-        "params": arch_lib.count_params(space, arch, widths),
-        "flops": arch_lib.count_flops(space, arch, widths, cfg.data.seq_len),
+        "params": count_params(space, arch, widths),
+        "flops": count_flops(space, arch, widths, cfg.data.seq_len),
         "predicted_latency_ms": entry.get("latency_ms"),
         "measured_latency_ms": measured,
         "search_score": entry.get("score"),

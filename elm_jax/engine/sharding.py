@@ -12,11 +12,13 @@ reduce-scatters. State shardings are derived from an *abstract* state
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES: tuple[str, str] = ("data", "fsdp")
 BATCH_AXES: tuple[str, str] = ("data", "fsdp")
@@ -137,3 +139,22 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str,
             )
         out[k] = jax.make_array_from_process_local_data(sharding, v)
     return out
+
+
+def sharded_sums(mesh: Mesh, sums_fn: Callable[..., dict]) -> Callable:
+    """``(model, batch, *frozen) -> sums``: ``sums_fn`` per device under ``shard_map``, summed
+    over devices. ``frozen`` pytrees (a teacher's weights) are passed whole to every device."""
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+
+    def run(model: nnx.Module, batch: dict, *frozen: Any) -> dict:
+        graphdef, state = nnx.split(model)
+
+        def per_device(state, batch, *frozen):
+            sums = sums_fn(nnx.merge(graphdef, state), batch, *frozen)
+            return jax.tree.map(lambda v: jax.lax.psum(v, axes), sums)
+
+        specs = (P(), P(axes)) + (P(),) * len(frozen)
+        return jax.shard_map(per_device, mesh=mesh, in_specs=specs, out_specs=P(),
+                             check_vma=False)(state, batch, *frozen)
+
+    return run

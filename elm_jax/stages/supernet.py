@@ -29,72 +29,32 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
-from ml_collections import ConfigDict
-from safetensors.numpy import load_file, save_file
 
+from elm_jax.distributed import is_main_process
 from elm_jax import arch as arch_lib
-from elm_jax import sharding
-from elm_jax import train as train_lib
-from elm_jax.arch import SearchSpace
+from elm_jax import engine as train_lib
+from elm_jax.accounting import count_params
 from elm_jax.config import ConfigError
+from elm_jax.data.arch_batches import ArchBatches, FixedArchBatches, local_arch
 from elm_jax.data.prepare import DataBundle
-from elm_jax.distill import init_projections, supernet_distill_loss
 from elm_jax.dynamic import PCAAccumulator, grow_widths, layer_head_cka, layer_pca_stats
+from elm_jax.engine import sharding
+from elm_jax.engine.sharding import BATCH_AXES
 from elm_jax.fileio import atomic_write_json
-from elm_jax.losses import weighted_cross_entropy
+from elm_jax.lm import load_teacher
 from elm_jax.models.dense import DenseLM
-from elm_jax.models.elastic import Supernet, block_discrimination
-from elm_jax.precision import compute_dtype, with_compute_dtype
-from elm_jax.supernet_steps import BATCH_AXES, ArchBatches, FixedArchBatches, local_arch, sharded_sums
-from elm_jax.teacher import load_teacher
-
-
-class Student(nnx.Module):
-    """The supernet plus the learned distillation projections to the teacher width."""
-
-    def __init__(self, space: SearchSpace, teacher_hidden: int, seed: int, *,
-                 dtype: Any = jnp.float32, remat: bool = False):
-        self.net = Supernet(space, rngs=nnx.Rngs(params=seed), dtype=dtype, remat=remat)
-        proj = init_projections(jax.random.key(seed + 1), space.hidden, space.inner, teacher_hidden,
-                                space.families)
-        self.proj = nnx.Dict({name: nnx.Dict({k: nnx.Param(v) for k, v in d.items()})
-                              for name, d in proj.items()})
-
-    def projections(self) -> dict[str, dict[str, jax.Array]]:
-        return {name: {k: v[...] for k, v in d.items()} for name, d in self.proj.items()}
+from elm_jax.models.elastic import block_discrimination
+from elm_jax.models.io import save_supernet
+from elm_jax.students import supernet_trainer
+from elm_jax.space import SearchSpace
 
 
 def space_of(cfg, vocab_size: int) -> SearchSpace:
     return SearchSpace.from_config(cfg.space, vocab_size=vocab_size, max_len=cfg.data.seq_len,
                                    task=cfg.task)
-
-
-def distill_sums_fn(teacher_graphdef: Any, teacher_rest: Any, kind: str):
-    """Per-device sums of the supernet objective for the rows' architecture."""
-
-    def sums(student: Student, batch: dict, teacher_params: Any) -> dict:
-        teacher = nnx.merge(teacher_graphdef, teacher_params, teacher_rest)
-        t = teacher(batch["inputs"], batch["mask"], batch["segment_ids"])
-        t_emb, t_attn, t_block = jax.tree.map(jax.lax.stop_gradient, (t.embedding, t.attn_outs, t.block_outs))
-        arch = local_arch(batch)
-        out = student.net(batch["inputs"], arch, batch["mask"], batch["segment_ids"])
-        kd, parts = supernet_distill_loss(out, t_emb, t_attn, t_block, arch, batch["mask"],
-                                          student.projections(), kind)
-        ce = weighted_cross_entropy(out.logits, batch["targets"], batch["weights"])
-        # kd_* are per-device means (summed over devices, divided by kd_count); not named
-        # *_sum so the engine does not divide them by the token weight.
-        return ce | {"kd_total": kd, "kd_count": jnp.ones((), jnp.float32),
-                     **{f"kd_{k}_total": v for k, v in parts.items()}}
-
-    return sums
-
-
-def _kd_mean(s: Mapping[str, jax.Array]) -> jax.Array:
-    return s["kd_total"] / jnp.maximum(s["kd_count"], 1.0)
 
 
 class SupernetHooks:
@@ -103,6 +63,7 @@ class SupernetHooks:
     def __init__(self, cfg, space: SearchSpace, trainer: train_lib.Trainer, epoch_steps: int):
         self.cfg, self.space, self.trainer, self.epoch_steps = cfg, space, trainer, epoch_steps
         self.widths = space.initial_widths()
+        self.sources: list[Any] = []  # batch sources whose ``widths`` follow this state
         self.acc = PCAAccumulator(space.layers, space.candidates)
         self.history: list[dict] = []
         self.discrimination: list[float] | None = None  # latest block discrimination per layer
@@ -148,9 +109,15 @@ class SupernetHooks:
         if sc.grow and done % self.epoch_steps == 0:
             self.grow(done, writer)
 
+    def set_widths(self, widths: np.ndarray) -> None:
+        """The new widths state, pushed to every batch source in :attr:`sources`."""
+        self.widths = widths
+        for src in self.sources:
+            src.widths = widths
+
     def mean_params(self) -> float:
         rng = np.random.default_rng(12345)
-        return float(np.mean([arch_lib.count_params(self.space, self.space.sample(rng), self.widths)
+        return float(np.mean([count_params(self.space, self.space.sample(rng), self.widths)
                               for _ in range(1000)]))
 
     def grow(self, done: int, writer) -> None:
@@ -162,7 +129,7 @@ class SupernetHooks:
         event = {"step": done, "grown": [list(map(int, g)) for g in grown],
                  "mean_k": np.nan_to_num(self.acc.mean(), nan=-1.0).round(3).tolist()}
         self.history.append(event)
-        self.widths = new
+        self.set_widths(new)
         self.acc.reset()
         writer.write_scalars(done, {"widths/total": float(new.sum()), "widths/grown": float(len(grown))})
 
@@ -175,75 +142,13 @@ class SupernetHooks:
     def on_restore(self, meta: Mapping[str, Any]) -> None:
         if not meta:
             return
-        self.widths = self.space.validate_widths(np.asarray(meta["widths"], np.int32))
+        self.set_widths(self.space.validate_widths(np.asarray(meta["widths"], np.int32)))
         self.history = list(meta["history"])
         self.discrimination = meta.get("discrimination")
         self.acc = PCAAccumulator.from_state_dict({k: np.asarray(v) for k, v in meta["acc"].items()})
 
 
-def _flat(module: nnx.Module) -> dict[str, np.ndarray]:
-    return {".".join(map(str, k)): np.asarray(v.get_value())
-            for k, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
-
-
-def save_supernet(path: Path, net: Supernet, widths: np.ndarray, history: list) -> None:
-    """``path/supernet.safetensors`` and ``path/widths.json`` (space, widths, growth history)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_file(_flat(net), os.fspath(tmp / "supernet.safetensors"))
-    atomic_write_json(tmp / "widths.json", {"space": dataclasses.asdict(net.space),
-                                            "widths": np.asarray(widths).tolist(), "history": history})
-    if path.exists():
-        import shutil
-
-        shutil.rmtree(path)
-    os.replace(tmp, path)
-
-
-def load_supernet(path: str | os.PathLike) -> tuple[Supernet, np.ndarray, dict]:
-    """The trained supernet, its widths and the widths.json record of a supernet directory."""
-    p = Path(path)
-    info = json.loads((p / "widths.json").read_text())
-    space_d = dict(info["space"])
-    space_d = {k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
-               for k, v in space_d.items()}
-    space = SearchSpace(**space_d)
-    net = nnx.eval_shape(lambda: Supernet(space, rngs=nnx.Rngs(0)))
-    state = nnx.state(net, nnx.Param)
-    tensors = load_file(os.fspath(p / "supernet.safetensors"))
-    for k, var in nnx.to_flat_state(state):
-        var.set_value(jnp.asarray(tensors[".".join(map(str, k))]))
-    nnx.update(net, state)
-    return net, space.validate_widths(np.asarray(info["widths"], np.int32)), info
-
-
-def supernet_trainer(cfg, space: SearchSpace, teacher: DenseLM, mesh) -> train_lib.Trainer:
-    """The supernet stage's engine: a ``Student`` (supernet + KD projections) trained with
-    ``D(teacher, student)`` summed over embedding / attention / block features (plus
-    ``gt_weight`` x the MLM/CLM loss), the teacher's weights passed frozen to one compiled step.
-    Used by the stage and by the benchmarks, so both time the same step."""
-    sc = cfg.supernet
-    dtype = compute_dtype(cfg)
-    if teacher.cfg.dtype != dtype:  # same weights, computing in the run's precision
-        teacher = with_compute_dtype(teacher, dtype)
-    t_graphdef, t_params, t_rest = nnx.split(teacher, nnx.Param, ...)
-    sums = sharded_sums(mesh, distill_sums_fn(t_graphdef, t_rest, sc.kd_loss))
-    gt = float(sc.gt_weight)
-
-    def loss_fn(model, batch, rng, frozen):
-        del rng
-        s = sums(model, batch, frozen)
-        return _kd_mean(s) + gt * s["loss_sum"] / jnp.maximum(s["weight_sum"], 1.0), s
-
-    def eval_fn(model, batch, frozen):
-        return sums(model, batch, frozen)
-
-    student = Student(space, teacher.cfg.hidden, cfg.seed, dtype=dtype, remat=bool(sc.get("remat", False)))
-    tc = ConfigDict(sc.train.to_dict() | {"seed": cfg.seed})
-    return train_lib.Trainer(student, loss_fn, eval_fn, tc, mesh, frozen=t_params)
-
-
-def run_supernet_stage(cfg, workdir: str | os.PathLike, data: DataBundle) -> dict[str, Any]:
+def run(cfg, workdir: str | os.PathLike, data: DataBundle) -> dict[str, Any]:
     """Trains the supernet (resuming when a checkpoint exists) and writes its final weights."""
     out = Path(workdir) / "supernet"
     final = out / "final"
@@ -263,9 +168,10 @@ def run_supernet_stage(cfg, workdir: str | os.PathLike, data: DataBundle) -> dic
     tc = trainer.tc
     epoch_steps = int(sc.epoch_steps) or max(1, int(round(data.train.steps_per_epoch)))
     hooks = SupernetHooks(cfg, space, trainer, epoch_steps)
-    train_src = ArchBatches(data.train, space, lambda: hooks.widths, mode=sc.sample_per,
+    train_src = ArchBatches(data.train, space, hooks.widths, mode=sc.sample_per,
                             num_devices=num_devices, seed=cfg.seed, sandwich=sc.sandwich)
-    eval_src = FixedArchBatches(data.eval, space, space.largest(), lambda: hooks.widths)
+    eval_src = FixedArchBatches(data.eval, space, space.largest(), hooks.widths)
+    hooks.sources = [train_src, eval_src]
     print(f"[supernet] {space.layers} layers x {space.candidates} candidates x {list(space.families)}, "
           f"{trainer.num_params():,} parameters (with projections); {tc.steps} steps, "
           f"{sc.kd_loss} distillation, architectures per {sc.sample_per}"
@@ -280,7 +186,7 @@ def run_supernet_stage(cfg, workdir: str | os.PathLike, data: DataBundle) -> dic
               "growth": hooks.history, "eval_largest": eval_metrics, "train": summary,
               "block_discrimination": hooks.discrimination,
               "train_step_compilations": trainer.train_step._cache_size()}
-    if jax.process_index() == 0:
+    if is_main_process():
         save_supernet(final, model.net, hooks.widths, hooks.history)
         atomic_write_json(result_path, result)
     grown = sum(len(e["grown"]) for e in hooks.history)

@@ -34,7 +34,6 @@ the fine-tuned teacher's results. Training runs (metrics, checkpoints):
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -46,21 +45,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
-from safetensors.numpy import load_file, save_file
 
-from elm_jax import export, sharding
-from elm_jax import train as train_lib
+from elm_jax.distributed import is_main_process
+from elm_jax import engine as train_lib
 from elm_jax.data import glue
-from elm_jax.data.corpus import load_polarity
-from elm_jax.data.glue import TaskSplit
-from elm_jax.data.prepare import cache_dir_of
-from elm_jax.data.tokenizer import Tokenizer
+from elm_jax.data.tasks import SentenceBatches, TaskData, load_task
 from elm_jax.distill import dist_logit_loss, soft_cross_entropy
+from elm_jax.engine import sharding
+from elm_jax.engine.losses import weighted_cross_entropy
 from elm_jax.fileio import atomic_write_json
-from elm_jax.losses import weighted_cross_entropy
-from elm_jax.models import layers
-from elm_jax.models.dense import DenseLM
-from elm_jax.teacher import evaluate_lm
+from elm_jax.models.classifier import Classifier, encoder_of, load_classifier, save_classifier
+from elm_jax.models.io import final_models, load_model
 
 KD_KINDS = ("none", "dist", "soft_ce")
 KD_LOSSES: dict[str, Callable[..., jax.Array]] = {"dist": dist_logit_loss, "soft_ce": soft_cross_entropy}
@@ -70,165 +65,8 @@ KD_LOSSES: dict[str, Callable[..., jax.Array]] = {"dist": dist_logit_loss, "soft
 # Model
 
 
-def encoder_of(model: DenseLM, dtype: Any = None) -> DenseLM:
-    """The same encoder without its LM head (a classifier never needs the vocabulary
-    projection), computing in ``dtype`` (default: the model's own)."""
-    cfg = dataclasses.replace(model.cfg, head="none", dtype=jnp.dtype(dtype or model.cfg.dtype))
-    flat = {k: v for k, v in export.flat_params(model).items() if not k.startswith("head.")}
-    return export.model_from_flat(cfg, flat)
-
-
-class Classifier(nnx.Module):
-    """A dense encoder with a pooled ``[CLS]`` classification head."""
-
-    def __init__(self, encoder: DenseLM, num_classes: int, seed: int):
-        rngs = nnx.Rngs(params=seed)
-        h = encoder.cfg.hidden
-        self.encoder = encoder
-        self.pooler = layers.dense(h, h, encoder.cfg.dtype, rngs)
-        self.classifier = layers.dense(h, num_classes, encoder.cfg.dtype, rngs)
-
-    def __call__(self, inputs, mask, segment_ids=None, *, deterministic=True, rngs=None):
-        out = self.encoder(inputs, mask, segment_ids, deterministic=deterministic, rngs=rngs)
-        pooled = jnp.tanh(self.pooler(out.last_hidden[:, 0]))
-        return self.classifier(pooled)
-
-
-def _flat(module: nnx.Module) -> dict[str, np.ndarray]:
-    return {".".join(map(str, k)): np.asarray(jax.device_get(v.get_value()))
-            for k, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
-
-
-def save_classifier(path: Path, model: Classifier, meta: Mapping[str, Any]) -> None:
-    """``path/encoder/`` (a model directory) and ``path/head.safetensors`` (pooler, classifier)."""
-    export.save_model(path / "encoder", model.encoder, meta=dict(meta))
-    heads = {k: v for k, v in _flat(model).items() if not k.startswith("encoder.")}
-    tmp = path / "head.safetensors.tmp"
-    save_file(heads, os.fspath(tmp))
-    os.replace(tmp, path / "head.safetensors")
-
-
-def load_classifier(path: Path, num_classes: int, dtype: Any = None) -> Classifier:
-    """The classifier :func:`save_classifier` wrote (computing in ``dtype``)."""
-    encoder = encoder_of(export.load_model(path / "encoder")[0], dtype)
-    model = Classifier(encoder, num_classes, 0)
-    tensors = load_file(os.fspath(path / "head.safetensors"))
-    state = nnx.state(model, nnx.Param)
-    for k, var in nnx.to_flat_state(state):
-        name = ".".join(map(str, k))
-        if not name.startswith("encoder."):
-            if tuple(tensors[name].shape) != tuple(var.get_value().shape):
-                raise ValueError(f"{path}: {name} has shape {tensors[name].shape}, expected "
-                                 f"{var.get_value().shape} ({num_classes} classes)")
-            var.set_value(jnp.asarray(tensors[name]))
-    nnx.update(model, state)
-    return model
-
-
 # ---------------------------------------------------------------------------------------------
 # Data
-
-
-def pair_lengths(len_a: int, len_b: int, budget: int) -> tuple[int, int]:
-    """Lengths kept of a text pair truncated longest-first to ``budget`` tokens in all.
-
-    Equivalent to removing one token at a time from the longer text (from ``b`` on ties), as
-    BERT's tokenizers do: the shorter text is kept whole when it fits in half the budget."""
-    if len_a + len_b <= budget:
-        return len_a, len_b
-    short = min(len_a, len_b)
-    if short <= budget - short:
-        return (short, budget - short) if len_a == short else (budget - short, short)
-    return (budget + 1) // 2, budget // 2
-
-
-def encode_examples(tok: Tokenizer, split: TaskSplit, seq_len: int) -> dict[str, np.ndarray]:
-    """``[CLS] a [SEP]`` or ``[CLS] a [SEP] b [SEP]`` (segment ids 0 up to the first ``[SEP]``,
-    1 after it; longest-first truncation to ``seq_len``), padded, with int32 labels."""
-    sp = tok.special
-    n = len(split)
-    ids = np.full((n, seq_len), sp.pad, np.int32)
-    seg = np.zeros((n, seq_len), np.int32)
-    first = tok.encode_batch(list(split.first))
-    if split.second is None:
-        for i, a in enumerate(first):
-            row = [sp.cls, *a[: seq_len - 2], sp.sep]
-            ids[i, : len(row)] = row
-    else:
-        if seq_len < 5:
-            raise ValueError(f"sentence pairs need seq_len >= 5, got {seq_len}")
-        for i, (a, b) in enumerate(zip(first, tok.encode_batch(list(split.second)))):
-            la, lb = pair_lengths(len(a), len(b), seq_len - 3)
-            row_a, row_b = [sp.cls, *a[:la], sp.sep], [*b[:lb], sp.sep]
-            ids[i, : len(row_a) + len(row_b)] = row_a + row_b
-            seg[i, len(row_a): len(row_a) + len(row_b)] = 1
-    return {"inputs": ids, "mask": (ids != sp.pad).astype(np.int32), "segment_ids": seg,
-            "labels": np.asarray(split.labels, np.int32)}
-
-
-@dataclasses.dataclass(frozen=True)
-class TaskData:
-    """A fine-tuning task, encoded: train, validation (model selection) and the test split(s)
-    (the first is the reported ``test``)."""
-
-    task: str
-    num_classes: int
-    metric_names: tuple[str, ...]
-    train: dict[str, np.ndarray]
-    validation: dict[str, np.ndarray]
-    tests: dict[str, dict[str, np.ndarray]]
-
-
-def load_task(cfg, tok: Tokenizer) -> TaskData:
-    """``cfg.finetune.task`` encoded with ``tok`` to ``cfg.data.seq_len`` tokens."""
-    fc, seq = cfg.finetune, cfg.data.seq_len
-    task = glue.parse_task(fc.task)
-    if task is None:
-        s = load_polarity(cache_dir_of(cfg.data), seed=cfg.seed)
-        train, val = (TaskSplit(s[k].texts, None, s[k].labels) for k in ("train", "validation"))
-        tests = {"test": TaskSplit(s["test"].texts, None, s["test"].labels)}
-        classes, names = 2, ("accuracy",)
-    else:
-        train, val, tests = glue.load_glue(task, fc.tfds_data_dir or None, cfg.seed, fc.holdout_frac)
-        classes, names = task.num_classes, task.metrics
-    return TaskData(fc.task, classes, names, encode_examples(tok, train, seq), encode_examples(tok, val, seq),
-                    {k: encode_examples(tok, v, seq) for k, v in tests.items()})
-
-
-class SentenceBatches:
-    """Training batches (a pure function of (seed, step), per-epoch permutations) and fixed
-    evaluation batches (the last one padded with zero-weight rows)."""
-
-    def __init__(self, data: dict[str, np.ndarray], batch_size: int, seed: int):
-        self.data, self.batch_size, self.seed = data, batch_size, seed
-        self.n = len(data["labels"])
-        self._perms: dict[int, np.ndarray] = {}
-
-    def _perm(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            if len(self._perms) > 2:
-                self._perms.pop(min(self._perms))
-            self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-        return self._perms[epoch]
-
-    def _rows(self, idx: np.ndarray, weights: np.ndarray) -> dict[str, np.ndarray]:
-        return {k: v[idx] for k, v in self.data.items()} | {"weights": weights.astype(np.float32)}
-
-    def batch(self, step: int, process_index: int = 0, process_count: int = 1) -> dict[str, np.ndarray]:
-        g = step * self.batch_size + np.arange(self.batch_size)
-        epochs, pos = g // self.n, g % self.n
-        idx = np.array([self._perm(int(e))[p] for e, p in zip(epochs, pos)])
-        per = self.batch_size // process_count
-        sl = slice(process_index * per, (process_index + 1) * per)
-        return {k: v[sl] for k, v in self._rows(idx, np.ones(self.batch_size)).items()}
-
-    def batches(self, process_index: int = 0, process_count: int = 1):
-        per = self.batch_size // process_count
-        for start in range(0, self.n, self.batch_size):
-            idx = np.arange(start, start + self.batch_size)
-            w = idx < self.n
-            b = self._rows(np.minimum(idx, self.n - 1), w)
-            yield {k: v[process_index * per:(process_index + 1) * per] for k, v in b.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,15 +150,6 @@ def make_loss_fns(num_classes: int, kd: str = "none", kd_weight: float = 0.0, te
 # The stage
 
 
-def final_models(workdir: str | os.PathLike) -> dict[str, Path]:
-    """Budget -> model directory: the retrained models, else the exported ones."""
-    for stage in ("retrain", "export"):
-        p = Path(workdir) / stage / "result.json"
-        if p.is_file():
-            return {k: Path(v["path"]) for k, v in json.loads(p.read_text()).items()}
-    raise FileNotFoundError(f"no exported models in {workdir}: run the export stage first")
-
-
 def _compute_dtype(cfg) -> Any:
     from elm_jax.precision import compute_dtype
 
@@ -369,7 +198,7 @@ def fine_tuned_teacher(cfg, workdir: str | os.PathLike, data: TaskData, mesh) ->
     """The teacher fine-tuned on the task with the students' head, from its cache
     ``WORKDIR/finetune/teacher_<task>`` or trained now (``finetune.teacher_train``; the training
     run in ``WORKDIR/finetune/teacher_<task>_run``) and cached."""
-    from elm_jax.teacher import load_teacher
+    from elm_jax.lm import load_teacher
 
     fc = cfg.finetune
     cache = Path(workdir) / "finetune" / f"teacher_{glue.task_slug(fc.task)}"
@@ -387,14 +216,14 @@ def fine_tuned_teacher(cfg, workdir: str | os.PathLike, data: TaskData, mesh) ->
     model, entry = fine_tune(Classifier(encoder, data.num_classes, cfg.seed), data, fc.teacher_train,
                              fc.batch_size, mesh, cache.parent, f"{cache.name}_run", cfg.seed)
     entry |= {"path": os.fspath(cache), "settings": settings}
-    if jax.process_index() == 0:
+    if is_main_process():
         save_classifier(cache, model, {"role": "fine-tuned teacher", "task": fc.task})
         atomic_write_json(done, entry)
     print(f"[finetune] teacher: {_describe(entry)}")
     return model, entry
 
 
-def run_finetune_stage(cfg, workdir: str | os.PathLike, data) -> dict[str, Any]:
+def run(cfg, workdir: str | os.PathLike, data) -> dict[str, Any]:
     """Fine-tunes each final MLM model on ``finetune.task`` (with KD from the fine-tuned teacher
     when ``finetune.kd`` is set) and writes ``WORKDIR/finetune/result.json``."""
     root = Path(workdir) / "finetune"
@@ -418,7 +247,7 @@ def run_finetune_stage(cfg, workdir: str | os.PathLike, data) -> dict[str, Any]:
     dtype = _compute_dtype(cfg)
     run_tag = glue.task_slug(fc.task) + ("" if fc.kd == "none" else f"_{fc.kd}")
     for name, path in models.items():
-        encoder, _ = export.load_model(path)
+        encoder, _ = load_model(path)
         if teacher is not None and encoder.cfg.vocab_size != teacher.encoder.cfg.vocab_size:
             raise ValueError(f"{name}: vocabulary {encoder.cfg.vocab_size} != the teacher's "
                              f"{teacher.encoder.cfg.vocab_size}; KD needs the same tokenizer")
@@ -427,31 +256,8 @@ def run_finetune_stage(cfg, workdir: str | os.PathLike, data) -> dict[str, Any]:
                                     cfg.seed, kd=fc.kd, kd_weight=float(fc.kd_weight),
                                     temperature=float(fc.temperature), teacher=teacher)
         print(f"[finetune] {name}: {_describe(result[name])}")
-    if jax.process_index() == 0:
+    if is_main_process():
         atomic_write_json(done, result)
     return result
 
 
-def run_evaluate_stage(cfg, workdir: str | os.PathLike, data) -> dict[str, Any]:
-    """Validation loss / perplexity / token accuracy of every final model and of the teacher."""
-    mesh = sharding.make_mesh(cfg.mesh)
-    models = {name: export.load_model(p)[0] for name, p in final_models(workdir).items()}
-    teacher_dir = Path(workdir) / "teacher" / "model"
-    if export.is_model_dir(teacher_dir):
-        models["teacher"] = export.load_model(teacher_dir)[0]
-    result = {}
-    for name, model in models.items():
-        if model.cfg.head == "none":
-            continue
-        m = evaluate_lm(model, data.eval, mesh)
-        result[name] = {"loss": m["loss"], "perplexity": m["perplexity"],
-                        "accuracy": m["correct"], "params": sum(
-                            v.size for v in export.flat_params(model).values())}
-        print(f"[evaluate] {name}: loss {m['loss']:.4f} perplexity {result[name]['perplexity']:.2f} "
-              f"accuracy {m['correct']:.4f} ({result[name]['params']:,} params)")
-    if jax.process_index() == 0:
-        from elm_jax.report import build_report
-
-        atomic_write_json(Path(workdir) / "evaluate" / "result.json", result)
-        print(build_report(workdir))
-    return result

@@ -1,36 +1,29 @@
-"""Supernet train / eval steps whose architecture is an *argument*: one compilation for all.
+"""Batch sources that carry the sampled architecture, so one compiled step serves them all.
 
 The architecture travels inside the batch as per-example rows ``arch_<field>`` of shape
-``[B, L]`` (fields of :class:`~elm_jax.arch.ArchArrays`). The step runs the supernet under
-``jax.shard_map`` over the batch axes of the mesh: every device reads the architecture of its
-first local example, so
+``[B, L]`` (fields of :class:`~elm_jax.arch.ArchArrays`). A supernet step runs under
+``jax.shard_map`` over the batch axes of the mesh (:func:`elm_jax.engine.sharding.sharded_sums`),
+and every device reads the architecture of its first local example (:func:`local_arch`), so
 
 - ``mode='step'``: every row holds the same architecture (one per step);
 - ``mode='device'``: the rows of device ``d`` hold architecture ``d`` (one per data-parallel
   device, each device running its own ``lax.switch`` path, as a pmapped step would).
 
-Gradients of the replicated parameters are summed over devices by ``shard_map``'s transpose;
-the loss is the global token mean ``sum(loss) / sum(weights)``. The batch rows are built on the
-host by :class:`ArchBatches` as a pure function of ``(seed, step)``.
+:class:`ArchBatches` samples the architectures on the host as a pure function of
+``(seed, step)``; :class:`FixedArchBatches` attaches one fixed architecture (evaluation).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-from jax.sharding import Mesh, PartitionSpec as P
 
-from elm_jax.arch import Arch, ArchArrays, SearchSpace
-from elm_jax.losses import weighted_cross_entropy
-from elm_jax.models.elastic import Supernet
+from elm_jax.arch import Arch, ArchArrays
+from elm_jax.space import SearchSpace
 
 ARCH_FIELDS = tuple(f.name for f in dataclasses.fields(ArchArrays))
-BATCH_AXES = ("data", "fsdp")
 
 
 def arch_rows(arrays: list[ArchArrays], rows: int) -> dict[str, np.ndarray]:
@@ -47,53 +40,17 @@ def local_arch(batch: dict) -> ArchArrays:
     return ArchArrays(**{f: batch[f"arch_{f}"][0] for f in ARCH_FIELDS})
 
 
-def _lm_sums(model: Supernet, batch: dict) -> dict:
-    out = model(batch["inputs"], local_arch(batch), batch["mask"], batch["segment_ids"])
-    return weighted_cross_entropy(out.logits, batch["targets"], batch["weights"])
-
-
-def sharded_sums(mesh: Mesh, sums_fn: Callable[..., dict]) -> Callable:
-    """``(model, batch, *frozen) -> sums``: ``sums_fn`` per device under ``shard_map``, summed
-    over devices. ``frozen`` pytrees (a teacher's weights) are passed whole to every device."""
-    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
-
-    def run(model: nnx.Module, batch: dict, *frozen: Any) -> dict:
-        graphdef, state = nnx.split(model)
-
-        def per_device(state, batch, *frozen):
-            sums = sums_fn(nnx.merge(graphdef, state), batch, *frozen)
-            return jax.tree.map(lambda v: jax.lax.psum(v, axes), sums)
-
-        specs = (P(), P(axes)) + (P(),) * len(frozen)
-        return jax.shard_map(per_device, mesh=mesh, in_specs=specs, out_specs=P(),
-                             check_vma=False)(state, batch, *frozen)
-
-    return run
-
-
-def supernet_lm_fns(mesh: Mesh) -> tuple[Callable, Callable]:
-    """The engine's ``loss_fn`` and ``eval_fn`` for ground-truth LM training of the supernet
-    (mean token cross-entropy of each row's architecture). Distillation builds on the same
-    :func:`sharded_sums`."""
-    sums = sharded_sums(mesh, _lm_sums)
-
-    def loss_fn(model, batch, rng):
-        del rng  # the supernet has no dropout
-        s = sums(model, batch)
-        return s["loss_sum"] / jnp.maximum(s["weight_sum"], 1.0), s
-
-    return loss_fn, sums
-
-
 class ArchBatches:
     """Wraps a batch source: adds the sampled architecture rows to every training batch.
 
     Architectures of step ``s`` are drawn from ``np.random.default_rng([seed, 0xA5C7, s])``:
-    a resumed run samples the same ones. ``widths`` is a callable returning the current widths
-    state (it grows during supernet training).
+    a resumed run samples the same ones. ``widths`` is the current widths state ``[L, 2, T]``;
+    it grows during supernet training, and whoever grows it assigns the new array to the
+    ``widths`` attribute (:class:`elm_jax.stages.supernet.SupernetHooks` does, for the sources it
+    is given).
     """
 
-    def __init__(self, source: Any, space: SearchSpace, widths: Callable[[], np.ndarray], *,
+    def __init__(self, source: Any, space: SearchSpace, widths: np.ndarray, *,
                  mode: str, num_devices: int, seed: int, sandwich: bool = False):
         if mode not in ("step", "device"):
             raise ValueError(f"supernet.sample_per must be 'step' or 'device', got {mode!r}")
@@ -101,7 +58,7 @@ class ArchBatches:
             raise ValueError("the sandwich rule needs supernet.sample_per='device' and at least 3 "
                              f"data-parallel devices (largest, smallest, random); got {mode!r} "
                              f"with {num_devices}")
-        self.source, self.space, self.widths = source, space, widths
+        self.source, self.space, self.widths = source, space, space.validate_widths(widths)
         self.mode, self.num_devices, self.seed, self.sandwich = mode, num_devices, seed, sandwich
 
     def archs(self, step: int) -> list[Arch]:
@@ -112,7 +69,7 @@ class ArchBatches:
         n = self.num_devices if self.mode == "device" else 1
         if not self.sandwich:
             return [self.space.sample(rng) for _ in range(n)]
-        w = self.widths()
+        w = self.widths
         return [self.space.largest(w), self.space.smallest(w)] + [self.space.sample(rng) for _ in range(n - 2)]
 
     def batch(self, step: int, process_index: int = 0, process_count: int = 1) -> dict[str, np.ndarray]:
@@ -122,19 +79,19 @@ class ArchBatches:
         if len(archs) > 1:  # this process's devices hold a contiguous block of architectures
             per_proc = len(archs) // process_count
             archs = archs[process_index * per_proc:(process_index + 1) * per_proc]
-        w = self.widths()
+        w = self.widths
         return local | arch_rows([self.space.to_arrays(a, w) for a in archs], rows)
 
 
 class FixedArchBatches:
-    """Evaluation batches of one fixed architecture; ``widths`` is an array or a callable
-    returning the current widths state (read at each evaluation)."""
+    """Evaluation batches of one fixed architecture under the widths state ``widths`` (an
+    attribute: assign a new array when the widths grow, as for :class:`ArchBatches`)."""
 
-    def __init__(self, source: Any, space: SearchSpace, arch: Arch, widths: Any):
-        self.source, self.space, self.arch, self.widths = source, space, arch, widths
+    def __init__(self, source: Any, space: SearchSpace, arch: Arch, widths: np.ndarray):
+        self.source, self.space, self.arch = source, space, arch
+        self.widths = space.validate_widths(widths)
 
     def batches(self, process_index: int = 0, process_count: int = 1):
-        w = self.widths() if callable(self.widths) else self.widths
-        arrays = self.space.to_arrays(self.arch, w)
+        arrays = self.space.to_arrays(self.arch, self.widths)
         for b in self.source.batches(process_index, process_count):
             yield b | arch_rows([arrays], len(b["inputs"]))

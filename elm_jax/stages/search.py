@@ -1,0 +1,148 @@
+"""The ``search`` stage: evolutionary search of every budget over the trained supernet.
+
+Loads ``WORKDIR/supernet/final``, the per-device latency table when latency is predicted, and
+scores candidates with :class:`~elm_jax.search.scoring.PopulationScorer` inside
+:func:`~elm_jax.search.evolution.evolutionary_search` for each budget of ``search.budgets``
+(:mod:`elm_jax.search.constraints`). Writes ``WORKDIR/search/result.json`` (per budget the best
+architecture, its score and measures, and the Pareto sets of :mod:`elm_jax.search.pareto`),
+``pareto.png`` and per-budget state files, so a restarted search resumes at the next generation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+
+from elm_jax.distributed import is_main_process
+from elm_jax.arch import Arch
+from elm_jax.fileio import atomic_write_json
+from elm_jax.search.pareto import plot_pareto
+from elm_jax.search.constraints import Constraints, SearchError, check_feasible, parse_budgets
+from elm_jax.search.evolution import ScoreCache, SearchResult, evolutionary_search
+from elm_jax.search.pareto import pareto_sets
+from elm_jax.search.scoring import PopulationScorer
+
+# ----------------------------------------------------------------------------------
+# The search stage
+# ----------------------------------------------------------------------------------
+
+def _budget_entry(res: SearchResult, task: str) -> dict[str, Any]:
+    e = {"arch": res.best.to_dict(), "arch_id": res.best.arch_id, "describe": res.best.describe(),
+         "score": res.score, "params": res.params, "flops": res.flops,
+         "latency_ms": res.latency_ms, "history": res.history, "scored": len(res.scored)}
+    if task == "clm":
+        e["perplexity"] = math.exp(res.score)
+    return e
+
+
+def run(cfg: Any, workdir: str | os.PathLike, data: Any,
+                     latency_fn: Callable[[Arch], float] | None = None,
+                     progress: bool = True) -> dict[str, Any]:
+    """The ``search`` stage: one evolutionary search per budget over the trained supernet.
+
+    Loads ``WORKDIR/supernet/final``, scores candidates on the first ``search.eval_batches``
+    validation batches with one compiled :class:`PopulationScorer` (mesh from ``cfg.mesh``),
+    checks every budget's feasibility before searching, runs the budgets in order (state files
+    ``WORKDIR/search/state_<name>.json``, one shared score cache), and writes
+    ``WORKDIR/search/pareto.png`` and ``WORKDIR/search/result.json`` (per budget: arch, id,
+    describe, score = loss, perplexity for CLM, params, flops, latency; the Pareto sets over all
+    scored architectures; ``budget_names`` keeps the config order, since the JSON keys are
+    sorted). A complete result.json for the same budget names is returned as is; an interrupted
+    stage resumes each budget from its state file. A SIGTERM (preemption notice) stops the search
+    after the generation in flight, whose state is on disk, with :class:`~elm_jax.preemption.Preempted`.
+    """
+    from elm_jax import preemption
+    from elm_jax.engine import sharding
+    from elm_jax.models.io import load_supernet
+
+    out = Path(workdir) / "search"
+    result_path = out / "result.json"
+    budgets = [dict(b) for b in cfg.search.budgets]
+    names = [name for name, _ in parse_budgets(budgets)]  # the config's own check, repeated
+    if result_path.is_file():
+        done = json.loads(result_path.read_text())
+        if done.get("complete") and done.get("budget_names") == names:
+            print(f"[search] complete already: {result_path}")
+            return done
+    final = Path(workdir) / "supernet" / "final"
+    if not (final / "widths.json").is_file():
+        raise FileNotFoundError(f"{final} is missing: run the supernet stage first (--stages=supernet)")
+    net, widths, _ = load_supernet(final)
+    space = net.space
+    if space.task != cfg.task:
+        raise SearchError(f"the supernet in {final} is a {space.task!r} model but config.task is "
+                          f"{cfg.task!r}")
+    seq_len = int(cfg.data.seq_len)
+    wants_latency = any(k.endswith("latency_ms") for b in budgets for k in b)
+    if latency_fn is None and (wants_latency or cfg.latency.predict):
+        from elm_jax.latency import load_or_build
+
+        table = load_or_build(space, cfg.latency, seq_len)
+        latency_fn = lambda arch: table.predict_ms(space, arch, widths)  # noqa: E731
+    constraints = [Constraints.from_budget(b, space, widths, seq_len, latency_fn) for b in budgets]
+    for c in constraints:
+        check_feasible(space, widths, c)
+
+    n_batches = min(int(cfg.search.eval_batches), len(data.eval))
+    batches = [data.eval.global_batch(k) for k in range(n_batches)]
+    mesh = sharding.make_mesh(cfg.mesh)
+    n_dev = int(mesh.devices.size)
+    capacity = -(-int(cfg.search.population) // n_dev) * n_dev
+    scorer = PopulationScorer(net, widths, batches, mesh, capacity=capacity)
+    print(f"[search] {len(budgets)} budget(s), population {cfg.search.population} x "
+          f"{cfg.search.generations} generations; {n_batches} validation batches; "
+          f"{capacity} architectures per compiled call over {n_dev} device(s)")
+
+    writer = is_main_process()
+    cache = ScoreCache()
+    results: dict[str, SearchResult] = {}
+    for c in constraints:
+        def stop_if_preempted(generation: int, state: Mapping[str, Any], budget: str = c.name) -> None:
+            if preemption.agreed():  # this generation's state is already written
+                raise preemption.Preempted(generation, (
+                    f"search: preempted (SIGTERM) after generation {generation} of budget "
+                    f"{budget!r}; its state is saved in {out}; rerun the same command to resume"))
+
+        res = evolutionary_search(space, widths, scorer, c, cfg.search, int(cfg.seed),
+                                  out / f"state_{c.name}.json", progress=progress and writer,
+                                  cache=cache, write_state=writer, callback=stop_if_preempted)
+        results[c.name] = res
+        ppl = f", perplexity {math.exp(res.score):.2f}" if space.task == "clm" else ""
+        lat = f", {res.latency_ms:.3f} ms" if res.latency_ms is not None else ""
+        print(f"[search] {c.describe()} -> {res.best.describe()}  loss {res.score:.4f}{ppl}, "
+              f"{res.params:,} params, {res.flops:,} FLOPs{lat} ({len(res.scored)} scored)")
+
+    # every scored architecture of every budget, with its costs
+    measure = Constraints.from_budget({"name": "all"}, space, widths, seq_len, latency_fn)
+    best_for: dict[str, list[str]] = {}
+    for name, r in results.items():
+        best_for.setdefault(r.best.arch_id, []).append(name)
+    entries = []
+    for k in sorted(cache.scores):
+        a = cache.archs[k]
+        m = measure.measures(a)
+        entries.append({"arch_id": k, "describe": a.describe(), "score": cache.scores[k],
+                        "params": int(m["params"]), "flops": int(m["flops"]),
+                        "latency_ms": m.get("latency_ms"), "best_for": best_for.get(k, [])})
+    fronts = pareto_sets(entries)
+    pareto = {cost: [entries[i] | {"arch": cache.archs[entries[i]["arch_id"]].to_dict()}
+                     for i in idx] for cost, idx in fronts.items()}
+    result = {"task": space.task, "complete": True, "seq_len": seq_len, "eval_batches": n_batches,
+              "budget_names": names,
+              "budgets": {n: _budget_entry(r, space.task) for n, r in results.items()},
+              "pareto": pareto, "scored": entries,
+              "scorer": {"capacity": capacity, "devices": n_dev, "calls": scorer.calls,
+                         "compilations": scorer.compilations()}}
+    if writer:
+        plot_pareto(entries, out / "pareto.png")  # written atomically
+        atomic_write_json(result_path, result)
+    print(f"[search] Pareto set (loss vs params): {len(fronts['params'])} of {len(entries)} scored "
+          f"architectures; {scorer.calls} scoring calls, {scorer.compilations()} compilation(s) "
+          f"-> {result_path}")
+    return result
+

@@ -1,0 +1,164 @@
+"""The students of distillation: the supernet with its KD projections, and a dense model with its own.
+
+- :class:`Student` and :func:`supernet_trainer`: the supernet pre-training objective (DESIGN §1.4-1.5)
+  as ONE compiled engine step, the frozen teacher passed as an argument; shared by the supernet
+  stage and the benchmarks, so both time the same step.
+- :class:`DenseStudent` and :func:`kd_fns`: the same objective for a standalone (extracted)
+  model, used by the retrain stage and the replication.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from ml_collections import ConfigDict
+
+from elm_jax import engine as train_lib
+from elm_jax.arch import FAMILY_INDEX, ArchArrays
+from elm_jax.data.arch_batches import local_arch
+from elm_jax.distill import init_projections, supernet_distill_loss
+from elm_jax.engine.losses import weighted_cross_entropy
+from elm_jax.engine.sharding import sharded_sums
+from elm_jax.models.dense import DenseLM, ModelOutput
+from elm_jax.models.elastic import Supernet
+from elm_jax.precision import compute_dtype, with_compute_dtype
+from elm_jax.space import SearchSpace
+
+
+class Student(nnx.Module):
+    """The supernet plus the learned distillation projections to the teacher width."""
+
+    def __init__(self, space: SearchSpace, teacher_hidden: int, seed: int, *,
+                 dtype: Any = jnp.float32, remat: bool = False):
+        self.net = Supernet(space, rngs=nnx.Rngs(params=seed), dtype=dtype, remat=remat)
+        proj = init_projections(jax.random.key(seed + 1), space.hidden, space.inner, teacher_hidden,
+                                space.families)
+        self.proj = nnx.Dict({name: nnx.Dict({k: nnx.Param(v) for k, v in d.items()})
+                              for name, d in proj.items()})
+
+    def projections(self) -> dict[str, dict[str, jax.Array]]:
+        return {name: {k: v[...] for k, v in d.items()} for name, d in self.proj.items()}
+
+
+def distill_sums_fn(teacher_graphdef: Any, teacher_rest: Any, kind: str):
+    """Per-device sums of the supernet objective for the rows' architecture."""
+
+    def sums(student: Student, batch: dict, teacher_params: Any) -> dict:
+        teacher = nnx.merge(teacher_graphdef, teacher_params, teacher_rest)
+        t = teacher(batch["inputs"], batch["mask"], batch["segment_ids"])
+        t_emb, t_attn, t_block = jax.tree.map(jax.lax.stop_gradient, (t.embedding, t.attn_outs, t.block_outs))
+        arch = local_arch(batch)
+        out = student.net(batch["inputs"], arch, batch["mask"], batch["segment_ids"])
+        kd, parts = supernet_distill_loss(out, t_emb, t_attn, t_block, arch, batch["mask"],
+                                          student.projections(), kind)
+        ce = weighted_cross_entropy(out.logits, batch["targets"], batch["weights"])
+        # kd_* are per-device means (summed over devices, divided by kd_count); not named
+        # *_sum so the engine does not divide them by the token weight.
+        return ce | {"kd_total": kd, "kd_count": jnp.ones((), jnp.float32),
+                     **{f"kd_{k}_total": v for k, v in parts.items()}}
+
+    return sums
+
+
+def _kd_mean(s: Mapping[str, jax.Array]) -> jax.Array:
+    return s["kd_total"] / jnp.maximum(s["kd_count"], 1.0)
+
+
+def supernet_trainer(cfg, space: SearchSpace, teacher: DenseLM, mesh) -> train_lib.Trainer:
+    """The supernet stage's engine: a ``Student`` (supernet + KD projections) trained with
+    ``D(teacher, student)`` summed over embedding / attention / block features (plus
+    ``gt_weight`` x the MLM/CLM loss), the teacher's weights passed frozen to one compiled step.
+    Used by the stage and by the benchmarks, so both time the same step."""
+    sc = cfg.supernet
+    dtype = compute_dtype(cfg)
+    if teacher.cfg.dtype != dtype:  # same weights, computing in the run's precision
+        teacher = with_compute_dtype(teacher, dtype)
+    t_graphdef, t_params, t_rest = nnx.split(teacher, nnx.Param, ...)
+    sums = sharded_sums(mesh, distill_sums_fn(t_graphdef, t_rest, sc.kd_loss))
+    gt = float(sc.gt_weight)
+
+    def loss_fn(model, batch, rng, frozen):
+        del rng
+        s = sums(model, batch, frozen)
+        return _kd_mean(s) + gt * s["loss_sum"] / jnp.maximum(s["weight_sum"], 1.0), s
+
+    def eval_fn(model, batch, frozen):
+        return sums(model, batch, frozen)
+
+    student = Student(space, teacher.cfg.hidden, cfg.seed, dtype=dtype, remat=bool(sc.get("remat", False)))
+    tc = ConfigDict(sc.train.to_dict() | {"seed": cfg.seed})
+    return train_lib.Trainer(student, loss_fn, eval_fn, tc, mesh, frozen=t_params)
+
+
+class DenseStudent(nnx.Module):
+    """An exported dense model plus its distillation projections."""
+
+    def __init__(self, model: DenseLM, teacher_hidden: int, seed: int):
+        self.model = model
+        fams = sorted({b.family for b in model.cfg.blocks})
+        proj = init_projections(jax.random.key(seed), model.cfg.hidden, model.cfg.inner,
+                                teacher_hidden, fams)
+        self.proj = nnx.Dict({name: nnx.Dict({k: nnx.Param(v) for k, v in d.items()})
+                              for name, d in proj.items()})
+
+    def projections(self) -> dict:
+        return {name: {k: v[...] for k, v in d.items()} for name, d in self.proj.items()}
+
+
+def supernet_layout(out: ModelOutput, model: DenseLM):
+    """The dense output as stacked supernet features (``[L, B, S, .]`` per family slot) and the
+    all-active :class:`ArchArrays` of the model, for :func:`supernet_distill_loss`."""
+    from elm_jax.models.elastic import LayerFeatures
+
+    fams = [b.family for b in model.cfg.blocks]
+    slots = {}
+    for f in ("bert", "mobilebert"):
+        if f not in fams:
+            slots[f] = None
+            continue
+        like = next(a for a, g in zip(out.attn_outs, fams) if g == f)
+        slots[f] = jnp.stack([a if g == f else jnp.zeros_like(like) for a, g in zip(out.attn_outs, fams)])
+    feats = LayerFeatures(block=jnp.stack(out.block_outs), attn_bert=slots["bert"],
+                          attn_mobilebert=slots["mobilebert"])
+    n = len(fams)
+    arch = ArchArrays(family=jnp.asarray([FAMILY_INDEX[f] for f in fams], jnp.int32),
+                      candidate=jnp.zeros(n, jnp.int32),
+                      width=jnp.asarray([b.ffn for b in model.cfg.blocks], jnp.int32),
+                      heads=jnp.asarray([b.heads for b in model.cfg.blocks], jnp.int32),
+                      active=jnp.ones(n, bool))
+
+    class _Out:  # the two fields supernet_distill_loss reads
+        embedding = out.embedding
+        layers = feats
+
+    return _Out, arch
+
+
+def kd_fns(teacher_graphdef, teacher_rest, kind: str, gt_weight: float):
+    """``loss_fn`` / ``eval_fn`` of dense KD retraining for the engine (teacher as ``frozen``)."""
+
+    def sums(student: DenseStudent, batch: dict, teacher_params, deterministic: bool, rng=None):
+        teacher = nnx.merge(teacher_graphdef, teacher_params, teacher_rest)
+        t = teacher(batch["inputs"], batch["mask"], batch["segment_ids"])
+        t = jax.tree.map(jax.lax.stop_gradient, (t.embedding, t.attn_outs, t.block_outs))
+        out = student.model(batch["inputs"], batch["mask"], batch["segment_ids"],
+                            deterministic=deterministic,
+                            rngs=None if rng is None else nnx.Rngs(dropout=rng))
+        s_out, arch = supernet_layout(out, student.model)
+        kd, _ = supernet_distill_loss(s_out, *t, arch, batch["mask"], student.projections(), kind)
+        ce = weighted_cross_entropy(out.logits, batch["targets"], batch["weights"])
+        return kd, ce
+
+    def loss_fn(student, batch, rng, teacher_params):
+        kd, ce = sums(student, batch, teacher_params, False, rng)
+        loss = kd + gt_weight * ce["loss_sum"] / jnp.maximum(ce["weight_sum"], 1.0)
+        return loss, ce | {"kd_total": kd, "kd_count": jnp.ones((), jnp.float32)}
+
+    def eval_fn(student, batch, teacher_params):
+        kd, ce = sums(student, batch, teacher_params, True)
+        return ce | {"kd_total": kd, "kd_count": jnp.ones((), jnp.float32)}
+
+    return loss_fn, eval_fn
