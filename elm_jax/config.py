@@ -11,6 +11,7 @@ import runpy
 from typing import Any, Sequence
 
 import ml_collections
+
 from elm_jax.space import SearchSpace
 
 TEACHER_KINDS = ("train", "hf_bert", "hf_gpt2", "checkpoint")

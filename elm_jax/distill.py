@@ -14,9 +14,10 @@ the mapped teacher layer::
 Q-Q / K-K / V-V relation loss (:func:`attention_relation_loss`) is an extra option.
 
 Every function here is a pure function of jax arrays (jit-able; no Python control flow on
-traced values). All computation is in float32 whatever the input dtype. Feature losses take a
-token mask ``mask_BxS`` (1 = real token, 0 = padding): padding positions contribute neither to
-the normalisation statistics nor to the loss, so the values stored at padded positions never
+traced values); :class:`KDProjections` holds a student's learned projections as parameters.
+All computation is in float32 whatever the input dtype. Feature losses take a token mask
+``mask_BxS`` (1 = real token, 0 = padding): padding positions contribute neither to the
+normalisation statistics nor to the loss, so the values stored at padded positions never
 change a loss.
 """
 
@@ -26,8 +27,9 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
-from elm_jax.arch import FAMILY_INDEX, ArchArrays
+from elm_jax.arch import FAMILY_INDEX
 
 # Large negative logit for masked keys (finite, so 0 * it stays 0 and gradients stay finite).
 _MASK_LOGIT = -1e30
@@ -301,9 +303,11 @@ def _stack_layers(x: Any) -> jax.Array:
     return jnp.asarray(x)
 
 
-def supernet_distill_loss(student_out: Any, teacher_embedding: jax.Array,
-                          teacher_attn_outs: Any, teacher_block_outs: Any,
-                          arch: ArchArrays, mask_BxS: jax.Array | None,
+def supernet_distill_loss(student_embedding_BxSxH: jax.Array, student_block_LxBxSxH: jax.Array,
+                          student_attn_by_family: Mapping[str, jax.Array | None],
+                          family_L: jax.Array, active_L: jax.Array,
+                          teacher_embedding: jax.Array, teacher_attn_outs: Any,
+                          teacher_block_outs: Any, mask_BxS: jax.Array | None,
                           projections: Mapping[str, Mapping[str, jax.Array]],
                           kind: str = "pearson") -> tuple[jax.Array, dict[str, jax.Array]]:
     """ELM's supernet pre-training objective (DESIGN §1.4)::
@@ -323,16 +327,21 @@ def supernet_distill_loss(student_out: Any, teacher_embedding: jax.Array,
     the architecture has no active layer of that family.
 
     Args:
-      student_out: :class:`elm_jax.models.elastic.SupernetOutput` (``embedding [B,S,H]``,
-        ``layers.block [L,B,S,H]``, ``layers.attn_bert [L,B,S,H]``,
-        ``layers.attn_mobilebert [L,B,S,I]``; a family's entry may be None).
+      student_embedding_BxSxH: the student's embedding output ``[B, S, H]``.
+      student_block_LxBxSxH: the student's block outputs stacked on the layer axis.
+      student_attn_by_family: family name (``'bert'``, ``'mobilebert'``) -> the attention-
+        sublayer outputs of that family's layers, stacked ``[L, B, S, H]`` (bert) /
+        ``[L, B, S, I]`` (mobilebert), zeros at the other layers; a family may be absent or
+        None (not on the menu). A supernet's ``SupernetOutput.layers.attn_<family>``.
+      family_L: int ``[L]``, each layer's family index (:data:`FAMILY_INDEX`).
+      active_L: bool ``[L]``, which layers are active (may be traced).
       teacher_embedding: ``[B, S, H_t]``.
       teacher_attn_outs, teacher_block_outs: ``[L_t, B, S, H_t]`` (or tuples of ``[B,S,H_t]``,
         as in the dense model's ``ModelOutput``).
-      arch: the student's :class:`ArchArrays` (``[L]`` fields; may be traced).
       mask_BxS: token mask (1 real, 0 padding) or None.
       projections: ``{'shared': {'kernel', 'bias'}, 'attn_bert': {...}, 'attn_mobilebert':
-        {...}}``; a family's entry may be absent when the family is not on the menu.
+        {...}}``; a family's entry may be absent when the family is not on the menu
+        (:meth:`KDProjections.arrays`).
       kind: 'pearson' (ELM) or 'mse'.
 
     Returns:
@@ -341,7 +350,7 @@ def supernet_distill_loss(student_out: Any, teacher_embedding: jax.Array,
     t_attn = _stack_layers(teacher_attn_outs)
     t_block = _stack_layers(teacher_block_outs)
     teacher_layers = t_block.shape[0]
-    idx, valid = teacher_layer_map(arch.active, teacher_layers)
+    idx, valid = teacher_layer_map(active_L, teacher_layers)
     t_attn_l = jnp.take(t_attn, idx, axis=0)
     t_block_l = jnp.take(t_block, idx, axis=0)
     shared = projections["shared"]
@@ -349,16 +358,16 @@ def supernet_distill_loss(student_out: Any, teacher_embedding: jax.Array,
     def per_layer(s_all, t_all, proj):
         return jax.vmap(lambda s, t: feature_loss(kind, _project(s, proj), t, mask_BxS))(s_all, t_all)
 
-    emb = feature_loss(kind, _project(student_out.embedding, shared), teacher_embedding, mask_BxS)
-    block_l = per_layer(student_out.layers.block, t_block_l, shared)
+    emb = feature_loss(kind, _project(student_embedding_BxSxH, shared), teacher_embedding, mask_BxS)
+    block_l = per_layer(student_block_LxBxSxH, t_block_l, shared)
     attn_l = jnp.zeros_like(block_l)
     for fam, fidx in FAMILY_INDEX.items():
-        feats = getattr(student_out.layers, f"attn_{fam}", None)
+        feats = student_attn_by_family.get(fam)
         key = f"attn_{fam}"
         if feats is None or key not in projections:
             continue
         loss_f = per_layer(feats, t_attn_l, projections[key])
-        attn_l = jnp.where(arch.family == fidx, loss_f, attn_l)
+        attn_l = jnp.where(family_L == fidx, loss_f, attn_l)
     attn = jnp.sum(jnp.where(valid, attn_l, 0.0))
     block = jnp.sum(jnp.where(valid, block_l, 0.0))
     parts = {"embedding": emb, "attn": attn, "block": block}
@@ -385,3 +394,25 @@ def init_projections(rng: jax.Array, hidden: int, inner: int, teacher_hidden: in
                "bias": jnp.zeros((teacher_hidden,), jnp.float32)}
         for name, k in zip(names, keys)
     }
+
+
+class KDProjections(nnx.Module):
+    """The learned distillation projections of a student (:func:`init_projections`), as
+    parameters: ``<name>.kernel`` / ``<name>.bias`` for ``name`` in ``shared``,
+    ``attn_<family>`` (a student keeps it as its ``proj`` attribute, so the checkpoint paths
+    are ``proj.<name>.<kernel|bias>``).
+
+    Args: as :func:`init_projections` (same key, same initial values).
+    """
+
+    def __init__(self, rng: jax.Array, hidden: int, inner: int, teacher_hidden: int,
+                 families: Iterable[str]):
+        proj = init_projections(rng, hidden, inner, teacher_hidden, families)
+        self.names = tuple(proj)
+        for name, d in proj.items():
+            setattr(self, name, nnx.Dict({k: nnx.Param(v) for k, v in d.items()}))
+
+    def arrays(self) -> dict[str, dict[str, jax.Array]]:
+        """``{name: {'kernel', 'bias'}}`` (the current values), the ``projections`` argument of
+        :func:`supernet_distill_loss`."""
+        return {name: {k: v[...] for k, v in getattr(self, name).items()} for name in self.names}

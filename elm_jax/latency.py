@@ -96,8 +96,8 @@ from elm_jax.models.dense import (
     init_dense,
 )
 from elm_jax.models.layers import attention_mask
-from elm_jax.timing import device_fingerprint, measure_many, model_inputs, model_item, on_device
 from elm_jax.space import SearchSpace
+from elm_jax.timing import device_fingerprint, measure_many, model_inputs, model_item, on_device
 
 # Bump when the measurement method changes: old cached tables then stop matching.
 TABLE_VERSION = 1

@@ -1,8 +1,9 @@
 """Language-model loss and evaluation shared by every stage (teacher, supernet, retrain, evaluate).
 
 - :func:`lm_loss_fn` / :func:`lm_eval_fn`: the MLM / CLM token cross-entropy of a dense model
-  as engine loss and eval functions (sums over the batch; the engine reports
-  ``loss = loss_sum / weight_sum``, the token mean over the whole evaluation set).
+  as engine loss and eval functions (sums over the batch), whose derived metrics are
+  :data:`LM_RATIOS` (``loss = loss_sum / weight_sum``, the token mean over the whole evaluation
+  set, and ``correct = correct_sum / weight_sum``, the accuracy; the engine's default).
 - :func:`evaluate_lm`: validation loss, accuracy and perplexity ``exp(loss)`` of a dense LM.
 - :func:`supernet_lm_fns`: the same loss for the supernet with the architecture in the batch.
 - :func:`dense_config_from` / :func:`load_teacher`: the teacher trained here, and the frozen
@@ -25,7 +26,7 @@ from ml_collections import ConfigDict
 from elm_jax.config import ConfigError
 from elm_jax.data.arch_batches import local_arch
 from elm_jax.engine import trainer as trainer_lib
-from elm_jax.engine.losses import weighted_cross_entropy
+from elm_jax.engine.losses import LM_RATIOS, weighted_cross_entropy
 from elm_jax.engine.sharding import sharded_sums
 from elm_jax.models.dense import BlockSpec, DenseConfig, DenseLM
 from elm_jax.models.elastic import Supernet
@@ -79,7 +80,8 @@ def with_perplexity(metrics: dict[str, float]) -> dict[str, float]:
 def evaluate_lm(model: DenseLM, eval_source, mesh) -> dict[str, float]:
     """Validation ``loss`` (token mean), ``correct`` (accuracy) and ``perplexity`` of a dense LM
     on the fixed evaluation batches, through the engine's sharded eval step."""
-    trainer = trainer_lib.Trainer(model, lm_loss_fn, lm_eval_fn, ConfigDict({"steps": 1, "lr": 1.0}), mesh)
+    trainer = trainer_lib.Trainer(model, lm_loss_fn, lm_eval_fn, ConfigDict({"steps": 1, "lr": 1.0}), mesh,
+                                  ratios=LM_RATIOS)
     return with_perplexity(trainer_lib.evaluate(trainer, trainer.init_state(), eval_source))
 
 
@@ -98,8 +100,8 @@ def _lm_sums(model: Supernet, batch: dict) -> dict:
 
 def supernet_lm_fns(mesh: Mesh) -> tuple[Callable, Callable]:
     """The engine's ``loss_fn`` and ``eval_fn`` for ground-truth LM training of the supernet
-    (mean token cross-entropy of each row's architecture). Distillation builds on the same
-    :func:`sharded_sums`."""
+    (mean token cross-entropy of each row's architecture; derived metrics :data:`LM_RATIOS`).
+    Distillation builds on the same :func:`sharded_sums`."""
     sums = sharded_sums(mesh, _lm_sums)
 
     def loss_fn(model, batch, rng):

@@ -145,7 +145,7 @@ def check_budgets(cfg: Any, vocab_size: int) -> None:
     initial widths and the largest the largest architecture at the maximum widths. The budgets
     are read by :func:`~elm_jax.search.constraints.parse_budgets` and tested by
     :func:`~elm_jax.search.constraints.check_reachable` (the search's own test)."""
-    from elm_jax.accounting import SearchSpace, reachable_ranges
+    from elm_jax.accounting import reachable_ranges
     from elm_jax.search.constraints import SearchError, check_reachable, parse_budgets
 
     space = SearchSpace.from_config(cfg.space, vocab_size=vocab_size, max_len=cfg.data.seq_len,

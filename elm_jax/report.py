@@ -30,7 +30,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Callable
 
-
 from elm_jax.fileio import atomic_write_bytes
 from elm_jax.pipeline import STAGES
 

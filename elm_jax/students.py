@@ -16,13 +16,13 @@ import jax.numpy as jnp
 from flax import nnx
 from ml_collections import ConfigDict
 
-from elm_jax import engine as train_lib
-from elm_jax.arch import FAMILY_INDEX, ArchArrays
+from elm_jax import engine
+from elm_jax.arch import FAMILY_INDEX
 from elm_jax.data.arch_batches import local_arch
-from elm_jax.distill import init_projections, supernet_distill_loss
-from elm_jax.engine.losses import weighted_cross_entropy
+from elm_jax.distill import KDProjections, supernet_distill_loss
+from elm_jax.engine.losses import LM_RATIOS, weighted_cross_entropy
 from elm_jax.engine.sharding import sharded_sums
-from elm_jax.models.dense import DenseLM, ModelOutput
+from elm_jax.models.dense import DenseLM
 from elm_jax.models.elastic import Supernet
 from elm_jax.precision import compute_dtype, with_compute_dtype
 from elm_jax.space import SearchSpace
@@ -34,13 +34,19 @@ class Student(nnx.Module):
     def __init__(self, space: SearchSpace, teacher_hidden: int, seed: int, *,
                  dtype: Any = jnp.float32, remat: bool = False):
         self.net = Supernet(space, rngs=nnx.Rngs(params=seed), dtype=dtype, remat=remat)
-        proj = init_projections(jax.random.key(seed + 1), space.hidden, space.inner, teacher_hidden,
-                                space.families)
-        self.proj = nnx.Dict({name: nnx.Dict({k: nnx.Param(v) for k, v in d.items()})
-                              for name, d in proj.items()})
+        self.proj = KDProjections(jax.random.key(seed + 1), space.hidden, space.inner, teacher_hidden,
+                                  space.families)
 
     def projections(self) -> dict[str, dict[str, jax.Array]]:
-        return {name: {k: v[...] for k, v in d.items()} for name, d in self.proj.items()}
+        return self.proj.arrays()
+
+
+# The derived metrics of both students' KD objectives: ``loss`` / ``correct`` of the LM sums.
+# ``kd_total`` (the KD objective, a per-device mean, summed over devices, steps and batches),
+# ``kd_count`` (how many such means were summed) and the supernet's ``kd_<part>_total`` are
+# reported as raw sums; ``kd = kd_total / kd_count`` is derived by their readers (the supernet
+# stage, the report).
+KD_RATIOS: dict[str, tuple[str, str]] = dict(LM_RATIOS)
 
 
 def distill_sums_fn(teacher_graphdef: Any, teacher_rest: Any, kind: str):
@@ -52,11 +58,12 @@ def distill_sums_fn(teacher_graphdef: Any, teacher_rest: Any, kind: str):
         t_emb, t_attn, t_block = jax.tree.map(jax.lax.stop_gradient, (t.embedding, t.attn_outs, t.block_outs))
         arch = local_arch(batch)
         out = student.net(batch["inputs"], arch, batch["mask"], batch["segment_ids"])
-        kd, parts = supernet_distill_loss(out, t_emb, t_attn, t_block, arch, batch["mask"],
-                                          student.projections(), kind)
+        attn = {f: getattr(out.layers, f"attn_{f}") for f in FAMILY_INDEX}
+        kd, parts = supernet_distill_loss(out.embedding, out.layers.block, attn, arch.family, arch.active,
+                                          t_emb, t_attn, t_block, batch["mask"], student.projections(), kind)
         ce = weighted_cross_entropy(out.logits, batch["targets"], batch["weights"])
-        # kd_* are per-device means (summed over devices, divided by kd_count); not named
-        # *_sum so the engine does not divide them by the token weight.
+        # kd_* are per-device means, summed over devices (kd = kd_total / kd_count); not in
+        # KD_RATIOS, so the engine reports them as raw sums.
         return ce | {"kd_total": kd, "kd_count": jnp.ones((), jnp.float32),
                      **{f"kd_{k}_total": v for k, v in parts.items()}}
 
@@ -67,7 +74,7 @@ def _kd_mean(s: Mapping[str, jax.Array]) -> jax.Array:
     return s["kd_total"] / jnp.maximum(s["kd_count"], 1.0)
 
 
-def supernet_trainer(cfg, space: SearchSpace, teacher: DenseLM, mesh) -> train_lib.Trainer:
+def supernet_trainer(cfg, space: SearchSpace, teacher: DenseLM, mesh) -> engine.Trainer:
     """The supernet stage's engine: a ``Student`` (supernet + KD projections) trained with
     ``D(teacher, student)`` summed over embedding / attention / block features (plus
     ``gt_weight`` x the MLM/CLM loss), the teacher's weights passed frozen to one compiled step.
@@ -90,7 +97,7 @@ def supernet_trainer(cfg, space: SearchSpace, teacher: DenseLM, mesh) -> train_l
 
     student = Student(space, teacher.cfg.hidden, cfg.seed, dtype=dtype, remat=bool(sc.get("remat", False)))
     tc = ConfigDict(sc.train.to_dict() | {"seed": cfg.seed})
-    return train_lib.Trainer(student, loss_fn, eval_fn, tc, mesh, frozen=t_params)
+    return engine.Trainer(student, loss_fn, eval_fn, tc, mesh, frozen=t_params, ratios=KD_RATIOS)
 
 
 class DenseStudent(nnx.Module):
@@ -99,46 +106,28 @@ class DenseStudent(nnx.Module):
     def __init__(self, model: DenseLM, teacher_hidden: int, seed: int):
         self.model = model
         fams = sorted({b.family for b in model.cfg.blocks})
-        proj = init_projections(jax.random.key(seed), model.cfg.hidden, model.cfg.inner,
-                                teacher_hidden, fams)
-        self.proj = nnx.Dict({name: nnx.Dict({k: nnx.Param(v) for k, v in d.items()})
-                              for name, d in proj.items()})
+        self.proj = KDProjections(jax.random.key(seed), model.cfg.hidden, model.cfg.inner,
+                                  teacher_hidden, fams)
 
-    def projections(self) -> dict:
-        return {name: {k: v[...] for k, v in d.items()} for name, d in self.proj.items()}
+    def projections(self) -> dict[str, dict[str, jax.Array]]:
+        return self.proj.arrays()
 
 
-def supernet_layout(out: ModelOutput, model: DenseLM):
-    """The dense output as stacked supernet features (``[L, B, S, .]`` per family slot) and the
-    all-active :class:`ArchArrays` of the model, for :func:`supernet_distill_loss`."""
-    from elm_jax.models.elastic import LayerFeatures
-
-    fams = [b.family for b in model.cfg.blocks]
+def _attn_by_family(attn_outs: tuple[jax.Array, ...], fams: list[str]) -> dict[str, jax.Array]:
+    """A dense model's per-layer attention outputs as the supernet lays them out: per family on
+    its menu, ``[L, B, S, .]`` with that family's layers' outputs and zeros at the others."""
     slots = {}
-    for f in ("bert", "mobilebert"):
+    for f in FAMILY_INDEX:
         if f not in fams:
-            slots[f] = None
             continue
-        like = next(a for a, g in zip(out.attn_outs, fams) if g == f)
-        slots[f] = jnp.stack([a if g == f else jnp.zeros_like(like) for a, g in zip(out.attn_outs, fams)])
-    feats = LayerFeatures(block=jnp.stack(out.block_outs), attn_bert=slots["bert"],
-                          attn_mobilebert=slots["mobilebert"])
-    n = len(fams)
-    arch = ArchArrays(family=jnp.asarray([FAMILY_INDEX[f] for f in fams], jnp.int32),
-                      candidate=jnp.zeros(n, jnp.int32),
-                      width=jnp.asarray([b.ffn for b in model.cfg.blocks], jnp.int32),
-                      heads=jnp.asarray([b.heads for b in model.cfg.blocks], jnp.int32),
-                      active=jnp.ones(n, bool))
-
-    class _Out:  # the two fields supernet_distill_loss reads
-        embedding = out.embedding
-        layers = feats
-
-    return _Out, arch
+        like = next(a for a, g in zip(attn_outs, fams) if g == f)
+        slots[f] = jnp.stack([a if g == f else jnp.zeros_like(like) for a, g in zip(attn_outs, fams)])
+    return slots
 
 
 def kd_fns(teacher_graphdef, teacher_rest, kind: str, gt_weight: float):
-    """``loss_fn`` / ``eval_fn`` of dense KD retraining for the engine (teacher as ``frozen``)."""
+    """``loss_fn`` / ``eval_fn`` of dense KD retraining for the engine (teacher as ``frozen``);
+    their metrics are derived with :data:`KD_RATIOS`."""
 
     def sums(student: DenseStudent, batch: dict, teacher_params, deterministic: bool, rng=None):
         teacher = nnx.merge(teacher_graphdef, teacher_params, teacher_rest)
@@ -147,8 +136,12 @@ def kd_fns(teacher_graphdef, teacher_rest, kind: str, gt_weight: float):
         out = student.model(batch["inputs"], batch["mask"], batch["segment_ids"],
                             deterministic=deterministic,
                             rngs=None if rng is None else nnx.Rngs(dropout=rng))
-        s_out, arch = supernet_layout(out, student.model)
-        kd, _ = supernet_distill_loss(s_out, *t, arch, batch["mask"], student.projections(), kind)
+        fams = [b.family for b in student.model.cfg.blocks]
+        family = jnp.asarray([FAMILY_INDEX[f] for f in fams], jnp.int32)
+        active = jnp.ones(len(fams), bool)  # every layer of a dense model is active
+        kd, _ = supernet_distill_loss(out.embedding, jnp.stack(out.block_outs),
+                                      _attn_by_family(out.attn_outs, fams), family, active,
+                                      *t, batch["mask"], student.projections(), kind)
         ce = weighted_cross_entropy(out.logits, batch["targets"], batch["weights"])
         return kd, ce
 

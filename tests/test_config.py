@@ -127,3 +127,13 @@ def test_cli_data_stage_and_clear_errors(tmp_path):
 
     locked = _cli("--config=configs/mlm.py:test", f"--workdir={tmp_path}", "--config.data.no_such_field=1")
     assert locked.returncode != 0 and "no_such_field" in locked.stderr
+
+
+def test_budget_min_above_max_is_refused_by_the_config():
+    """The config reads budgets with the search's parser, so a minimum above its maximum is
+    refused before any compute (it was a preflight check after the data stage)."""
+    cfg = load_config("configs/mlm.py:test")
+    cfg.search.budgets = [{"name": "a", "min_params": 2000, "max_params": 1000, "max_flops": None}]
+    with pytest.raises(ConfigError) as e:
+        config_lib.validate(cfg)
+    assert str(e.value) == "config.search.budgets[0].min_params: exceeds max_params=1,000 (got 2,000)"

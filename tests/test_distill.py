@@ -258,6 +258,12 @@ def np_supernet_loss(out, te, ta, tb, arch, m, proj, kind):
     return emb + attn + block, {"embedding": emb, "attn": attn, "block": block}
 
 
+def student_args(out, arch):
+    """The student arguments of ``supernet_distill_loss`` from a supernet output and its arch."""
+    attn = {f: getattr(out.layers, f"attn_{f}") for f in FAMILY_INDEX}
+    return out.embedding, out.layers.block, attn, arch.family, arch.active
+
+
 @pytest.mark.parametrize("kind", ["pearson", "mse"])
 def test_supernet_distill_loss_equals_python_loop(kind):
     rng = np.random.default_rng(5)
@@ -273,13 +279,14 @@ def test_supernet_distill_loss_equals_python_loop(kind):
                            ([0, 0, 1, 0], [0, 1, 0, 0])):
         arch = make_arch(family, active)
         out = fake_student(rng, arch)
-        loss, parts = fn(out, te, ta, tb, arch, m, proj, kind=kind)
+        loss, parts = fn(*student_args(out, arch), te, ta, tb, m, proj, kind=kind)
         ref, ref_parts = np_supernet_loss(out, te, ta, tb, arch, m, proj, kind)
         np.testing.assert_allclose(float(loss), ref, rtol=1e-4)
         for name in ("embedding", "attn", "block"):
             np.testing.assert_allclose(float(parts[name]), ref_parts[name], rtol=1e-4, atol=1e-6)
         # teacher given as tuples of per-layer arrays (dense ModelOutput form) gives the same
-        loss_t, _ = distill.supernet_distill_loss(out, te, tuple(ta), tuple(tb), arch, m, proj, kind)
+        loss_t, _ = distill.supernet_distill_loss(*student_args(out, arch), te, tuple(ta), tuple(tb), m, proj,
+                                                  kind)
         np.testing.assert_allclose(float(loss_t), float(loss), rtol=1e-6)
 
 
@@ -295,7 +302,7 @@ def test_absent_family_projection_gets_zero_gradient():
     out = fake_student(rng, arch)
     out = out.replace(layers=out.layers._replace(
         attn_mobilebert=rng.normal(size=(L, B, S, I)).astype(np.float32)))  # even non-zero features
-    grads = jax.grad(lambda p: distill.supernet_distill_loss(out, te, ta, tb, arch, m, p)[0])(proj)
+    grads = jax.grad(lambda p: distill.supernet_distill_loss(*student_args(out, arch), te, ta, tb, m, p)[0])(proj)
     for leaf in jax.tree.leaves(grads["attn_mobilebert"]):
         assert float(jnp.abs(leaf).max()) == 0.0
     assert float(jnp.abs(grads["attn_bert"]["kernel"]).max()) > 0
@@ -305,7 +312,7 @@ def test_absent_family_projection_gets_zero_gradient():
     assert "attn_mobilebert" not in proj_b
     out_b = out.replace(layers=out.layers._replace(attn_mobilebert=None))
     arch_b = make_arch([0, 0, 0, 0], [1, 0, 1, 1])
-    loss, _ = jax.jit(distill.supernet_distill_loss)(out_b, te, ta, tb, arch_b, m, proj_b)
+    loss, _ = jax.jit(distill.supernet_distill_loss)(*student_args(out_b, arch_b), te, ta, tb, m, proj_b)
     assert np.isfinite(float(loss))
     with pytest.raises(ValueError):
         distill.init_projections(jax.random.key(0), H, I, HT, ("gpt",))
@@ -332,7 +339,7 @@ def test_supernet_distill_loss_on_real_supernet_traced_arch():
     def step(state, proj, arrays):
         def f(state, proj):
             out = nnx.merge(graphdef, state)(ids, arrays, m)
-            return distill.supernet_distill_loss(out, te, ta, tb, arrays, m, proj)[0]
+            return distill.supernet_distill_loss(*student_args(out, arrays), te, ta, tb, m, proj)[0]
         return jax.value_and_grad(f, argnums=(0, 1))(state, proj)
 
     for _ in range(3):
@@ -346,3 +353,22 @@ def test_supernet_distill_loss_on_real_supernet_traced_arch():
             gmax = float(jnp.abs(gp[f"attn_{fam}"]["kernel"]).max())
             assert (gmax > 0) == used, (fam, gmax, arch)
     assert step._cache_size() == 1
+
+
+def test_kd_projections_module_holds_init_projections():
+    """One module for both students: the values of ``init_projections`` with the same key, as
+    parameters ``<name>.<kernel|bias>`` (``proj.<name>.<k>`` in a student's checkpoint)."""
+    from flax import nnx
+
+    want = distill.init_projections(jax.random.key(4), H, I, HT, ("bert", "mobilebert"))
+    mod = distill.KDProjections(jax.random.key(4), H, I, HT, ("bert", "mobilebert"))
+    flat = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(nnx.state(mod, nnx.Param))}
+    assert set(flat) == {f"{n}.{k}" for n in want for k in ("kernel", "bias")}
+    got = mod.arrays()
+    assert list(got) == list(want)
+    for n in want:
+        for k in ("kernel", "bias"):
+            np.testing.assert_array_equal(np.asarray(got[n][k]), np.asarray(want[n][k]))
+            np.testing.assert_array_equal(np.asarray(flat[f"{n}.{k}"][...]), np.asarray(want[n][k]))
+    only_bert = distill.KDProjections(jax.random.key(4), H, I, HT, ("bert",))
+    assert list(only_bert.arrays()) == ["shared", "attn_bert"]

@@ -22,7 +22,7 @@ from elm_jax.models.dense import BlockSpec, DenseConfig, init_dense
 from elm_jax.data.tasks import SentenceBatches, encode_examples, load_task, pair_lengths
 from elm_jax.models.classifier import Classifier, encoder_of, load_classifier
 from elm_jax.models.io import save_model
-from elm_jax.stages.finetune import fine_tuned_teacher, make_loss_fns
+from elm_jax.stages.finetune import fine_tuned_teacher, make_loss_fns, metric_ratios
 from elm_jax.stages.finetune import run as run_finetune_stage
 
 WORDS = ("the", "cat", "sat", "on", "a", "mat", "dog", "ran", "far", "good", "bad", "film", "was", "very",
@@ -278,7 +278,8 @@ def test_kd_moves_the_student_to_a_fixed_teacher():
     mesh = sharding.make_mesh(None)  # all 8 test devices: the KD step with a sharded batch and teacher
     tc = ConfigDict({"steps": 20, "lr": 1e-2, "warmup_frac": 0.1, "weight_decay": 0.01, "clip_norm": 1.0,
                      "seed": 0})
-    trainer = train_lib.Trainer(student, loss_fn, eval_fn, tc, mesh, frozen=frozen)
+    trainer = train_lib.Trainer(student, loss_fn, eval_fn, tc, mesh, frozen=frozen,
+                                ratios=metric_ratios("dist"))
     src = SentenceBatches(data, 16, 0)
     state = trainer.init_state()
     before = train_lib.evaluate(trainer, state, src)
@@ -343,3 +344,19 @@ def test_finetune_stage_on_glue_with_dist_from_the_fine_tuned_teacher(tmp_path, 
     cfg.finetune.teacher_train.lr = 0.5  # a cache made with other settings is refused, not reused
     with pytest.raises(ValueError, match="other settings"):
         fine_tuned_teacher(cfg, wd, task, sharding.make_mesh(cfg.mesh))
+
+
+@pytest.mark.parametrize("kd", ["none", "dist"])
+def test_metric_ratios_derive_what_the_old_sum_rule_did(kd):
+    """The declared ratios give the keys and values of the former implicit rule (every
+    ``X_sum`` divided by ``weight_sum``); confusion counts and ``kd_total`` stay raw sums."""
+    from elm_jax.engine.trainer import derive_ratios
+
+    sums = {"agree_sum": 5.0, "confusion_0_0": 3.0, "confusion_0_1": 1.0, "correct_sum": 4.0,
+            "kd_count": 2.0, "kd_total": 0.7, "loss_sum": 6.5, "weight_sum": 8.0}
+    if kd == "none":
+        sums = {k: v for k, v in sums.items() if not k.startswith(("agree", "kd_"))}
+    old = dict(sums) | {k[:-4]: v / sums["weight_sum"] for k, v in sums.items()
+                        if k.endswith("_sum") and k != "weight_sum"}
+    got = derive_ratios(sums, metric_ratios(kd))
+    assert list(got) == list(old) and got == old

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -371,3 +372,105 @@ def test_search_stage_end_to_end(tmp_path, capsys):
     assert run_search_stage(cfg, tmp_path, data, progress=False) == json.loads(
         (out / "result.json").read_text())
     assert "complete already" in capsys.readouterr().out
+
+
+BAD_BUDGETS = [
+    {"name": "x", "max_parms": 1},
+    {"name": "x", "max_params": "16k"},
+    {"name": "x", "max_flops": -1},
+    {"name": "x", "max_params": float("nan")},
+    {"name": "x", "min_flops": True},
+    {"name": "a b"},
+    {"name": "teacher"},
+    {"name": 3},
+    {"max_params": 10},
+    {"name": "x", "min_params": 2, "max_params": 1},
+    {"name": "x", "min_latency_ms": 2.0, "max_latency_ms": 1.5},
+]
+
+
+@pytest.mark.parametrize("bad", BAD_BUDGETS, ids=[repr(b) for b in BAD_BUDGETS])
+def test_config_and_constraints_reject_a_bad_budget_with_the_same_reason(mlm, bad):
+    """One parser: config.validate and Constraints.from_budget give the same field, reason and
+    value for every bad budget (the config prefixes ``config.search.budgets[i]``)."""
+    from elm_jax.config import ConfigError, load_config, validate
+    from elm_jax.search.constraints import budget_field
+
+    space, widths, _ = mlm
+    with pytest.raises(SearchError) as e:
+        Constraints.from_budget(bad, space, widths, SEQ)
+    err = e.value
+    lone = budget_field(bad)
+    assert err.reason and err.field.startswith(lone) and str(err).startswith(f"{err.field}: {err.reason}")
+    cfg = load_config("configs/mlm.py:test")
+    cfg.search.budgets = [{"name": "fine", "max_params": 10**9}, bad]
+    with pytest.raises(ConfigError) as c:
+        validate(cfg, ["search"])
+    want = f"config.search.budgets[1]{err.field[len(lone):]}: {err.reason}"
+    assert str(c.value) == want + ("" if err.got is None else f" (got {err.got})")
+
+
+def test_budget_list_checks_and_one_reachability_test(mlm):
+    from elm_jax.search.constraints import check_reachable, parse_budgets
+
+    space, widths, _ = mlm
+    assert parse_budgets([{"name": "a", "max_params": 5}, {"name": "b"}]) == [
+        ("a", {"max_params": 5.0}), ("b", {})]
+    for budgets, needle in (([], "search.budgets: must be a non-empty list of dicts"),
+                            ([{"name": "a"}, {"name": "a"}], "search.budgets: budget names must be unique"),
+                            ([{"name": "a"}, {"name": "b", "max_flop": 1}], "search.budgets[1]: unknown keys")):
+        with pytest.raises(SearchError, match="^" + re.escape(needle)):
+            parse_budgets(budgets)
+    # None is an absent bound, for the config and the constraints alike
+    assert parse_budgets([{"name": "a", "max_params": None}]) == [("a", {})]
+    # check_feasible is check_reachable at one widths state
+    r = reachable_ranges(space, widths, SEQ)
+    lo = r["params"][0]
+    c = Constraints.from_budget({"name": "tiny", "max_params": lo - 1}, space, widths, SEQ)
+    with pytest.raises(SearchError) as a:
+        check_feasible(space, widths, c)
+    with pytest.raises(SearchError) as b:
+        check_reachable("tiny", c.bounds, r, r, field="search.budgets[0]")
+    assert a.value.reason == b.value.reason and a.value.got == b.value.got == f"{lo - 1:,}"
+    assert a.value.field == "budgets['tiny'].max_params" and b.value.field == "search.budgets[0].max_params"
+
+
+BAD_SEARCH = [("population", 5), ("population", 0), ("generations", 2.0), ("parents", True),
+              ("mutations", -1), ("crossovers", "2"), ("mutation_prob", 1.5), ("mutation_prob", -0.1),
+              ("mutation_prob", "0.3"), ("eval_batches", 0)]
+
+
+@pytest.mark.parametrize("key,value", BAD_SEARCH, ids=[f"{k}={v!r}" for k, v in BAD_SEARCH])
+def test_config_and_search_reject_bad_search_settings_with_the_same_message(key, value):
+    from elm_jax.config import ConfigError, load_config, validate
+    from elm_jax.search.evolution import SEARCH_PARAMS, _search_params, check_search_params
+
+    search = ConfigDict(SEARCH_CFG.to_dict())
+    with search.ignore_type():
+        search[key] = value
+    with pytest.raises(SearchError) as e:
+        check_search_params(search, SEARCH_PARAMS)
+    assert e.value.field == f"search.{key}" and e.value.got == repr(value)
+    if key != "eval_batches":  # the evolution's own check is the same one
+        with pytest.raises(SearchError) as e2:
+            _search_params(search)
+        assert str(e2.value) == str(e.value)
+    cfg = load_config("configs/mlm.py:test")
+    cfg.search.update(SEARCH_CFG.to_dict())
+    with cfg.search.ignore_type():
+        cfg.search[key] = value
+    with pytest.raises(ConfigError) as c:
+        validate(cfg, ["search"])
+    assert str(c.value) == f"config.{e.value}"
+    assert str(c.value).startswith(f"config.search.{key}: ")
+
+
+def test_search_params_are_the_evolution_settings():
+    from elm_jax.search.evolution import _search_params
+
+    p = _search_params(SEARCH_CFG)
+    assert p == {"population": 8, "generations": 4, "parents": 3, "mutations": 3, "crossovers": 2,
+                 "mutation_prob": 0.3}
+    assert list(p) == ["population", "generations", "parents", "mutations", "crossovers", "mutation_prob"]
+    with pytest.raises(SearchError, match=r"^search\.mutation_prob: missing field"):
+        _search_params({k: v for k, v in SEARCH_CFG.items() if k != "mutation_prob"})

@@ -255,3 +255,66 @@ def test_model_from_state(trainer1):
     model = trainer1.model_from_state(state)
     logits = model(jnp.zeros((2, T.SEQ), jnp.int32))
     assert logits.shape == (2, T.SEQ, T.VOCAB)
+
+
+# ----------------------------------------------------------------------------
+# metric contract: only the declared ratios are derived
+
+
+def _extra_eval_fn(model, batch):
+    """The toy eval sums plus an undeclared ``extra_sum`` and a ``rows`` count."""
+    out = T.eval_fn(model, batch)
+    return out | {"extra_sum": 2.0 * out["weight_sum"], "rows": jnp.ones((), jnp.float32)}
+
+
+class _UnevenEval:
+    """Three fixed eval batches with different numbers of weighted tokens."""
+
+    def batches(self, process_index, process_count):
+        src = T.ToySource(seed=77)
+        for i in range(3):
+            b = src.global_batch(i)
+            b["weights"][:, i + 2:] = 0.0
+            b["mask"] = (b["weights"] != 0).astype(np.int32)
+            n = T.BATCH // process_count
+            yield {k: v[process_index * n:(process_index + 1) * n] for k, v in b.items()}
+
+
+def test_undeclared_metric_is_not_divided(mesh1, tmp_path):
+    ratios = {"loss": ("loss_sum", "weight_sum")}
+    tr = train.Trainer(T.make_model(), T.loss_fn, _extra_eval_fn, T.make_tc(steps=2), mesh1, ratios=ratios)
+    got = train.evaluate(tr, tr.init_state(), _UnevenEval())
+    assert set(got) == {"loss_sum", "weight_sum", "correct_sum", "extra_sum", "rows", "loss"}
+    assert got["extra_sum"] == 2.0 * got["weight_sum"]  # raw sum, not divided by weight_sum
+    assert got["rows"] == 3.0
+    # the train log too: correct_sum is a raw sum when `correct` is not declared
+    _, summary = train.fit(tr, T.ToySource(), _UnevenEval(), tmp_path, name="undeclared")
+    assert "correct" not in summary["train"] and "correct" not in summary["eval"]
+    assert "extra" not in summary["eval"] and "correct_sum" in summary["train"]
+    # the engine's default is LM_RATIOS only
+    assert train.Trainer(T.make_model(), T.loss_fn, T.eval_fn, T.make_tc(steps=1), mesh1).ratios == {
+        "loss": ("loss_sum", "weight_sum"), "correct": ("correct_sum", "weight_sum")}
+    with pytest.raises(ValueError, match="ratios"):
+        train.Trainer(T.make_model(), T.loss_fn, T.eval_fn, T.make_tc(steps=1), mesh1, ratios={"x": "x_sum"})
+
+
+def test_declared_ratio_is_the_global_ratio_over_the_eval_set(mesh1):
+    ratios = {"loss": ("loss_sum", "weight_sum"), "extra_per_row": ("extra_sum", "rows"),
+              "loss_per_correct": ("loss_sum", "correct_sum")}
+    tr = train.Trainer(T.make_model(), T.loss_fn, _extra_eval_fn, T.make_tc(steps=1), mesh1, ratios=ratios)
+    state = tr.init_state()
+    got = train.evaluate(tr, state, _UnevenEval())
+    per_batch = [jax.device_get(tr.eval_step(state, shd.global_batch(b, mesh1)))
+                 for b in _UnevenEval().batches(0, 1)]
+    tot = {k: sum(float(p[k]) for p in per_batch) for k in per_batch[0]}
+    weights = [float(p["weight_sum"]) for p in per_batch]
+    assert len(set(weights)) == 3  # uneven batches: a mean of batch means would differ
+    assert got["loss"] == pytest.approx(tot["loss_sum"] / tot["weight_sum"], rel=1e-6)
+    assert got["loss"] != pytest.approx(np.mean([float(p["loss_sum"]) / float(p["weight_sum"])
+                                                 for p in per_batch]), rel=1e-6)
+    assert got["extra_per_row"] == pytest.approx(2.0 * tot["weight_sum"] / 3.0, rel=1e-6)
+    assert got["loss_per_correct"] == pytest.approx(tot["loss_sum"] / tot["correct_sum"], rel=1e-6)
+    assert got["loss"] == got["loss_sum"] / got["weight_sum"]
+    # a denominator of zero gives NaN, not an error
+    zero = train.trainer.derive_ratios({"a_sum": 1.0, "n": 0.0}, {"a": ("a_sum", "n")})
+    assert np.isnan(zero["a"])

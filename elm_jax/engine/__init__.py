@@ -14,7 +14,13 @@ Shape of it (after google/flax ``examples/lm1b_nnx``):
   metrics on the host only every ``log_every`` steps, one step late, so the device never waits
   (:mod:`.metrics` writes them);
 * the optimiser is AdamW with warm-up and linear decay (:mod:`.optim`); losses are in
-  :mod:`.losses`.
+  :mod:`.losses`;
+* ``loss_fn`` / ``eval_fn`` return metric *sums* (added over devices, log windows and eval
+  batches); the engine divides none of them on its own: each :class:`~.trainer.Trainer`
+  declares its derived metrics as ``ratios={name: (numerator, denominator)}`` (default
+  :data:`~.losses.LM_RATIOS`, ``loss = loss_sum / weight_sum`` and
+  ``correct = correct_sum / weight_sum``), reported next to the raw sums
+  (:func:`~.trainer.derive_ratios`).
 
 The names below are the engine's public API, re-exported for ``from elm_jax import engine``.
 """

@@ -21,7 +21,7 @@ from elm_jax.engine.trainer import (
     Trainer,
     TrainSource,
     TrainState,
-    _derive,
+    derive_ratios,
     evaluate,
 )
 from elm_jax.fields import get as get_field
@@ -188,7 +188,7 @@ def fit(
                 for k, v in host.items()
                 if k not in ("first_bad_step", "finite_steps", "lr", "skipped", "loss", "grad_norm")
             }
-            last_train = _derive(scalars)
+            last_train = derive_ratios(scalars, trainer.ratios)
             last_train.update(
                 loss=host["loss"] / n,
                 grad_norm=host["grad_norm"] / n,

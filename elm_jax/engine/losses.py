@@ -5,6 +5,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+# The metrics derived from :func:`weighted_cross_entropy`'s sums, as engine ratios
+# ``{name: (numerator, denominator)}``: token-mean loss and accuracy over the whole eval set.
+LM_RATIOS: dict[str, tuple[str, str]] = {"loss": ("loss_sum", "weight_sum"),
+                                          "correct": ("correct_sum", "weight_sum")}
+
 
 def weighted_cross_entropy(
     logits_BxLxV: jax.Array, targets_BxL: jax.Array, weights_BxL: jax.Array

@@ -10,8 +10,9 @@ Shape of it (after google/flax ``examples/lm1b_nnx``):
 * the data position IS the step: a data source is a pure function of
   ``(seed, step)``, and the state carries ``step`` and ``rng``, so a run killed and
   rerun from its checkpoint reproduces the uninterrupted run bit for bit (on CPU);
-* the host loop (:func:`fit`) dispatches steps asynchronously and touches metrics on
-  the host only every ``log_every`` steps, one step late, so the device never waits.
+* the host loop (:func:`elm_jax.engine.loop.fit`) dispatches steps asynchronously and
+  touches metrics on the host only every ``log_every`` steps, one step late, so the
+  device never waits.
 
 Config fields read from ``tc`` (a ConfigDict / any attribute object):
 ``steps, lr, warmup_frac, weight_decay, b1, b2, eps, clip_norm, log_every, eval_every,
@@ -19,11 +20,17 @@ checkpoint_every, keep_checkpoints, nan_policy ('stop' | 'skip'), seed``.
 
 Function contracts:
 ``loss_fn(model, batch, rng) -> (loss, metrics)``: ``loss`` is the scalar that is
-differentiated (e.g. a weighted mean), ``metrics`` a dict of scalar *sums* over the
-batch (e.g. ``loss_sum``, ``weight_sum``, ``correct_sum``). ``eval_fn(model, batch) ->
-metrics`` likewise returns sums. Any ``<name>_sum`` with a ``weight_sum`` next to it is
-reported as ``<name> = <name>_sum / weight_sum``, so eval ``loss`` is the token-weighted
-mean over the whole eval set, independent of how it is split into batches.
+differentiated (e.g. a weighted mean), ``metrics`` a dict of scalars that are *summed*
+over the steps of a log window (and over devices, by the caller's ``sharded_sums``).
+``eval_fn(model, batch) -> metrics`` likewise returns sums, added over all eval batches.
+
+Metric contract: the engine divides nothing on its own. The ``Trainer``'s ``ratios``
+(``{derived name: (numerator, denominator)}``, default :data:`LM_RATIOS`:
+``loss = loss_sum / weight_sum``, ``correct = correct_sum / weight_sum``) declares the
+derived metrics; each is reported next to the raw sums, as the ratio of the two sums over
+the whole window / eval set (so eval ``loss`` is the token-weighted mean over the eval set,
+independent of how it is split into batches), and only when both sums are among the metrics.
+Every other metric is reported as its raw sum (:func:`derive_ratios`).
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from jax.sharding import Mesh
 
 from elm_jax.engine import checkpoint as ckpt_lib
 from elm_jax.engine import sharding as shd
+from elm_jax.engine.losses import LM_RATIOS
 from elm_jax.engine.optim import lr_schedule, make_optimizer
 from elm_jax.fields import get as get_field
 
@@ -126,14 +134,34 @@ def _reduce_metrics(acc: dict, m: dict) -> dict:
     return out
 
 
-def _derive(sums: Mapping[str, float]) -> dict[str, float]:
-    """Adds ``<name> = <name>_sum / weight_sum`` for every ``<name>_sum``."""
+Ratios = Mapping[str, tuple[str, str]]
+
+
+
+def derive_ratios(sums: Mapping[str, float], ratios: Ratios) -> dict[str, float]:
+    """``sums`` plus ``name = sums[num] / sums[den]`` for each declared ``name: (num, den)``
+    whose two sums are present (NaN when the denominator is not positive).
+
+    Nothing else is divided. The derived names follow the sums, in the order of their
+    numerators in ``sums``.
+    """
     out = dict(sums)
-    w = sums.get("weight_sum")
-    if w is not None:
-        for k, v in sums.items():
-            if k.endswith("_sum") and k != "weight_sum":
-                out[k[:-4]] = float(v) / float(w) if float(w) > 0 else float("nan")
+    pos = {k: i for i, k in enumerate(sums)}
+    present = [(name, num, den) for name, (num, den) in ratios.items() if num in sums and den in sums]
+    for name, num, den in sorted(present, key=lambda r: pos[r[1]]):
+        w = float(sums[den])
+        out[name] = float(sums[num]) / w if w > 0 else float("nan")
+    return out
+
+
+def _check_ratios(ratios: Ratios) -> dict[str, tuple[str, str]]:
+    out = {}
+    for name, pair in ratios.items():
+        if not (isinstance(name, str) and isinstance(pair, (tuple, list)) and len(pair) == 2
+                and all(isinstance(x, str) for x in pair)):
+            raise ValueError(f"ratios: expected {{name: (numerator, denominator)}} of strings, "
+                             f"got {name!r}: {pair!r}")
+        out[name] = (pair[0], pair[1])
     return out
 
 
@@ -147,6 +175,10 @@ class Trainer:
       tc: train config (see module docstring for fields).
       mesh: from :func:`elm_jax.engine.sharding.make_mesh`.
       optimizer: overrides :func:`make_optimizer` (e.g. to freeze parts).
+      frozen: a pytree passed as the last argument of ``loss_fn`` / ``eval_fn`` (e.g. a
+        teacher's parameters); never trained or checkpointed.
+      ratios: the derived metrics, ``{name: (numerator sum, denominator sum)}`` (see the
+        module docstring); default :data:`LM_RATIOS`.
 
     Attributes:
       graphdef: the model's static structure (from the one ``nnx.split``).
@@ -172,8 +204,10 @@ class Trainer:
         *,
         optimizer: optax.GradientTransformation | None = None,
         frozen: Any = None,
+        ratios: Ratios | None = None,
     ):
         self.tc = tc
+        self.ratios = _check_ratios(LM_RATIOS if ratios is None else ratios)
         self.mesh = mesh
         self.loss_fn = loss_fn
         self.eval_fn = eval_fn
@@ -315,7 +349,7 @@ class Trainer:
 def evaluate(trainer: Trainer, state: TrainState, eval_source: EvalSource) -> dict[str, float]:
     """Sums ``eval_fn`` over all eval batches (on device, one host fetch at the end).
 
-    Returns the sums plus ``<name> = <name>_sum / weight_sum`` (e.g. ``loss``).
+    Returns the sums plus the trainer's declared ratios of them (:func:`derive_ratios`).
     """
     if trainer.eval_fn is None or eval_source is None:
         return {}
@@ -325,7 +359,7 @@ def evaluate(trainer: Trainer, state: TrainState, eval_source: EvalSource) -> di
         sums = out if sums is None else trainer._add(sums, out)  # pylint: disable=protected-access
     if sums is None:
         return {}
-    return _derive({k: float(v) for k, v in jax.device_get(sums).items()})
+    return derive_ratios({k: float(v) for k, v in jax.device_get(sums).items()}, trainer.ratios)
 
 
 # ----------------------------------------------------------------------------

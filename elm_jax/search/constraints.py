@@ -29,8 +29,8 @@ import numpy as np
 
 from elm_jax import arch as arch_lib
 from elm_jax.accounting import count_flops, count_params, reachable_ranges
-from elm_jax.space import SearchSpace
 from elm_jax.arch import Arch
+from elm_jax.space import SearchSpace
 
 QUANTITIES = ("params", "flops", "latency_ms")
 BOUND_KEYS = tuple(f"{m}_{q}" for q in QUANTITIES for m in ("min", "max"))

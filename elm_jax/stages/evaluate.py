@@ -6,13 +6,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-
 from elm_jax.distributed import is_main_process
 from elm_jax.engine import sharding
 from elm_jax.fileio import atomic_write_json
 from elm_jax.lm import evaluate_lm
-from elm_jax.models.io import flat_params, is_model_dir, load_model
-from elm_jax.models.io import final_models
+from elm_jax.models.io import final_models, flat_params, is_model_dir, load_model
 
 
 def run(cfg, workdir: str | os.PathLike, data) -> dict[str, Any]:

@@ -19,9 +19,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-
-from elm_jax.distributed import is_main_process
 from elm_jax.accounting import count_flops, count_params
+from elm_jax.distributed import is_main_process
 from elm_jax.dynamic import cka_head_counts
 from elm_jax.fileio import atomic_write_json
 from elm_jax.models.extract import with_heads

@@ -46,13 +46,13 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
-from elm_jax.distributed import is_main_process
-from elm_jax import engine as train_lib
+from elm_jax import engine
 from elm_jax.data import glue
 from elm_jax.data.tasks import SentenceBatches, TaskData, load_task
 from elm_jax.distill import dist_logit_loss, soft_cross_entropy
+from elm_jax.distributed import is_main_process
 from elm_jax.engine import sharding
-from elm_jax.engine.losses import weighted_cross_entropy
+from elm_jax.engine.losses import LM_RATIOS, weighted_cross_entropy
 from elm_jax.fileio import atomic_write_json
 from elm_jax.models.classifier import Classifier, encoder_of, load_classifier, save_classifier
 from elm_jax.models.io import final_models, load_model
@@ -82,7 +82,8 @@ def _logits(model: Classifier, batch, rng=None):
 
 def _sums(logits, batch, num_classes: int, confusion: bool) -> dict[str, jax.Array]:
     """Cross-entropy / accuracy sums and, with ``confusion``, the weighted confusion counts
-    ``confusion_<true>_<pred>`` (raw counts: no ``_sum`` suffix, so the engine does not divide them)."""
+    ``confusion_<true>_<pred>`` (raw counts: not in :func:`metric_ratios`, so the engine reports
+    them undivided)."""
     s = weighted_cross_entropy(logits, batch["labels"], batch["weights"])
     if not confusion:
         return s
@@ -99,6 +100,17 @@ def confusion_of(metrics: Mapping[str, float], num_classes: int) -> np.ndarray:
                      for t in range(num_classes)])
 
 
+def metric_ratios(kd: str = "none") -> dict[str, tuple[str, str]]:
+    """The derived metrics of :func:`make_loss_fns`'s sums for the engine: ``loss`` (mean
+    cross-entropy) and ``correct`` (accuracy) over the weighted rows; with KD also ``agree``
+    (the fraction of rows where student and teacher predict the same class). ``kd_total`` /
+    ``kd_count`` and the confusion counts stay raw sums."""
+    ratios = dict(LM_RATIOS)
+    if kd != "none":
+        ratios["agree"] = ("agree_sum", "weight_sum")
+    return ratios
+
+
 def kd_term(kind: str, student_logits, teacher_logits, weights, temperature: float) -> jax.Array:
     """``KD(student, teacher)`` over the batch's rows of nonzero weight: DIST or soft CE."""
     return KD_LOSSES[kind](student_logits, teacher_logits, temperature, weights)
@@ -106,7 +118,8 @@ def kd_term(kind: str, student_logits, teacher_logits, weights, temperature: flo
 
 def make_loss_fns(num_classes: int, kd: str = "none", kd_weight: float = 0.0, temperature: float = 1.0,
                   teacher: Classifier | None = None) -> tuple[Callable, Callable, Any]:
-    """``(loss_fn, eval_fn, frozen)`` for :class:`elm_jax.train.Trainer`.
+    """``(loss_fn, eval_fn, frozen)`` for :class:`elm_jax.engine.Trainer` (with
+    ``ratios=metric_ratios(kd)``).
 
     ``loss = CE(labels) + kd_weight * KD(student logits, teacher logits)`` (student dropout on,
     teacher deterministic and outside the gradient). With KD the teacher's parameters are
@@ -162,13 +175,13 @@ def fine_tune(model: Classifier, data: TaskData, tc: ConfigDict, batch_size: int
     """Trains ``model`` on ``data`` (resumable run ``workdir/name``) and evaluates it: returns the
     trained classifier and its result entry (validation / test metrics, steps)."""
     loss_fn, eval_fn, frozen = make_loss_fns(data.num_classes, kd, kd_weight, temperature, teacher)
-    trainer = train_lib.Trainer(model, loss_fn, eval_fn, ConfigDict(tc.to_dict() | {"seed": seed}), mesh,
-                                frozen=frozen)
-    state, summary = train_lib.fit(trainer, SentenceBatches(data.train, batch_size, seed),
+    trainer = engine.Trainer(model, loss_fn, eval_fn, ConfigDict(tc.to_dict() | {"seed": seed}), mesh,
+                                frozen=frozen, ratios=metric_ratios(kd))
+    state, summary = engine.fit(trainer, SentenceBatches(data.train, batch_size, seed),
                                    SentenceBatches(data.validation, batch_size, 0), workdir, name=name,
                                    meta={"task": data.task, "kd": kd})
     val = summary["eval"]
-    tests = {s: train_lib.evaluate(trainer, state, SentenceBatches(d, batch_size, 0))
+    tests = {s: engine.evaluate(trainer, state, SentenceBatches(d, batch_size, 0))
              for s, d in data.tests.items()}
     metrics = {s: glue.classification_metrics(confusion_of(m, data.num_classes), data.metric_names)
                for s, m in tests.items()}

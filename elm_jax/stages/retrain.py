@@ -1,9 +1,9 @@
 """The retrain stage: KD re-training of each exported model from its inherited weights.
 
 The student is the exported dense model plus fresh distillation projections; the teacher (frozen,
-from the teacher stage) guides it with the same objective as the supernet (DESIGN §1.4), which
-:func:`elm_jax.distill.supernet_distill_loss` computes once the dense model's per-layer features
-are laid out like the supernet's (each layer's attention output in its family's slot)::
+from the teacher stage) guides it with the same objective as the supernet (DESIGN §1.4),
+:func:`elm_jax.distill.supernet_distill_loss` of the dense model's stacked per-layer features
+(each layer's attention output in its family's slot, every layer active)::
 
     L = D(E_T, P E_S) + sum_l [ D(A_T^{m(l)}, P_fam(l) A_S^l) + D(H_T^{m(l)}, P H_S^l) ]
         + gt_weight * CE
@@ -24,13 +24,13 @@ from typing import Any
 from flax import nnx
 from ml_collections import ConfigDict
 
+from elm_jax import engine
 from elm_jax.distributed import is_main_process
-from elm_jax import engine as train_lib
 from elm_jax.engine import sharding
 from elm_jax.fileio import atomic_write_json
 from elm_jax.lm import evaluate_lm, load_teacher, with_perplexity
 from elm_jax.models.io import CONFIG_FILE, PARAMS_FILE, load_model, save_model
-from elm_jax.students import DenseStudent, kd_fns
+from elm_jax.students import KD_RATIOS, DenseStudent, kd_fns
 
 
 def run(cfg, workdir: str | os.PathLike, data) -> dict[str, Any]:
@@ -53,8 +53,9 @@ def run(cfg, workdir: str | os.PathLike, data) -> dict[str, Any]:
         before = evaluate_lm(model, data.eval, mesh)
         student = DenseStudent(model, teacher.cfg.hidden, cfg.seed)
         tc = ConfigDict(rc.train.to_dict() | {"seed": cfg.seed})
-        trainer = train_lib.Trainer(student, loss_fn, eval_fn, tc, mesh, frozen=t_params)
-        state, summary = train_lib.fit(trainer, data.train, data.eval, root, name=f"{name}_run",
+        trainer = engine.Trainer(student, loss_fn, eval_fn, tc, mesh, frozen=t_params,
+                                    ratios=KD_RATIOS)
+        state, summary = engine.fit(trainer, data.train, data.eval, root, name=f"{name}_run",
                                        meta={"budget": name})
         trained = trainer.model_from_state(state).model
         after = with_perplexity(summary["eval"])

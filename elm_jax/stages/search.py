@@ -17,14 +17,12 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-
-from elm_jax.distributed import is_main_process
 from elm_jax.arch import Arch
+from elm_jax.distributed import is_main_process
 from elm_jax.fileio import atomic_write_json
-from elm_jax.search.pareto import plot_pareto
 from elm_jax.search.constraints import Constraints, SearchError, check_feasible, parse_budgets
 from elm_jax.search.evolution import ScoreCache, SearchResult, evolutionary_search
-from elm_jax.search.pareto import pareto_sets
+from elm_jax.search.pareto import pareto_sets, plot_pareto
 from elm_jax.search.scoring import PopulationScorer
 
 # ----------------------------------------------------------------------------------

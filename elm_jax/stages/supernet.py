@@ -33,13 +33,13 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from elm_jax.distributed import is_main_process
 from elm_jax import arch as arch_lib
-from elm_jax import engine as train_lib
+from elm_jax import engine
 from elm_jax.accounting import count_params
 from elm_jax.config import ConfigError
 from elm_jax.data.arch_batches import ArchBatches, FixedArchBatches, local_arch
 from elm_jax.data.prepare import DataBundle
+from elm_jax.distributed import is_main_process
 from elm_jax.dynamic import PCAAccumulator, grow_widths, layer_head_cka, layer_pca_stats
 from elm_jax.engine import sharding
 from elm_jax.engine.sharding import BATCH_AXES
@@ -48,8 +48,8 @@ from elm_jax.lm import load_teacher
 from elm_jax.models.dense import DenseLM
 from elm_jax.models.elastic import block_discrimination
 from elm_jax.models.io import save_supernet
-from elm_jax.students import supernet_trainer
 from elm_jax.space import SearchSpace
+from elm_jax.students import supernet_trainer
 
 
 def space_of(cfg, vocab_size: int) -> SearchSpace:
@@ -60,7 +60,7 @@ def space_of(cfg, vocab_size: int) -> SearchSpace:
 class SupernetHooks:
     """PCA statistics, CKA logging and epoch-end width growth between steps (checkpointed)."""
 
-    def __init__(self, cfg, space: SearchSpace, trainer: train_lib.Trainer, epoch_steps: int):
+    def __init__(self, cfg, space: SearchSpace, trainer: engine.Trainer, epoch_steps: int):
         self.cfg, self.space, self.trainer, self.epoch_steps = cfg, space, trainer, epoch_steps
         self.widths = space.initial_widths()
         self.sources: list[Any] = []  # batch sources whose ``widths`` follow this state
@@ -176,7 +176,7 @@ def run(cfg, workdir: str | os.PathLike, data: DataBundle) -> dict[str, Any]:
           f"{trainer.num_params():,} parameters (with projections); {tc.steps} steps, "
           f"{sc.kd_loss} distillation, architectures per {sc.sample_per}"
           f"{' (sandwich)' if sc.sandwich else ''}, epoch = {epoch_steps} steps")
-    state, summary = train_lib.fit(trainer, train_src, eval_src, workdir, name="supernet",
+    state, summary = engine.fit(trainer, train_src, eval_src, workdir, name="supernet",
                                    meta={"task": cfg.task}, hooks=hooks)
     model = trainer.model_from_state(state)
     eval_metrics = summary["eval"]

@@ -20,11 +20,12 @@ from typing import Any
 
 from ml_collections import ConfigDict
 
-from elm_jax.distributed import is_main_process
-from elm_jax import engine as train_lib
+from elm_jax import engine
 from elm_jax.config import ConfigError
 from elm_jax.data.prepare import DataBundle
+from elm_jax.distributed import is_main_process
 from elm_jax.engine import sharding
+from elm_jax.engine.losses import LM_RATIOS
 from elm_jax.fileio import atomic_write_json
 from elm_jax.lm import dense_config_from, evaluate_lm, lm_eval_fn, lm_loss_fn, teacher_dir, with_perplexity
 from elm_jax.models.dense import DenseLM, count_params, init_dense
@@ -69,10 +70,10 @@ def run(cfg, workdir: str | os.PathLike, data: DataBundle) -> dict[str, Any]:
     if kind == "train":
         model = init_dense(dense_config_from(cfg, data.tokenizer.vocab_size), seed=cfg.seed)
         tc = ConfigDict(cfg.teacher.train.to_dict() | {"seed": cfg.seed})
-        trainer = train_lib.Trainer(model, lm_loss_fn, lm_eval_fn, tc, mesh)
+        trainer = engine.Trainer(model, lm_loss_fn, lm_eval_fn, tc, mesh, ratios=LM_RATIOS)
         print(f"[teacher] training {count_params(model):,} parameters for {tc.steps} steps "
               f"({cfg.task}, {len(model.cfg.blocks)} x {model.cfg.hidden})")
-        state, fit_summary = train_lib.fit(trainer, data.train, data.eval, workdir, name="teacher",
+        state, fit_summary = engine.fit(trainer, data.train, data.eval, workdir, name="teacher",
                                            meta={"task": cfg.task})
         model = trainer.model_from_state(state)
         eval_metrics = fit_summary["eval"]
