@@ -13,9 +13,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import numpy as np
 
-from elm_jax.arch import FAMILY_INDEX, SEARCH_FAMILIES, Arch, ArchError, LayerChoice, _as_int
+from elm_jax.arch import FAMILY_INDEX, SEARCH_FAMILIES, Arch, ArchError, _as_int
 
 # The type of the ``space`` arguments: an :class:`elm_jax.space.SearchSpace`, not imported
 # because the space's extremes are computed with this module's costs.
@@ -118,27 +117,6 @@ def count_flops(space: Space, arch: Arch, widths: Any, seq_len: int) -> int:
     return int(total)
 
 
-def _extreme_arch(space: Space, widths: np.ndarray, block_cost: Callable[[str, int], int],
-                  largest: bool) -> Arch:
-    """The architecture minimising (or maximising) an additive per-block cost: per layer the
-    (family, candidate) of least (most) cost; with elastic depth the minimum keeps only the
-    ``min_layers`` cheapest layers active (costs are positive), the maximum all layers."""
-    choices, costs = [], []
-    for l in range(space.layers):
-        opts = [(block_cost(f, int(widths[l, FAMILY_INDEX[f], j])), f, j)
-                for f in space.families for j in range(space.candidates)]
-        c, f, j = (max if largest else min)(opts, key=lambda o: o[0])
-        choices.append((f, j))
-        costs.append(c)
-    if largest or not space.elastic_depth:
-        on = set(range(space.layers))
-    else:
-        on = set(sorted(range(space.layers), key=lambda l: (costs[l], l))[:space.min_layers])
-    heads = space.head_choices[-1] if largest else space.head_choices[0]
-    return space.validate(Arch(tuple(LayerChoice(f, j, heads, l in on)
-                                     for l, (f, j) in enumerate(choices))))
-
-
 def reachable_ranges(space: Space, widths: Any, seq_len: int,
                      latency_fn: Callable[[Arch], float] | None = None) -> dict[str, tuple[float, float]]:
     """``{params: (lo, hi), flops: (lo, hi)}``: the exact extremes over the whole space (both
@@ -149,7 +127,7 @@ def reachable_ranges(space: Space, widths: Any, seq_len: int,
         "params": (count_params(space, space.smallest(w), w),
                    count_params(space, space.largest(w), w))}
     fl = lambda f, ffn: block_flops(space, f, ffn, seq_len)
-    lo_a, hi_a = _extreme_arch(space, w, fl, False), _extreme_arch(space, w, fl, True)
+    lo_a, hi_a = space.extreme(w, fl, largest=False), space.extreme(w, fl, largest=True)
     out["flops"] = (count_flops(space, lo_a, w, seq_len),
                     count_flops(space, hi_a, w, seq_len))
     if latency_fn is not None:

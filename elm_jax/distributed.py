@@ -19,17 +19,11 @@ from typing import Any
 
 import jax
 
+from elm_jax.fields import get as get_field
+
 log = logging.getLogger(__name__)
 
 _INITIALIZED = False
-
-
-def _get(cfg: Any, name: str, default: Any = None) -> Any:
-    if cfg is None:
-        return default
-    if isinstance(cfg, dict):
-        return cfg.get(name, default)
-    return getattr(cfg, name, default) if hasattr(cfg, name) else default
 
 
 def _env_int(name: str) -> int | None:
@@ -51,20 +45,20 @@ def maybe_initialize(dist_cfg: Any = None) -> bool:
     global _INITIALIZED
     if _INITIALIZED:
         return True
-    if not bool(_get(dist_cfg, "enabled", False)):
+    if not bool(get_field(dist_cfg, "enabled", False)):
         return False
-    coordinator = _get(dist_cfg, "coordinator_address") or os.environ.get("JAX_COORDINATOR_ADDRESS")
-    num_processes = _get(dist_cfg, "num_processes")
+    coordinator = get_field(dist_cfg, "coordinator_address", None) or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    num_processes = get_field(dist_cfg, "num_processes", None)
     if num_processes is None or int(num_processes) < 1:
         num_processes = _env_int("JAX_NUM_PROCESSES")
-    process_id = _get(dist_cfg, "process_id")
+    process_id = get_field(dist_cfg, "process_id", None)
     if process_id is None or int(process_id) < 0:
         process_id = _env_int("JAX_PROCESS_ID")
-    local_device_ids = _get(dist_cfg, "local_device_ids")
-    timeout = int(_get(dist_cfg, "initialization_timeout", 300) or 300)
+    local_device_ids = get_field(dist_cfg, "local_device_ids", None)
+    timeout = int(get_field(dist_cfg, "initialization_timeout", 300) or 300)
     # Only affects CPU devices; harmless on GPU/TPU. Must be set before the CPU client
     # is created (i.e. before initialize()).
-    cpu_coll = _get(dist_cfg, "cpu_collectives", "gloo") or "gloo"
+    cpu_coll = get_field(dist_cfg, "cpu_collectives", "gloo") or "gloo"
     jax.config.update("jax_cpu_collectives_implementation", cpu_coll)
     log.info(
         "jax.distributed.initialize(coordinator=%s, num_processes=%s, process_id=%s)",

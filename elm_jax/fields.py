@@ -27,14 +27,14 @@ def _child(node: Any, part: str) -> Any:
     return getattr(node, part, _MISSING)
 
 
-def get(node: Any, name: str, default: Any = REQUIRED, *,
+def get(node: Any, name: str, default: Any = REQUIRED, *, none_is_default: bool = False,
         error: type[Exception] = KeyError, what: str = "config") -> Any:
-    """``node.name`` (a dotted name descends; a present ``None`` is returned as ``None``), or
-    ``default`` when a part is absent; with no default, ``error("<what> lacks the required key
-    'name'")``."""
+    """``node.name`` (a dotted name descends), or ``default`` when a part is absent (or, with
+    ``none_is_default``, set to ``None``); with no default, ``error("<what> lacks the required
+    key 'name'")``."""
     for part in name.split("."):
         node = _child(node, part)
-        if node is _MISSING:
+        if node is _MISSING or (node is None and none_is_default and default is not REQUIRED):
             if default is REQUIRED:
                 raise error(f"{what} lacks the required key {name!r}")
             return default

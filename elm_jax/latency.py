@@ -86,6 +86,7 @@ from flax import nnx
 
 from elm_jax.accounting import count_params
 from elm_jax.arch import Arch
+from elm_jax.fields import get as get_field
 from elm_jax.fileio import atomic_write_json
 from elm_jax.models.dense import (
     BertBlock,
@@ -387,14 +388,6 @@ def default_latency_dir() -> Path:
     return Path(default_cache_dir()) / "latency"
 
 
-def _cfg_get(cfg: Any, name: str, default: Any) -> Any:
-    try:
-        v = cfg[name]
-    except (KeyError, AttributeError, TypeError):
-        return default
-    return default if v is None else v
-
-
 def load_or_build(space: SearchSpace, latency_cfg: Any, seq_len: int,
                   cache_dir: str | os.PathLike | None = None) -> LatencyTable:
     """The table for ``space`` on this device, from ``<cache_dir>/latency-<key>.json`` if
@@ -404,11 +397,11 @@ def load_or_build(space: SearchSpace, latency_cfg: Any, seq_len: int,
     argument, i.e. ``data.seq_len``), ``repeats``, ``warmup``, ``cache_dir``. The cache
     directory is the ``cache_dir`` argument, else ``latency_cfg.cache_dir``, else
     :func:`default_latency_dir`. An unreadable or mismatched cache file is rebuilt."""
-    batch = int(_cfg_get(latency_cfg, "batch", 1))
-    length = int(_cfg_get(latency_cfg, "seq_len", 0)) or int(seq_len)
-    repeats = int(_cfg_get(latency_cfg, "repeats", 20))
-    warmup = int(_cfg_get(latency_cfg, "warmup", 3))
-    root = cache_dir or _cfg_get(latency_cfg, "cache_dir", "") or default_latency_dir()
+    batch = int(get_field(latency_cfg, "batch", 1, none_is_default=True))
+    length = int(get_field(latency_cfg, "seq_len", 0, none_is_default=True)) or int(seq_len)
+    repeats = int(get_field(latency_cfg, "repeats", 20, none_is_default=True))
+    warmup = int(get_field(latency_cfg, "warmup", 3, none_is_default=True))
+    root = cache_dir or get_field(latency_cfg, "cache_dir", "", none_is_default=True) or default_latency_dir()
     key = LatencyTable.key(space, batch, length)
     path = Path(root) / f"latency-{key}.json"
     if path.is_file():

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -35,6 +35,8 @@ from elm_jax.arch import (
     _as_bool,
     _as_int,
 )
+from elm_jax.fields import REQUIRED
+from elm_jax.fields import get as get_field
 
 
 def _divisors(n: int) -> tuple[int, ...]:
@@ -174,15 +176,8 @@ class SearchSpace:
         base_heads) and ``type_vocab_size`` (default 0); the keyword argument
         ``type_vocab_size`` overrides the latter (the data decides whether segments
         exist)."""
-        required = object()
-
-        def get(key: str, default: Any = required) -> Any:
-            try:
-                return space_cfg[key]
-            except (KeyError, AttributeError, TypeError):
-                if default is required:
-                    raise ArchError(f"space config lacks the required key {key!r}") from None
-                return default
+        def get(key: str, default: Any = REQUIRED) -> Any:
+            return get_field(space_cfg, key, default, error=ArchError, what="space config")
 
         mf = get("max_ffn")
         mf = mf.to_dict() if hasattr(mf, "to_dict") else dict(mf)
@@ -383,53 +378,45 @@ class SearchSpace:
 
     # ------------------------------------------------------------------ extremes
 
-    def _layer_options(self, widths: np.ndarray, l: int) -> list[tuple[int, int, str, int]]:
-        """``(block params, candidate, family, menu position)`` of every (family,
-        candidate) of layer ``l`` under ``widths``."""
-        out = []
-        for pos, f in enumerate(self.families):
-            for j in range(self.candidates):
-                ffn = int(widths[l, FAMILY_INDEX[f], j])
-                out.append((block_params(self, f, ffn), j, f, pos))
-        return out
-
-    def largest(self, widths: Any | None = None) -> Arch:
-        """The architecture with the most parameters (sandwich rule's upper end).
-
-        Every layer active, max heads, and per layer the (family, candidate) whose block
-        has the most parameters under ``widths`` (ties: the later candidate, then the
-        earlier menu family). ``widths=None`` means every candidate at its cap
-        (:meth:`max_widths`), which gives the family with the most parameters at max width
-        and the last candidate in every layer. Heads do not change the parameter count."""
-        w = self.max_widths() if widths is None else self.validate_widths(widths)
-        layers = []
-        for l in range(self.layers):
-            _, j, f, _ = max(self._layer_options(w, l), key=lambda o: (o[0], o[1], -o[3]))
-            layers.append(LayerChoice(f, j, self.head_choices[-1], True))
-        return self.validate(Arch(tuple(layers)))
-
-    def smallest(self, widths: Any | None = None) -> Arch:
-        """The architecture with the fewest parameters (sandwich rule's lower end).
-
-        Per layer the (family, candidate) whose block has the fewest parameters under
-        ``widths`` (ties: the earlier candidate, then the earlier menu family), min heads;
-        the ``min_layers`` layers whose such blocks are smallest are active (ties: the
-        earlier layers), i.e. the first ``min_layers`` layers when all layers have equal
-        widths (all layers without elastic depth). ``widths=None`` means every candidate
-        at its cap, which gives the family with the fewest parameters and candidate 0."""
-        w = self.max_widths() if widths is None else self.validate_widths(widths)
+    def extreme(self, widths: Any, block_cost: Callable[[str, int], float], largest: bool) -> Arch:
+        """The architecture of most (``largest``) or least total ``block_cost(family, ffn)`` under
+        ``widths``: per layer the (family, candidate) of most (least) cost (ties: the later
+        (earlier) candidate, then the earlier menu family); the maximum has every layer active
+        and the most heads; the minimum the fewest heads and, with elastic depth, only the
+        ``min_layers`` layers of least cost active (ties: the earlier layers). Costs are
+        positive and additive over active blocks (parameters, FLOPs), so this is exact."""
+        w = self.validate_widths(widths)
         best = []
         for l in range(self.layers):
-            n, j, f, _ = min(self._layer_options(w, l), key=lambda o: (o[0], o[1], o[3]))
-            best.append((n, f, j))
-        if self.elastic_depth:
-            order = sorted(range(self.layers), key=lambda l: (best[l][0], l))
-            on = set(order[: self.min_layers])
-        else:
+            opts = [(block_cost(f, int(w[l, FAMILY_INDEX[f], j])), j, f, pos)
+                    for pos, f in enumerate(self.families) for j in range(self.candidates)]
+            if largest:
+                c, j, f, _ = max(opts, key=lambda o: (o[0], o[1], -o[3]))
+            else:
+                c, j, f, _ = min(opts, key=lambda o: (o[0], o[1], o[3]))
+            best.append((c, f, j))
+        if largest or not self.elastic_depth:
             on = set(range(self.layers))
-        layers = [LayerChoice(f, j, self.head_choices[0], l in on)
-                  for l, (_, f, j) in enumerate(best)]
-        return self.validate(Arch(tuple(layers)))
+        else:
+            on = set(sorted(range(self.layers), key=lambda l: (best[l][0], l))[: self.min_layers])
+        heads = self.head_choices[-1] if largest else self.head_choices[0]
+        return self.validate(Arch(tuple(LayerChoice(f, j, heads, l in on)
+                                        for l, (_, f, j) in enumerate(best))))
+
+    def largest(self, widths: Any | None = None) -> Arch:
+        """The architecture with the most parameters (the sandwich rule's upper end), by
+        :meth:`extreme`: every layer active, the most heads (which do not change the parameter
+        count). ``widths=None`` means every candidate at its cap (:meth:`max_widths`)."""
+        w = self.max_widths() if widths is None else widths
+        return self.extreme(w, lambda f, ffn: block_params(self, f, ffn), largest=True)
+
+    def smallest(self, widths: Any | None = None) -> Arch:
+        """The architecture with the fewest parameters (the sandwich rule's lower end), by
+        :meth:`extreme`: the fewest heads, and with elastic depth the ``min_layers`` smallest
+        layers active (the first ones when all layers have equal widths). ``widths=None`` means
+        every candidate at its cap."""
+        w = self.max_widths() if widths is None else widths
+        return self.extreme(w, lambda f, ffn: block_params(self, f, ffn), largest=False)
 
     # ------------------------------------------------------------------ conversion
 

@@ -20,17 +20,10 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from elm_jax.fields import get as get_field
+
 MESH_AXES: tuple[str, str] = ("data", "fsdp")
 BATCH_AXES: tuple[str, str] = ("data", "fsdp")
-
-
-def _field(cfg: Any, name: str, default: Any) -> Any:
-    """Reads ``cfg.name`` from a ConfigDict / dataclass / mapping, else default."""
-    if cfg is None:
-        return default
-    if isinstance(cfg, Mapping):
-        return cfg.get(name, default)
-    return getattr(cfg, name, default) if hasattr(cfg, name) else default
 
 
 def make_mesh(mesh_cfg: Any = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -48,8 +41,8 @@ def make_mesh(mesh_cfg: Any = None, devices: Sequence[jax.Device] | None = None)
     """
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
-    data = int(_field(mesh_cfg, "data", -1))
-    fsdp = int(_field(mesh_cfg, "fsdp", 1))
+    data = int(get_field(mesh_cfg, "data", -1))
+    fsdp = int(get_field(mesh_cfg, "fsdp", 1))
     if fsdp < 1:
         raise ValueError(f"mesh.fsdp must be >= 1, got {fsdp}")
     if data == -1:

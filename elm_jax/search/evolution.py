@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from elm_jax.arch import Arch
+from elm_jax.fields import get as get_field
 from elm_jax.fileio import atomic_write_json
 from elm_jax.search.constraints import Constraints, SearchError, field_error
 from elm_jax.space import SearchSpace
@@ -90,12 +91,9 @@ SEARCH_PARAMS = ("population", "generations", "parents", "eval_batches", "mutati
 
 def _cfg_get(cfg: Any, key: str, field: str) -> Any:
     try:
-        return cfg[key]
-    except (KeyError, TypeError):
-        try:
-            return getattr(cfg, key)
-        except AttributeError:
-            raise SearchError(f"{field}: missing field", field=field, reason="missing field") from None
+        return get_field(cfg, key)
+    except KeyError:
+        raise SearchError(f"{field}: missing field", field=field, reason="missing field") from None
 
 
 def check_search_params(search_cfg: Any, keys: Iterable[str] = EVOLUTION_PARAMS,
