@@ -25,7 +25,7 @@ import pytest
 
 from elm_jax import main as main_lib
 from elm_jax.data import corpus
-from elm_jax.pipeline import EXIT_BAD_INPUT
+from elm_jax.pipeline import EXIT_BAD_INPUT, STAGES
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "--config=configs/mlm.py:test"
@@ -373,7 +373,7 @@ def test_changed_config_is_detected_and_redone_only_when_allowed(capsys, tmp_pat
     from elm_jax.config import load_config
 
     cfg = load_config("configs/mlm.py:test")
-    workdir_lib.check_config(cfg, tmp_path, ["data", "teacher"])
+    workdir_lib.check_config(cfg, tmp_path, ["data", "teacher"], STAGES)
     (tmp_path / "teacher" / "checkpoints").mkdir(parents=True)  # a partial teacher run
     (tmp_path / "teacher" / "checkpoints" / "10").mkdir()
     args = [CONFIG, f"--workdir={tmp_path}", "--stages=data,teacher", "--config.compile_cache_dir=none"]
@@ -382,21 +382,21 @@ def test_changed_config_is_detected_and_redone_only_when_allowed(capsys, tmp_pat
                           "new --workdir")
     assert "teacher" in line.split("outputs of")[1]
     # fields that do not change results are not a conflict (e.g. the NaN policy after a NaN stop)
-    assert workdir_lib.check_config(load_config("configs/mlm.py:test"), tmp_path, ["teacher"]) == []
+    assert workdir_lib.check_config(load_config("configs/mlm.py:test"), tmp_path, ["teacher"], STAGES) == []
     relaxed = load_config("configs/mlm.py:test")
     relaxed.teacher.train.nan_policy = "skip"
     relaxed.teacher.train.log_every = 1
     relaxed.mesh.data = 8
-    assert workdir_lib.check_config(relaxed, tmp_path, ["teacher"]) == []
+    assert workdir_lib.check_config(relaxed, tmp_path, ["teacher"], STAGES) == []
     # a data change invalidates every stage downstream of data
     seq = load_config("configs/mlm.py:test")
     seq.data.seq_len = 64
     with pytest.raises(workdir_lib.WorkdirError, match=r"data\.seq_len: 32 -> 64.*'data' stage"):
-        workdir_lib.check_config(seq, tmp_path, ["teacher"])
+        workdir_lib.check_config(seq, tmp_path, ["teacher"], STAGES)
     # allowed: the invalidated outputs are removed (and the new fields recorded)
     changed = load_config("configs/mlm.py:test")
     changed.teacher.train.lr = 0.01
-    assert workdir_lib.check_config(changed, tmp_path, ["teacher"], allow_change=True) == ["teacher"]
+    assert workdir_lib.check_config(changed, tmp_path, ["teacher"], STAGES, allow_change=True) == ["teacher"]
     assert not (tmp_path / "teacher").exists()
     assert workdir_lib.load_fingerprints(tmp_path)["teacher"]["fields"]["teacher.train.lr"] == 0.01
-    assert workdir_lib.check_config(changed, tmp_path, ["teacher"]) == []
+    assert workdir_lib.check_config(changed, tmp_path, ["teacher"], STAGES) == []

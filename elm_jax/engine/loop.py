@@ -26,7 +26,7 @@ from elm_jax.engine.trainer import (
 )
 from elm_jax.fields import get as get_field
 from elm_jax.fileio import atomic_write_json
-from elm_jax.preemption import Preempted  # re-exported: train.Preempted is what fit raises
+from elm_jax.preemption import Preempted
 
 log = logging.getLogger(__name__)
 

@@ -1,15 +1,14 @@
-"""Standalone dense model directories: save and load (teachers now; exported sub-networks later).
+"""The ``export`` stage: each budget's best architecture, and its hand-designed baselines, as
+standalone model directories.
 
-A model directory holds::
-
-  config.json          {"dense_config": DenseConfig.to_dict(), "meta": {...}}
-  model.safetensors    every nnx.Param of the DenseLM, keyed by its dotted path
-  orbax/               the same parameters as an orbax checkpoint (exported models)
-  arch.json            architecture, widths, heads after CKA, params, FLOPs, latency (exported)
-  <tokenizer file>     the tokenizer the model was trained with (exported)
-
-It is written to a temporary sibling and renamed into place, so a directory that exists is
-complete. ``load_model(path)`` needs no config file or code from the run that made it.
+For every budget of ``search/result.json`` the found architecture is extracted from the supernet
+(:func:`elm_jax.models.extract.extract`), the CKA head module is applied
+(:func:`elm_jax.dynamic.cka_head_counts`, ``export.cka_heads``), its latency is measured
+(``export.measure_latency``) and it is written to ``WORKDIR/export/<budget>/`` (a model directory
+of :mod:`elm_jax.models.io` with ``orbax/``, ``arch.json`` and the tokenizer). The uniform
+baselines of ``export.baselines`` (:func:`uniform_baseline`) go to
+``WORKDIR/export/<budget>_uniform_<family>/``. ``export/result.json`` is written last; a rerun
+reuses every complete model directory.
 """
 
 from __future__ import annotations

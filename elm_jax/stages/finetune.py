@@ -1,6 +1,4 @@
-"""The finetune / evaluate stages.
-
-``finetune`` (MLM): each final model (``WORKDIR/retrain/<budget>``, or without a retrain stage
+"""The ``finetune`` stage (MLM): each final model (``WORKDIR/retrain/<budget>``, or without a retrain stage
 ``WORKDIR/export/<budget>``) becomes a sentence(-pair) classifier: its encoder (the LM head is
 dropped) with a pooled ``[CLS]`` head ``W_c tanh(W_p h_CLS + b_p)``, fine-tuned on
 ``finetune.task``:
@@ -29,7 +27,8 @@ correlation for CoLA), ``test_split``, ``kd`` (the setting); with KD an entry ``
 the fine-tuned teacher's results. Training runs (metrics, checkpoints):
 ``WORKDIR/finetune/<model>_<task>[_<kd>]_run`` and ``WORKDIR/finetune/teacher_<task>_run``.
 
-``evaluate``: validation loss (and perplexity for CLM) of every final model on the corpus.
+The classifier is :mod:`elm_jax.models.classifier`, its data :mod:`elm_jax.data.tasks`; the
+``evaluate`` stage (language-model metrics of the same models) is :mod:`elm_jax.stages.evaluate`.
 """
 
 from __future__ import annotations
