@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import elm_jax
+from elm_jax.models.io import flat_params
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,7 +36,7 @@ def test_all_stages_end_to_end(task, tmp_path):
     ids = np.asarray([[tok.special.cls, *tok.encode("To be, or not to be")]], np.int32)
     logits = np.asarray(model(ids).logits)
     assert logits.shape == (1, ids.shape[1], tok.vocab_size) and np.isfinite(logits).all()
-    assert sum(v.size for v in elm_jax.export.flat_params(model).values()) == arch["params"]
+    assert sum(v.size for v in flat_params(model).values()) == arch["params"]
     if task == "mlm":
         ft = json.loads((tmp_path / "finetune" / "result.json").read_text())
         assert 0.0 <= ft[budget]["test_accuracy"] <= 1.0
