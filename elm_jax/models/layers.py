@@ -219,6 +219,17 @@ class FFN(nnx.Module):
         return FFNOut(self.wo(activation(self.act_name)(pre)), pre)
 
 
+def _init_tail(emb: nnx.Module, hidden: int, max_len: int, type_vocab_size: int, use_norm: bool,
+               ln_eps: float, dtype: Any, rngs: nnx.Rngs) -> None:
+    """The parameters of the shared tail of both embeddings, created in this order (the order
+    the random initialisation draws them): ``position``, ``segment`` (if ``type_vocab_size``),
+    ``norm`` (if ``use_norm``)."""
+    emb.position = nnx.Embed(max_len, hidden, dtype=dtype, embedding_init=embed_init, rngs=rngs)
+    emb.segment = (nnx.Embed(type_vocab_size, hidden, dtype=dtype, embedding_init=embed_init, rngs=rngs)
+                   if type_vocab_size else None)
+    emb.norm = layer_norm(hidden, ln_eps, dtype, rngs) if use_norm else None
+
+
 def _position_segment_norm(emb: nnx.Module, x: jax.Array, ids_BxL: jax.Array,
                            segment_ids_BxL: jax.Array | None) -> jax.Array:
     """The shared tail of both embeddings: ``x + position (+ segment)``, then the LayerNorm
@@ -251,13 +262,7 @@ class StandardEmbedding(nnx.Module):
         rngs: nnx.Rngs,
     ):
         self.word = nnx.Embed(vocab_size, hidden, dtype=dtype, embedding_init=embed_init, rngs=rngs)
-        self.position = nnx.Embed(max_len, hidden, dtype=dtype, embedding_init=embed_init, rngs=rngs)
-        self.segment = (
-            nnx.Embed(type_vocab_size, hidden, dtype=dtype, embedding_init=embed_init, rngs=rngs)
-            if type_vocab_size
-            else None
-        )
-        self.norm = layer_norm(hidden, ln_eps, dtype, rngs) if use_norm else None
+        _init_tail(self, hidden, max_len, type_vocab_size, use_norm, ln_eps, dtype, rngs)
 
     def token_table(self) -> jax.Array:
         """The ``[V, H]`` token table the tied LM head multiplies with."""
@@ -302,13 +307,7 @@ class FactorizedEmbedding(nnx.Module):
         self.causal = causal
         self.word = nnx.Embed(vocab_size, embed_size, dtype=dtype, embedding_init=embed_init, rngs=rngs)
         self.proj = dense(3 * embed_size, hidden, dtype, rngs)
-        self.position = nnx.Embed(max_len, hidden, dtype=dtype, embedding_init=embed_init, rngs=rngs)
-        self.segment = (
-            nnx.Embed(type_vocab_size, hidden, dtype=dtype, embedding_init=embed_init, rngs=rngs)
-            if type_vocab_size
-            else None
-        )
-        self.norm = layer_norm(hidden, ln_eps, dtype, rngs) if use_norm else None
+        _init_tail(self, hidden, max_len, type_vocab_size, use_norm, ln_eps, dtype, rngs)
 
     def token_table(self) -> jax.Array:
         """The ``[V, E]`` token table the tied LM head multiplies with."""
