@@ -74,6 +74,59 @@ def _kd_mean(s: Mapping[str, jax.Array]) -> jax.Array:
     return s["kd_total"] / jnp.maximum(s["kd_count"], 1.0)
 
 
+def _path_names(path: tuple[Any, ...]) -> list[str]:
+    names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+    while names and names[-1] in ("value", "raw_value"):  # an nnx.Variable's own field
+        names.pop()
+    return names
+
+
+class SupernetPath:
+    """Which parameter tensors of a :class:`Student` one global step used (DESIGN 1.5), for
+    :func:`elm_jax.engine.optim.sampled_path_adamw`.
+
+    A unit is a PyTorch-sized tensor: each (layer, candidate) slice of a family's stacked
+    candidate weights ``net.blocks.<family>.p.*`` (``[L, T, ...]``: two unit axes), and every
+    other parameter whole. In a step whose batch rows carry the architectures (``arch_*``,
+    :mod:`elm_jax.data.arch_batches`), a candidate slice is used iff some row's architecture has
+    that layer active with that family and candidate; a family's attention projection
+    ``proj.attn_<family>`` iff some active layer has that family; the LM head iff the loss has a
+    cross-entropy term (``gt_weight > 0``); the embedding and the shared projection always.
+    """
+
+    def __init__(self, space: SearchSpace, head_used: bool):
+        self.space, self.head_used = space, bool(head_used)
+
+    @staticmethod
+    def _candidate_family(names: list[str]) -> str | None:
+        if len(names) >= 4 and names[0] == "net" and names[1] == "blocks" and names[3] == "p":
+            return names[2]
+        return None
+
+    def unit_axes(self, path: tuple[Any, ...], leaf: jax.Array) -> int:
+        return 2 if self._candidate_family(_path_names(path)) is not None else 0
+
+    def used(self, params: Any, batch: Mapping[str, jax.Array]) -> Any:
+        fam, cand = batch["arch_family"], batch["arch_candidate"]  # [B, L]
+        active = batch["arch_active"].astype(bool)
+        onehot_BxLxT = cand[..., None] == jnp.arange(self.space.candidates)
+        per_family = {f: jnp.any((active & (fam == FAMILY_INDEX[f]))[..., None] & onehot_BxLxT, axis=0)
+                      for f in self.space.families}  # [L, T]
+
+        def leaf(path: tuple[Any, ...], _: jax.Array) -> jax.Array:
+            names = _path_names(path)
+            f = self._candidate_family(names)
+            if f is not None:
+                return per_family[f]
+            if names[0] == "proj" and names[1].startswith("attn_"):
+                return jnp.any(per_family[names[1][len("attn_"):]])
+            if names[:2] == ["net", "head"]:
+                return jnp.asarray(self.head_used)
+            return jnp.ones((), bool)
+
+        return jax.tree_util.tree_map_with_path(leaf, params)
+
+
 def supernet_trainer(cfg, space: SearchSpace, teacher: DenseLM, mesh) -> engine.Trainer:
     """The supernet stage's engine: a ``Student`` (supernet + KD projections) trained with
     ``D(teacher, student)`` summed over embedding / attention / block features (plus
@@ -97,7 +150,8 @@ def supernet_trainer(cfg, space: SearchSpace, teacher: DenseLM, mesh) -> engine.
 
     student = Student(space, teacher.cfg.hidden, cfg.seed, dtype=dtype, remat=bool(sc.get("remat", False)))
     tc = ConfigDict(sc.train.to_dict() | {"seed": cfg.seed})
-    return engine.Trainer(student, loss_fn, eval_fn, tc, mesh, frozen=t_params, ratios=KD_RATIOS)
+    return engine.Trainer(student, loss_fn, eval_fn, tc, mesh, frozen=t_params, ratios=KD_RATIOS,
+                          sampled_path=SupernetPath(space, head_used=gt > 0))
 
 
 class DenseStudent(nnx.Module):

@@ -48,10 +48,21 @@ def uninterrupted(tmp_path_factory, cfg, data, teacher_dir):
     return wd, run_supernet_stage(cfg, wd, data)
 
 
+@pytest.mark.fidelity
+def test_no_width_growth_after_the_final_step(uninterrupted, cfg):
+    """Every width increment is followed by training steps (DESIGN 1.2): no growth event at or
+    after the last step, although the last step is an epoch end (12 steps, epoch_steps=6)."""
+    _, result = uninterrupted
+    total = cfg.supernet.train.steps
+    assert total % cfg.supernet.epoch_steps == 0
+    steps = [e["step"] for e in result["growth"]]
+    assert steps and max(steps) < total, steps
+
+
 def test_widths_grow_where_the_pca_statistic_is_largest(uninterrupted, cfg):
     wd, result = uninterrupted
     history = result["growth"]
-    assert [e["step"] for e in history] == [6, 12]  # epoch_steps=6, 12 steps
+    assert [e["step"] for e in history] == [6]  # epoch_steps=6, 12 steps: none after the last
     net, widths, info = load_supernet(wd / "supernet" / "final")
     w, cap = net.space.initial_widths(), net.space.max_widths()
     for event in history:

@@ -48,7 +48,7 @@ from jax.sharding import Mesh
 from elm_jax.engine import checkpoint as ckpt_lib
 from elm_jax.engine import sharding as shd
 from elm_jax.engine.losses import LM_RATIOS
-from elm_jax.engine.optim import lr_schedule, make_optimizer
+from elm_jax.engine.optim import lr_schedule, make_optimizer, sampled_path_adamw
 from elm_jax.fields import get as get_field
 
 log = logging.getLogger(__name__)
@@ -179,6 +179,10 @@ class Trainer:
         teacher's parameters); never trained or checkpointed.
       ratios: the derived metrics, ``{name: (numerator sum, denominator sum)}`` (see the
         module docstring); default :data:`LM_RATIOS`.
+      sampled_path: update only the parameter tensors each step used (DESIGN 1.5): an object
+        with ``unit_axes(path, leaf) -> int`` (leading axes that index separate tensors) and
+        ``used(params, batch) -> tree of bool unit masks``; the optimizer is then
+        :func:`~elm_jax.engine.optim.sampled_path_adamw`.
 
     Attributes:
       graphdef: the model's static structure (from the one ``nnx.split``).
@@ -205,6 +209,7 @@ class Trainer:
         optimizer: optax.GradientTransformation | None = None,
         frozen: Any = None,
         ratios: Ratios | None = None,
+        sampled_path: Any = None,
     ):
         self.tc = tc
         self.ratios = _check_ratios(LM_RATIOS if ratios is None else ratios)
@@ -216,7 +221,13 @@ class Trainer:
             raise ValueError(f"train.nan_policy must be 'stop' or 'skip', got {self.nan_policy!r}")
         self.total_steps = int(tc.steps)
         self.schedule = lr_schedule(tc, self.total_steps)
-        self.tx = optimizer if optimizer is not None else make_optimizer(tc, self.total_steps)
+        self.sampled_path = sampled_path
+        if optimizer is not None:
+            self.tx = optimizer
+        elif sampled_path is not None:
+            self.tx = sampled_path_adamw(tc, self.total_steps, sampled_path.unit_axes)
+        else:
+            self.tx = make_optimizer(tc, self.total_steps)
         self.graphdef, params, other = nnx.split(model, nnx.Param, ...)
         # Kept to (re)build the initial state; never donated (init_state copies them).
         self._init_params, self._init_other = params, other
@@ -310,7 +321,11 @@ class Trainer:
         (loss, (sums, new_other)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, new_opt = self.tx.update(grads, state.opt_state, state.params)
+        if self.sampled_path is not None:
+            used = self.sampled_path.used(state.params, batch)
+            updates, new_opt = self.tx.update(grads, state.opt_state, state.params, used=used)
+        else:
+            updates, new_opt = self.tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
         # Non-finite step: keep params/other/opt_state (data position and rng advance,
         # so the bad batch is skipped; with nan_policy='stop' the host loop raises).

@@ -29,7 +29,7 @@ from elm_jax.fileio import atomic_write_json
 from elm_jax.search.constraints import Constraints, SearchError, field_error
 from elm_jax.space import SearchSpace
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the population keeps raw genes (canonical ids only as cache keys)
 
 
 class ScoreCache:
@@ -157,11 +157,18 @@ class _Evolution:
     def rng(self, generation: int, purpose: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, generation, _salt(self.constraints.name), purpose])
 
+    def key(self, arch: Arch) -> str:
+        """The cache and de-duplication key: the canonical ``arch_id`` (architectures that
+        extract to the same model share it). The population keeps the raw genes (DESIGN 1.6):
+        writing the canonical form back would reset a skipped layer's hidden genes, and a
+        re-activated layer would come back as the first family, candidate 0, fewest heads."""
+        return self.space.canonical(arch).arch_id
+
     def _legal_new(self, arch: Arch, taken: set[str]) -> Arch | None:
-        """The canonical form of ``arch`` if it is legal and not yet in the population."""
+        """``arch`` (raw genes) if it is legal and its canonical form is not yet in the
+        population."""
         self.proposed += 1
-        arch = self.space.canonical(arch)
-        if arch.arch_id in taken or not self.constraints.ok(arch):
+        if self.key(arch) in taken or not self.constraints.ok(arch):
             return None
         return arch
 
@@ -175,7 +182,7 @@ class _Evolution:
             a = self._legal_new(self.space.sample(rng), taken)
             if a is not None:
                 pop.append(a)
-                taken.add(a.arch_id)
+                taken.add(self.key(a))
         return pop
 
     def initial(self) -> list[Arch]:
@@ -196,7 +203,7 @@ class _Evolution:
         all legal and distinct (a child that fails ``max_tries`` times is dropped)."""
         parents = ranked[:self.p["parents"]]
         pop = list(parents)
-        taken = {a.arch_id for a in pop}
+        taken = {self.key(a) for a in pop}
         rng = self.rng(generation, 1)
         for kind, count in (("mutation", self.p["mutations"]), ("crossover", self.p["crossovers"])):
             for _ in range(count):
@@ -210,18 +217,20 @@ class _Evolution:
                     child = self._legal_new(child, taken)
                     if child is not None:
                         pop.append(child)
-                        taken.add(child.arch_id)
+                        taken.add(self.key(child))
                         break
         return self.random_fill(pop, self.p["population"], rng)
 
 
-def _rank(pop: Iterable[Arch], cache: ScoreCache) -> list[Arch]:
-    """By score, ties (and NaN, which ranks last) broken by ``arch_id``: deterministic."""
-    def key(a: Arch) -> tuple:
-        s = cache.scores[a.arch_id]
-        return (not math.isfinite(s), s if math.isfinite(s) else 0.0, a.arch_id)
+def _rank(pop: Iterable[Arch], cache: ScoreCache, key: Callable[[Arch], str]) -> list[Arch]:
+    """By score, ties (and NaN, which ranks last) broken by the canonical id ``key(a)``:
+    deterministic."""
+    def order(a: Arch) -> tuple:
+        k = key(a)
+        s = cache.scores[k]
+        return (not math.isfinite(s), s if math.isfinite(s) else 0.0, k)
 
-    return sorted(pop, key=key)
+    return sorted(pop, key=order)
 
 
 def _state_key(scorer_fp: str, constraints: Constraints, params: dict[str, Any], seed: int) -> str:
@@ -311,18 +320,18 @@ def evolutionary_search(space: SearchSpace, widths: Any, scorer: Any, constraint
     bar = tqdm(range(start, total), desc=f"search {constraints.name}", disable=not progress,
                leave=False, unit="gen")
     for g in bar:
-        pop = evo.initial() if g == 0 else evo.next_population(_rank(pop, cache), g)
-        todo = [a for a in pop if a.arch_id not in cache]
+        pop = evo.initial() if g == 0 else evo.next_population(_rank(pop, cache, evo.key), g)
+        todo = [a for a in pop if evo.key(a) not in cache]
         if todo:
             for a, s in zip(todo, np.asarray(scorer.scores(todo), np.float64)):
-                cache.add(a, float(s))
-        ranked = _rank(pop, cache)
-        best = ranked[0]
-        pop_scores = [cache.scores[a.arch_id] for a in pop]
+                cache.add(space.canonical(a), float(s))
+        ranked = _rank(pop, cache, evo.key)
+        best_id = evo.key(ranked[0])
+        pop_scores = [cache.scores[evo.key(a)] for a in pop]
         prev = history[-1]["best_so_far"] if history else math.inf
         history.append({
-            "generation": g, "best_score": cache.scores[best.arch_id], "best_arch_id": best.arch_id,
-            "best_so_far": min(prev, cache.scores[best.arch_id]),
+            "generation": g, "best_score": cache.scores[best_id], "best_arch_id": best_id,
+            "best_so_far": min(prev, cache.scores[best_id]),
             "mean_score": float(np.mean(pop_scores)), "population": len(pop),
             "new_scored": len(todo), "cache_size": len(cache)})
         state = {"version": STATE_VERSION, "key": key, "budget": constraints.name, "generation": g,

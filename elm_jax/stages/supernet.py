@@ -8,10 +8,14 @@ supernet run on the same inputs, and the loss is
     L = D(E_T, P E_S) + sum_{active l} [ D(A_T^{m(l)}, P_fam(l) A_S^l) + D(H_T^{m(l)}, P H_S^l) ]
         + gt_weight * CE(student logits, targets)
 
-with ``D`` the relational (Pearson) loss by default (``supernet.kd_loss``). Every
-``calc_every`` steps the PCA statistic ``k`` of the sampled architectures' FFNs is accumulated
-per (layer, family, candidate) and the mean off-diagonal head CKA per layer is logged; at every
-epoch end the top ``num_add`` candidates by mean ``k`` widen by ``f0`` (DESIGN §1.2). Widths,
+with ``D`` the relational (Pearson) loss by default (``supernet.kd_loss``). Only the sampled
+path is updated: AdamW with one step count and moments per candidate tensor, and a tensor that
+no architecture of the step used keeps its weights and optimiser state
+(:class:`elm_jax.students.SupernetPath`, :func:`elm_jax.engine.optim.sampled_path_adamw`; weight
+decay on weight matrices and embeddings only). Every ``calc_every`` steps the PCA statistic ``k``
+of the sampled architectures' FFNs is accumulated per (layer, family, candidate) and the mean
+off-diagonal head CKA per layer is logged; at every epoch end but the last step the top
+``num_add`` candidates by mean ``k`` widen by ``f0`` (DESIGN §1.2). Widths,
 the accumulated statistics and the growth history are saved with every checkpoint, so a
 resumed run continues exactly.
 
@@ -106,7 +110,9 @@ class SupernetHooks:
                 per_layer = np.nanmean(cka, axis=0)
             writer.write_scalars(done, {f"cka/layer{l}": float(v) for l, v in enumerate(per_layer)
                                         if np.isfinite(v)})
-        if sc.grow and done % self.epoch_steps == 0:
+        # Grow at every epoch end but never after the final step: a unit that is added must be
+        # trained (DESIGN 1.2), and the saved widths are what search and export use.
+        if sc.grow and done % self.epoch_steps == 0 and done < self.trainer.total_steps:
             self.grow(done, writer)
 
     def set_widths(self, widths: np.ndarray) -> None:
