@@ -6,11 +6,11 @@
 DESIGN §3: one compiled step for every architecture. This runs the supernet stage's own engine
 (:func:`elm_jax.students.supernet_trainer`: relational KD from a teacher -- here randomly
 initialised, since weights do not change compilation) for ``--archs`` steps, each with the
-architectures the stage's sampler (:class:`elm_jax.supernet_steps.ArchBatches`) draws for it, and
+architectures the stage's sampler (:class:`elm_jax.data.arch_batches.ArchBatches`) draws for it, and
 with the stage's hooks (:class:`elm_jax.stages.supernet.SupernetHooks`: PCA/CKA statistics every
 ``calc_every`` steps, width growth at every epoch end), so the widths change during the run as
 they do in the stage. Then the eval step runs each of those architectures once (alternating the
-initial and the grown widths), and the search's :class:`elm_jax.search.PopulationScorer` scores
+initial and the grown widths), and the search's :class:`elm_jax.search.scoring.PopulationScorer` scores
 ``--populations`` populations of ``search.population`` fresh architectures plus one population
 2.5 times larger than its capacity (scored in several calls). Each compiled function must
 compile exactly once; the script exits with status 1 otherwise.

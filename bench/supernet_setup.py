@@ -2,7 +2,7 @@
 
 :func:`build` gives the exact compiled step the supernet stage runs
 (:func:`elm_jax.students.supernet_trainer`), its batch sampler
-(:class:`elm_jax.supernet_steps.ArchBatches`) and a randomly initialised teacher of the shape the
+(:class:`elm_jax.data.arch_batches.ArchBatches`) and a randomly initialised teacher of the shape the
 stage would distil from (weights do not change compilation or speed):
 
 - ``teacher.source = 'train'``: ``cfg.teacher.model`` via :func:`elm_jax.lm.dense_config_from`

@@ -157,7 +157,7 @@ def _block_name(key: BlockKey) -> str:
 
 def _parts_config(space: SearchSpace, seq_len: int) -> DenseConfig:
     """The DenseConfig of the space's extracted models without blocks (the settings of
-    ``space.dense_config``: factorised embedding, head = task, causal for 'clm')."""
+    ``models.dense.dense_config``: factorised embedding, head = task, causal for 'clm')."""
     arch = space.smallest(space.initial_widths())
     cfg = dense_config(space, arch, space.initial_widths())
     if seq_len > cfg.max_len:
