@@ -369,15 +369,17 @@ def test_imports_of_the_package_name_existing_modules():
     )
 
 
-def test_rule2_only_main_pipeline_and_stages_import_stages():
+def _edges_where(src_pred, dst_pred) -> list[tuple[str, str, str]]:
+    """``(importer, imported, where)`` of every package import with ``src_pred(importer)`` and
+    ``dst_pred(imported)``."""
     _, edges = _graph()
-    bad = [
-        (src, dst, where)
-        for src, dsts in sorted(edges.items())
-        if src not in STAGE_IMPORTERS and not within(src, "elm_jax.stages")
-        for dst, where in sorted(dsts.items())
-        if within(dst, "elm_jax.stages")
-    ]
+    return [(src, dst, where) for src, dsts in sorted(edges.items()) if src_pred(src)
+            for dst, where in sorted(dsts.items()) if dst_pred(dst)]
+
+
+def test_rule2_only_main_pipeline_and_stages_import_stages():
+    bad = _edges_where(lambda src: src not in STAGE_IMPORTERS and not within(src, "elm_jax.stages"),
+                       lambda dst: within(dst, "elm_jax.stages"))
     assert not bad, (
         f"only {', '.join(STAGE_IMPORTERS)} and modules inside elm_jax.stages may import "
         f"elm_jax.stages[.*]; these do:\n{describe_edges(bad)}"
@@ -385,14 +387,8 @@ def test_rule2_only_main_pipeline_and_stages_import_stages():
 
 
 def test_rule3_models_import_only_models_and_their_base_modules():
-    _, edges = _graph()
-    bad = [
-        (src, dst, where)
-        for src, dsts in sorted(edges.items())
-        if within(src, "elm_jax.models")
-        for dst, where in sorted(dsts.items())
-        if not any(within(dst, ok) for ok in MODELS_MAY_IMPORT)
-    ]
+    bad = _edges_where(lambda src: within(src, "elm_jax.models"),
+                       lambda dst: not any(within(dst, ok) for ok in MODELS_MAY_IMPORT))
     assert not bad, (
         f"elm_jax.models[.*] may import from elm_jax only {', '.join(MODELS_MAY_IMPORT)}; "
         f"these imports go elsewhere:\n{describe_edges(bad)}"
@@ -400,14 +396,8 @@ def test_rule3_models_import_only_models_and_their_base_modules():
 
 
 def test_rule4_arch_space_accounting_do_not_import_models():
-    _, edges = _graph()
-    bad = [
-        (src, dst, where)
-        for src, dsts in sorted(edges.items())
-        if any(within(src, m) for m in MODEL_FREE)
-        for dst, where in sorted(dsts.items())
-        if within(dst, "elm_jax.models")
-    ]
+    bad = _edges_where(lambda src: any(within(src, m) for m in MODEL_FREE),
+                       lambda dst: within(dst, "elm_jax.models"))
     assert not bad, (
         f"{', '.join(MODEL_FREE)} must import nothing from elm_jax.models; these do:\n{describe_edges(bad)}"
     )
