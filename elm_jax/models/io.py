@@ -35,9 +35,9 @@ from elm_jax.models.elastic import Supernet
 from elm_jax.space import SearchSpace
 
 CONFIG_FILE = "config.json"
-
-
 PARAMS_FILE = "model.safetensors"
+SUPERNET_PARAMS_FILE = "supernet.safetensors"
+WIDTHS_FILE = "widths.json"
 
 
 def flat_params(module: nnx.Module) -> dict[str, np.ndarray]:
@@ -124,10 +124,6 @@ def save_orbax_params(path: str | os.PathLike, model: DenseLM) -> None:
 
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(os.path.abspath(path), flat_params(model))
-
-
-SUPERNET_PARAMS_FILE = "supernet.safetensors"
-WIDTHS_FILE = "widths.json"
 
 
 def save_supernet(path: str | os.PathLike, net: Supernet, widths: np.ndarray, history: list) -> None:
