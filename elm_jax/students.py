@@ -21,6 +21,7 @@ from elm_jax.arch import FAMILY_INDEX
 from elm_jax.data.arch_batches import local_arch
 from elm_jax.distill import KDProjections, supernet_distill_loss
 from elm_jax.engine.losses import LM_RATIOS, weighted_cross_entropy
+from elm_jax.engine.optim import path_names
 from elm_jax.engine.sharding import sharded_sums
 from elm_jax.models.dense import DenseLM
 from elm_jax.models.elastic import Supernet
@@ -74,13 +75,6 @@ def _kd_mean(s: Mapping[str, jax.Array]) -> jax.Array:
     return s["kd_total"] / jnp.maximum(s["kd_count"], 1.0)
 
 
-def _path_names(path: tuple[Any, ...]) -> list[str]:
-    names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
-    while names and names[-1] in ("value", "raw_value"):  # an nnx.Variable's own field
-        names.pop()
-    return names
-
-
 class SupernetPath:
     """Which parameter tensors of a :class:`Student` one global step used (DESIGN 1.5), for
     :func:`elm_jax.engine.optim.sampled_path_adamw`.
@@ -104,7 +98,7 @@ class SupernetPath:
         return None
 
     def unit_axes(self, path: tuple[Any, ...], leaf: jax.Array) -> int:
-        return 2 if self._candidate_family(_path_names(path)) is not None else 0
+        return 2 if self._candidate_family(path_names(path)) is not None else 0
 
     def used(self, params: Any, batch: Mapping[str, jax.Array]) -> Any:
         fam, cand = batch["arch_family"], batch["arch_candidate"]  # [B, L]
@@ -114,7 +108,7 @@ class SupernetPath:
                       for f in self.space.families}  # [L, T]
 
         def leaf(path: tuple[Any, ...], _: jax.Array) -> jax.Array:
-            names = _path_names(path)
+            names = path_names(path)
             f = self._candidate_family(names)
             if f is not None:
                 return per_family[f]

@@ -41,12 +41,19 @@ def lr_schedule(tc: Any, total_steps: int) -> optax.Schedule:
 DECAYED_ROLES: tuple[str, ...] = ("kernel", "embedding")
 
 
+def path_names(path: tuple[Any, ...]) -> list[str]:
+    """The names along a pytree key path of a parameter (dict keys, attributes, indices),
+    without an ``nnx.Variable``'s own trailing ``value`` field."""
+    names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+    while names and names[-1] in ("value", "raw_value"):
+        names.pop()
+    return names
+
+
 def _role(path: tuple[Any, ...]) -> str:
     """The role of a parameter: the last component of its path; a supernet candidate stack
     ``p.attn__query__kernel`` (``[L, T, ...]``) has the role of its dense name, ``kernel``."""
-    names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
-    while names and names[-1] in ("value", "raw_value"):  # an nnx.Variable's own field
-        names.pop()
+    names = path_names(path)
     return names[-1].rsplit("__", 1)[-1] if names else ""
 
 
