@@ -40,7 +40,7 @@ def main() -> None:
     space = space_of(cfg, data.tokenizer.vocab_size)
     net = init_supernet(space, seed=0)
     widths = space.initial_widths()
-    batches = [data.eval.global_batch(k) for k in range(args.eval_batches)]
+    batches = [data.search.global_batch(k) for k in range(args.eval_batches)]
     rng = np.random.default_rng(0)
     archs = [space.sample(rng) for _ in range(args.population)]
     scorer = PopulationScorer(net, widths, batches, sharding.make_mesh(cfg.mesh), capacity=args.population)

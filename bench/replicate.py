@@ -205,7 +205,7 @@ def _rank_setup(root: Path):
     pool = sorted({a.arch_id: a for a in (space.sample(rng) for _ in range(200))}.values(),
                   key=lambda a: count_params(space, a, widths))
     picks = [pool[round(q * (len(pool) - 1))] for q in np.linspace(0, 1, RANK_ARCHS)]
-    batches = [data.eval.global_batch(k) for k in range(min(RANK_EVAL_BATCHES, len(data.eval)))]
+    batches = [data.search.global_batch(k) for k in range(min(RANK_EVAL_BATCHES, len(data.search)))]
     return cfg, data, space, widths, picks, batches
 
 

@@ -48,10 +48,14 @@ def base_config(task: str, variant: str) -> ml_collections.ConfigDict:
         cache_dir="",                  # '' -> $ELM_JAX_CACHE or ~/.cache/elm_jax
         train_files="",                # corpus=files: comma-separated paths or globs
         validation_files="",           # corpus=files: held-out documents
+        search_files="",               # corpus=files: search-split documents ('' -> held out from train)
+        search_fraction=0.05,          # the share of training documents held out (by text hash) as the
+                                       # search split when none is given (corpus=files / tfds)
         tfds_name="",                  # corpus=tfds: e.g. 'wikipedia/20230601.en' prepared under tfds_data_dir
         tfds_data_dir="",
         tfds_train_split="train",
         tfds_validation_split="validation",
+        tfds_search_split="",          # '' -> held out from the train split by document hash
         text_key="text",
         max_docs=0,                    # > 0: use only the first max_docs documents of each split
         seq_len=64,
@@ -117,12 +121,14 @@ def base_config(task: str, variant: str) -> ml_collections.ConfigDict:
         mutations=6,                   # children by mutation per generation
         crossovers=4,                  # children by uniform crossover per generation
         mutation_prob=0.2,             # each gene resampled with this probability
-        eval_batches=2,                # fixed validation batches scoring every candidate
+        eval_batches=2,                # fixed search-split batches scoring every candidate
         budgets=[{"name": "small", "max_params": 450_000}],
     ))
     # Export: the CKA head module (DESIGN §1.3) re-splits each layer into fewer, wider heads.
-    # Hand-designed baselines per budget: uniform all-<family> models at the budget, extracted and
-    # retrained exactly like the found model (same inherited initialisation, same retraining).
+    # Hand-designed baselines per budget and family (elm_jax.search.baselines): the largest uniform
+    # all-<family> model satisfying every bound, and the one nearest in parameters to the found
+    # model; extracted and retrained exactly like the found model (same inherited initialisation,
+    # same retraining).
     c.export = ml_collections.ConfigDict(dict(cka_heads=True, cka_threshold=0.9,
                                               baselines=("bert", "mobilebert"),
                                               measure_latency=True))

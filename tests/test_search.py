@@ -338,8 +338,11 @@ def test_plot_pareto_writes_a_png(tmp_path):
     assert len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.fidelity
 def test_search_stage_end_to_end(tmp_path, capsys):
     from elm_jax.config import load_config
+    from elm_jax.lm import lm_eval_fn
+    from elm_jax.models.extract import extract
     from elm_jax.data.prepare import prepare_data
     from elm_jax.models.io import save_supernet
     from elm_jax.stages.supernet import space_of
@@ -369,6 +372,16 @@ def test_search_stage_end_to_end(tmp_path, capsys):
     assert front and all(e["arch_id"] for e in front)
     assert [e["params"] for e in front] == sorted(e["params"] for e in front)
     assert result["scorer"]["compilations"] == 1
+    # the fitness is the extracted model's loss on the SEARCH split's first batches, which is not
+    # the validation split the final models are compared on (DESIGN 1.6)
+    assert result["eval_split"] == "search"
+    dense = extract(init_supernet(space, seed=0), widths, Arch.from_dict(anyb["arch"]))
+    sums = [lm_eval_fn(dense, data.search.global_batch(k)) for k in range(2)]
+    want = sum(float(x["loss_sum"]) for x in sums) / sum(float(x["weight_sum"]) for x in sums)
+    assert anyb["score"] == pytest.approx(want, rel=1e-5)
+    val = [lm_eval_fn(dense, data.eval.global_batch(k)) for k in range(2)]
+    assert abs(anyb["score"] - sum(float(x["loss_sum"]) for x in val)
+               / sum(float(x["weight_sum"]) for x in val)) > 1e-3
     lines = [l for l in capsys.readouterr().out.splitlines() if " loss " in l and "FLOPs" in l]
     assert len(lines) == 2
     # a complete result is reused, not recomputed

@@ -69,6 +69,15 @@ DEFAULT_VALIDATION_DOCS = (
     "paradise_regained_gut",
 )
 
+# Held-out works of the default corpus for the SEARCH split (scores candidates during the search,
+# DESIGN 5): ~5.5% of the text (a tragedy, a comedy, a history), disjoint from the validation works
+# on which found models and baselines are compared, and from training.
+DEFAULT_SEARCH_DOCS = (
+    "macbeth_gut",
+    "much_ado_about_nothing_gut",
+    "richard_ii_gut",
+)
+
 
 def default_cache_dir() -> Path:
     """``$ELM_JAX_CACHE`` or ``$XDG_CACHE_HOME/elm_jax`` or ``~/.cache/elm_jax``."""
@@ -171,13 +180,38 @@ def load_shakespeare(cache_dir: str | os.PathLike | None = None) -> list[Documen
 def split_by_document(
     docs: Sequence[Document], validation_names: Sequence[str]
 ) -> tuple[list[Document], list[Document]]:
-    """Splits into (train, validation): whole documents, validation = the named ones."""
+    """Splits into (rest, held out): whole documents, held out = the named ones (all must exist)."""
     names = {d.name for d in docs}
     missing = [n for n in validation_names if n not in names]
     if missing:
-        raise DataError(f"validation documents {missing} are not in the corpus (it has {sorted(names)[:8]}...)")
+        raise DataError(f"held-out documents {missing} are not in the corpus (it has {sorted(names)[:8]}...)")
     val = set(validation_names)
     return [d for d in docs if d.name not in val], [d for d in docs if d.name in val]
+
+
+def document_hash(doc: Document) -> float:
+    """A document's position in [0, 1): the first 8 bytes of sha256(text) / 2^64. It depends on
+    the text alone, so a document (or an exact duplicate of it) lands in the same split whatever
+    the corpus order, name or shard."""
+    return int.from_bytes(hashlib.sha256(doc.text.encode()).digest()[:8], "big") / 2.0 ** 64
+
+
+def hold_out_by_hash(docs: Sequence[Document], fraction: float, what: str
+                     ) -> tuple[list[Document], list[Document]]:
+    """Splits ``docs`` into (rest, held out) by document: held out are the documents with
+    :func:`document_hash` ``< fraction``, and at least the one of lowest hash, so a small corpus
+    still gets a held-out document. ``what`` names the split (and how to give it explicitly) in
+    the error raised when fewer than 2 documents leave nothing to hold out from."""
+    if not 0.0 < fraction < 1.0:
+        raise DataError(f"the {what} fraction must lie in (0, 1), got {fraction}")
+    if len(docs) < 2:
+        raise DataError(f"the {what} split is held out by document from the training documents, which "
+                        f"needs at least 2 of them (got {len(docs)})")
+    keyed = sorted(((document_hash(d), i) for i, d in enumerate(docs)))
+    held = {i for h, i in keyed if h < fraction} or {keyed[0][1]}
+    if len(held) == len(docs):
+        held.discard(keyed[-1][1])
+    return ([d for i, d in enumerate(docs) if i not in held], [d for i, d in enumerate(docs) if i in held])
 
 
 def read_text_files(patterns: Sequence[str] | str, field: str = "data.train_files") -> list[Document]:

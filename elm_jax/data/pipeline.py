@@ -194,7 +194,8 @@ class LMBatches:
 
 
 class EvalBatches:
-    """The fixed validation set: all rows in order (or the first ``max_batches`` batches).
+    """A fixed evaluation set (the validation or the search split, named by ``split``): all rows
+    in order (or the first ``max_batches`` batches).
 
     The last batch is filled with all-padding rows of weight 0, so every real token counts
     exactly once. MLM masking is fixed by ``(seed, salt, batch index)``: every evaluation of every
@@ -203,9 +204,10 @@ class EvalBatches:
 
     def __init__(self, rows: np.ndarray, kind: str, batch_size: int, seed: int,
                  special: SpecialIds, vocab_size: int, masking: Masking = Masking(),
-                 max_batches: int = 0):
+                 max_batches: int = 0, split: str = "validation"):
         if len(rows) == 0:
-            raise DataError("the validation split is empty")
+            raise DataError(f"the {split} split is empty")
+        self.split = split
         self.rows, self.kind, self.batch_size = rows, kind, int(batch_size)
         self.seed, self.special, self.vocab_size, self.masking = int(seed), special, int(vocab_size), masking
         n = -(-len(rows) // self.batch_size)

@@ -23,11 +23,14 @@ from elm_jax.fileio import atomic_write_bytes, atomic_write_json
 
 @dataclasses.dataclass
 class DataBundle:
-    """What a training stage needs: the tokenizer, training and evaluation batch sources, stats."""
+    """What a training stage needs: the tokenizer, the training batches, the fixed batches of the
+    validation split (``eval``: compares final models) and of the search split (``search``: scores
+    candidates), and the statistics."""
 
     tokenizer: tok_lib.Tokenizer
     train: pipeline.LMBatches
     eval: pipeline.EvalBatches
+    search: pipeline.EvalBatches
     stats: dict
 
 
@@ -45,31 +48,53 @@ def _documents_key(splits: dict[str, list[Document]]) -> str:
 
 
 def load_documents(data_cfg) -> dict[str, list[Document]]:
-    """Train and validation documents of the configured corpus, read through tfds.
+    """The ``train``, ``search`` and ``validation`` documents of the configured corpus, read
+    through tfds; the three splits hold disjoint documents (DESIGN 5).
+
+    ``search`` scores candidates during the architecture search; ``validation`` compares the final
+    models, baselines and teacher, so the found model is never compared on the data that chose it.
+    Default corpus: fixed held-out works (:data:`~elm_jax.data.corpus.DEFAULT_SEARCH_DOCS`,
+    :data:`~elm_jax.data.corpus.DEFAULT_VALIDATION_DOCS`). Otherwise ``data.search_files`` (files)
+    or ``data.tfds_search_split`` (tfds) when given, else ``data.search_fraction`` of the training
+    documents held out by text hash (:func:`~elm_jax.data.corpus.hold_out_by_hash`). Every split
+    is fixed here, before the tokenizer (trained on ``train`` only) or any model sees the text.
 
     Local corpora (the default, or the user's files) are written once as an array_record tfds
     dataset in the cache and read back with ``tfds.data_source``; a named tfds dataset prepared
     by the user is read with the same reader.
     """
     cache = cache_dir_of(data_cfg)
+    held_out_search = "--config.data.search_files=... (or several training documents)"
     if data_cfg.corpus == "tfds":
         data_dir = data_cfg.tfds_data_dir or None
-        out = {
-            "train": tfds_text.read_text_split(data_cfg.tfds_name, data_cfg.tfds_train_split, data_dir,
-                                               data_cfg.text_key, name_key=None),
-            "validation": tfds_text.read_text_split(data_cfg.tfds_name, data_cfg.tfds_validation_split,
-                                                    data_dir, data_cfg.text_key, name_key=None),
-        }
+
+        def read(split: str) -> list[Document]:
+            return tfds_text.read_text_split(data_cfg.tfds_name, split, data_dir, data_cfg.text_key,
+                                             name_key=None)
+
+        out = {"train": read(data_cfg.tfds_train_split),
+               "validation": read(data_cfg.tfds_validation_split)}
+        if data_cfg.tfds_search_split:
+            out["search"] = read(data_cfg.tfds_search_split)
+        else:
+            out["train"], out["search"] = corpus_lib.hold_out_by_hash(
+                out["train"], data_cfg.search_fraction, "search (--config.data.tfds_search_split=...)")
     else:
         if data_cfg.corpus == "shakespeare":
             docs = corpus_lib.load_shakespeare(cache)
-            train, val = corpus_lib.split_by_document(docs, corpus_lib.DEFAULT_VALIDATION_DOCS)
+            rest, val = corpus_lib.split_by_document(docs, corpus_lib.DEFAULT_VALIDATION_DOCS)
+            train, search = corpus_lib.split_by_document(rest, corpus_lib.DEFAULT_SEARCH_DOCS)
         elif data_cfg.corpus == "files":
             train = corpus_lib.read_text_files(data_cfg.train_files, "data.train_files")
             val = corpus_lib.read_text_files(data_cfg.validation_files, "data.validation_files")
+            if data_cfg.search_files:
+                search = corpus_lib.read_text_files(data_cfg.search_files, "data.search_files")
+            else:
+                train, search = corpus_lib.hold_out_by_hash(train, data_cfg.search_fraction,
+                                                            f"search ({held_out_search})")
         else:
             raise DataError(f"config.data.corpus={data_cfg.corpus!r} is not 'shakespeare', 'files' or 'tfds'")
-        splits = {"train": train, "validation": val}
+        splits = {"train": train, "search": search, "validation": val}
         data_dir = cache / "tfds" / _documents_key(splits)
         tfds_text.build_local_text(splits, data_dir)
         out = {s: tfds_text.read_text_split(tfds_text.LOCAL_TEXT_NAME, s, data_dir) for s in splits}
@@ -111,7 +136,9 @@ def prepare_data(cfg, workdir: str | os.PathLike | None = None, verbose: bool = 
     train = pipeline.LMBatches(rows["train"], cfg.task, d.batch_size, cfg.seed, tok.special,
                                tok.vocab_size, masking)
     evals = pipeline.EvalBatches(rows["validation"], cfg.task, d.eval_batch_size, cfg.seed,
-                                 tok.special, tok.vocab_size, masking, d.eval_batches)
+                                 tok.special, tok.vocab_size, masking, d.eval_batches, split="validation")
+    search = pipeline.EvalBatches(rows["search"], cfg.task, d.eval_batch_size, cfg.seed,
+                                  tok.special, tok.vocab_size, masking, split="search")
     stats = {
         "task": cfg.task,
         "corpus": d.corpus,
@@ -120,6 +147,7 @@ def prepare_data(cfg, workdir: str | os.PathLike | None = None, verbose: bool = 
         "global_batch": d.batch_size,
         "steps_per_epoch": round(train.steps_per_epoch, 2),
         "eval_batches": len(evals),
+        "search_batches": len(search),
     }
     for split in docs:
         chars = sum(len(x.text) for x in docs[split])
@@ -141,7 +169,7 @@ def prepare_data(cfg, workdir: str | os.PathLike | None = None, verbose: bool = 
         atomic_write_json(out / "stats.json", stats)
     if verbose:
         print(format_stats(stats))
-    return DataBundle(tok, train, evals, stats)
+    return DataBundle(tok, train, evals, search, stats)
 
 
 def format_stats(stats: dict) -> str:
@@ -149,7 +177,9 @@ def format_stats(stats: dict) -> str:
              f"vocab={stats['tokenizer']['vocab_size']} seq_len={stats['seq_len']} "
              f"global_batch={stats['global_batch']} steps/epoch={stats['steps_per_epoch']}"]
     lines.append(f"{'split':<12}{'docs':>6}{'chars':>12}{'tokens':>11}{'chars/tok':>10}{'seqs':>8}{'pad%':>7}")
-    for split in ("train", "validation"):
+    for split in ("train", "search", "validation"):
+        if split not in stats:  # work directories written before the search split
+            continue
         s = stats[split]
         lines.append(f"{split:<12}{s['documents']:>6}{s['characters']:>12,}{s['tokens']:>11,}"
                      f"{s['chars_per_token']:>10}{s['sequences']:>8}{100 * s['padding_fraction']:>6.1f}%")

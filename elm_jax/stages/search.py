@@ -44,9 +44,11 @@ def run(cfg: Any, workdir: str | os.PathLike, data: Any,
     """The ``search`` stage: one evolutionary search per budget over the trained supernet.
 
     Loads ``WORKDIR/supernet/final``, scores candidates on the first ``search.eval_batches``
-    validation batches with one compiled :class:`PopulationScorer` (mesh from ``cfg.mesh``),
-    checks every budget's feasibility before searching, runs the budgets in order (state files
-    ``WORKDIR/search/state_<name>.json``, one shared score cache), and writes
+    batches of the SEARCH split (``data.search``, disjoint from train and from the validation
+    split on which the final models are compared, DESIGN 1.6) with one compiled
+    :class:`PopulationScorer` (mesh from ``cfg.mesh``), checks every budget's feasibility before
+    searching, runs the budgets in order (state files ``WORKDIR/search/state_<name>.json``, one
+    shared score cache), and writes
     ``WORKDIR/search/pareto.png`` and ``WORKDIR/search/result.json`` (per budget: arch, id,
     describe, score = loss, perplexity for CLM, params, flops, latency; the Pareto sets over all
     scored architectures; ``budget_names`` keeps the config order, since the JSON keys are
@@ -86,14 +88,14 @@ def run(cfg: Any, workdir: str | os.PathLike, data: Any,
     for c in constraints:
         check_feasible(space, widths, c)
 
-    n_batches = min(int(cfg.search.eval_batches), len(data.eval))
-    batches = [data.eval.global_batch(k) for k in range(n_batches)]
+    n_batches = min(int(cfg.search.eval_batches), len(data.search))
+    batches = [data.search.global_batch(k) for k in range(n_batches)]
     mesh = sharding.make_mesh(cfg.mesh)
     n_dev = int(mesh.devices.size)
     capacity = -(-int(cfg.search.population) // n_dev) * n_dev
     scorer = PopulationScorer(net, widths, batches, mesh, capacity=capacity)
     print(f"[search] {len(budgets)} budget(s), population {cfg.search.population} x "
-          f"{cfg.search.generations} generations; {n_batches} validation batches; "
+          f"{cfg.search.generations} generations; {n_batches} search-split batches; "
           f"{capacity} architectures per compiled call over {n_dev} device(s)")
 
     writer = is_main_process()
@@ -131,6 +133,7 @@ def run(cfg: Any, workdir: str | os.PathLike, data: Any,
     pareto = {cost: [entries[i] | {"arch": cache.archs[entries[i]["arch_id"]].to_dict()}
                      for i in idx] for cost, idx in fronts.items()}
     result = {"task": space.task, "complete": True, "seq_len": seq_len, "eval_batches": n_batches,
+              "eval_split": data.search.split,
               "budget_names": names,
               "budgets": {n: _budget_entry(r, space.task) for n, r in results.items()},
               "pareto": pareto, "scored": entries,
