@@ -4,7 +4,8 @@
 
 - ``WORKDIR/report.md``: which stages are complete and which are missing; the teacher; one row per
   exported model (the searched architecture and the uniform all-BERT / all-MobileBERT baselines of
-  its budget) with parameters, FLOPs, predicted and measured latency, validation loss before and
+  its budget: the largest that fits and the one nearest in size) with parameters, the parameter gap
+  of each baseline to the found model, FLOPs, predicted and measured latency, validation loss before and
   after retraining, perplexity and sentence-polarity accuracy (MLM); and the list of plots;
 - ``WORKDIR/report/curves_<stage>.png``: the training curves of every training stage (teacher,
   supernet, retrain, finetune), read from the engine's ``metrics.jsonl`` files
@@ -246,9 +247,9 @@ def plot_search(workdir: str | os.PathLike) -> Path | None:
 # The report
 # ----------------------------------------------------------------------------------
 
-MODEL_HEADER = ("model", "kind", "architecture", "params", "FLOPs/seq", "pred. latency ms",
-                "meas. latency ms", "val loss (inherited)", "val loss (retrained)", "perplexity",
-                "fine-tune test acc.")
+MODEL_HEADER = ("model", "kind", "architecture", "params", "params - found", "FLOPs/seq",
+                "pred. latency ms", "meas. latency ms", "val loss (inherited)", "val loss (retrained)",
+                "perplexity", "fine-tune test acc.")
 
 
 def model_rows(workdir: str | os.PathLike) -> list[list[Any]]:
@@ -262,7 +263,8 @@ def model_rows(workdir: str | os.PathLike) -> list[list[Any]]:
     for name, e in export.items():
         ev, ft, rt = evaluate.get(name, {}), finetune.get(name, {}), retrain.get(name, {})
         rows.append([name, e.get("kind", "found"), f"`{e.get('describe', '?')}`", e.get("params"),
-                     e.get("flops"), e.get("predicted_latency_ms"), e.get("measured_latency_ms"),
+                     e.get("param_gap"), e.get("flops"), e.get("predicted_latency_ms"),
+                     e.get("measured_latency_ms"),
                      rt.get("before", {}).get("loss"), ev.get("loss"), ev.get("perplexity"),
                      ft.get("test_accuracy")])
     return rows

@@ -64,7 +64,7 @@ def _complete_workdir(wd):
         "small": {"kind": "found", "describe": "b1h2 -", "params": 15104, "flops": 983040,
                   "predicted_latency_ms": None, "measured_latency_ms": 0.384},
         "small_uniform_mobilebert": {"kind": "uniform mobilebert", "describe": "m0h2 m0h2", "params": 15904,
-                                     "flops": 1015808, "predicted_latency_ms": 1.25,
+                                     "param_gap": 800, "flops": 1015808, "predicted_latency_ms": 1.25,
                                      "measured_latency_ms": 0.362}})
     _write(wd / "retrain" / "result.json", {"small": {"before": {"loss": 5.5424}, "after": {"loss": 5.5238}},
                                             "small_uniform_mobilebert": {"before": {"loss": 5.5425},
@@ -115,6 +115,7 @@ def test_report_command_on_a_complete_workdir(tmp_path):
     assert small["val loss (retrained)"] == "5.524" and small["fine-tune test acc."] == "0.625"
     assert mob["kind"] == "uniform mobilebert" and mob["pred. latency ms"] == "1.25"
     assert mob["perplexity"] == "249.7"
+    assert mob["params - found"] == "800" and small["params - found"] == "-"  # the size gap, beside
     for name in ("curves_teacher", "curves_supernet", "curves_retrain", "curves_finetune", "pareto"):
         _assert_png(wd / "report" / f"{name}.png")
         assert f"`report/{name}.png`" in text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,11 @@ from elm_jax.models.io import final_models, flat_params, is_model_dir, load_mode
 
 
 def run(cfg, workdir: str | os.PathLike, data) -> dict[str, Any]:
-    """Validation loss / perplexity / token accuracy of every final model and of the teacher."""
+    """Validation loss / perplexity / token accuracy of every final model and of the teacher, with
+    each model's ``kind`` and (baselines) ``param_gap``, its parameters minus the found model's."""
     mesh = sharding.make_mesh(cfg.mesh)
+    export_path = Path(workdir) / "export" / "result.json"
+    exported = json.loads(export_path.read_text()) if export_path.is_file() else {}
     models = {name: load_model(p)[0] for name, p in final_models(workdir).items()}
     teacher_dir = Path(workdir) / "teacher" / "model"
     if is_model_dir(teacher_dir):
@@ -28,6 +32,10 @@ def run(cfg, workdir: str | os.PathLike, data) -> dict[str, Any]:
         result[name] = {"loss": m["loss"], "perplexity": m["perplexity"],
                         "accuracy": m["correct"], "params": sum(
                             v.size for v in flat_params(model).values())}
+        if name == "teacher":
+            result[name]["kind"] = "teacher"
+        elif name in exported:
+            result[name].update(kind=exported[name].get("kind"), param_gap=exported[name].get("param_gap"))
         print(f"[evaluate] {name}: loss {m['loss']:.4f} perplexity {result[name]['perplexity']:.2f} "
               f"accuracy {m['correct']:.4f} ({result[name]['params']:,} params)")
     if is_main_process():  # the CLI then writes and prints the report (elm_jax.report)

@@ -3,90 +3,106 @@ standalone model directories.
 
 For every budget of ``search/result.json`` the found architecture is extracted from the supernet
 (:func:`elm_jax.models.extract.extract`), the CKA head module is applied
-(:func:`elm_jax.dynamic.cka_head_counts`, ``export.cka_heads``), its latency is measured
-(``export.measure_latency``) and it is written to ``WORKDIR/export/<budget>/`` (a model directory
-of :mod:`elm_jax.models.io` with ``orbax/``, ``arch.json`` and the tokenizer). The uniform
-baselines of ``export.baselines`` (:func:`uniform_baseline`) go to
-``WORKDIR/export/<budget>_uniform_<family>/``. ``export/result.json`` is written last; a rerun
-reuses every complete model directory.
+(:func:`elm_jax.dynamic.cka_head_counts`, ``export.cka_heads``, on search-split batches), its
+latency is measured (``export.measure_latency``) and it is written to ``WORKDIR/export/<budget>/``
+(a model directory of :mod:`elm_jax.models.io` with ``orbax/``, ``arch.json`` and the tokenizer).
+For each family of ``export.baselines`` the uniform baselines of :mod:`elm_jax.search.baselines`,
+chosen under every bound of the budget, go to ``WORKDIR/export/<budget>_largest_<family>/``
+(the largest that fits) and ``WORKDIR/export/<budget>_matched_<family>/`` (nearest in parameters
+to the found model; not exported again when it is the largest one), each with ``param_gap``
+(its parameters minus the found model's). ``export/result.json`` is written last; a rerun reuses
+every complete model directory.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from elm_jax.accounting import count_flops, count_params
+from elm_jax.arch import FAMILY_INDEX
 from elm_jax.distributed import is_main_process
 from elm_jax.dynamic import cka_head_counts
 from elm_jax.fileio import atomic_write_json
 from elm_jax.models.extract import with_heads
 from elm_jax.models.io import flat_params, is_model_dir, save_model, save_orbax_params
 
-# ---------------------------------------------------------------------------------------------
-# The export stage
+
+@dataclasses.dataclass(frozen=True)
+class _Item:
+    """One model to export: ``arch`` extracted at ``widths``."""
+
+    out_name: str
+    budget: str
+    kind: str                   # "found" | one of baselines.KINDS
+    arch: Any
+    widths: np.ndarray
+    family: str | None = None   # baselines: the uniform family
+    param_gap: int | None = None  # baselines: params minus the found model's
+
+    def ffn(self) -> list[int]:
+        """The FFN width of each active layer (what the exported model has)."""
+        return [int(self.widths[l, FAMILY_INDEX[c.family], c.candidate])
+                for l, c in enumerate(self.arch.layers) if c.active]
 
 
-def uniform_baseline(space, widths, family: str, budget: dict, seq_len: int, latency_fn=None,
-                     name: str | None = None):
-    """The hand-designed baseline of a budget: every active layer the same ``family`` block
-    (same candidate, all base heads), the largest such model (most parameters) that satisfies
-    the budget (:class:`~elm_jax.search.constraints.Constraints`, the search's own reading of
-    it); ``None`` when none does. Depth is the first ``n`` layers active; all
-    ``(candidate, n)`` combinations are tried.
-
-    ``budget`` is a ``cfg.search.budgets`` entry; ``{}`` (a budget no longer in the config) is
-    unconstrained, named ``name`` (default ``uniform_<family>``). Latency bounds are IGNORED
-    when no ``latency_fn`` is given (the export stage gives none today: baselines are chosen by
-    parameters and FLOPs only); with ``latency_fn`` they are enforced like every other bound."""
-    from elm_jax import arch as arch_lib
-    from elm_jax.search.constraints import Constraints
-
-    if family not in space.families:
-        return None
-    budget = dict(budget)
-    budget.setdefault("name", name or f"uniform_{family}")
-    if latency_fn is None:  # explicitly: no latency table, so latency bounds cannot be tested
-        budget = {k: v for k, v in budget.items() if not k.endswith("latency_ms")}
-    constraints = Constraints.from_budget(budget, space, widths, seq_len, latency_fn=latency_fn)
-    best = None
-    lo = space.min_layers if space.elastic_depth else space.layers
-    for n in range(lo, space.layers + 1):
-        for j in range(space.candidates):
-            layers = tuple(arch_lib.LayerChoice(family, j, space.base_heads, l < n)
-                           for l in range(space.layers))
-            a = space.validate(arch_lib.Arch(layers))
-            if constraints.ok(a):
-                p = constraints.measures(a)["params"]
-                if best is None or p > best[0]:
-                    best = (p, a)
-    return None if best is None else best[1]
-
-
-def _reusable(out: Path, arch_id: str, kind: str) -> dict[str, Any] | None:
-    """The arch.json of a complete model directory exported earlier for the same architecture
-    and kind (a killed or preempted export resumes there), else None."""
+def _reusable(out: Path, item: _Item) -> dict[str, Any] | None:
+    """The arch.json of a complete model directory exported earlier for the same architecture,
+    widths and kind (a killed or preempted export resumes there), else None."""
     try:
         info = json.loads((out / "arch.json").read_text())
     except (OSError, ValueError):
         return None
-    if is_model_dir(out) and (out / "orbax").is_dir() and info.get("arch_id") == arch_id \
-            and info.get("kind") == kind:
+    if is_model_dir(out) and (out / "orbax").is_dir() and info.get("arch_id") == item.arch.arch_id \
+            and info.get("kind") == item.kind and info.get("widths") == item.ffn():
         return info
     return None
+
+
+def _items(cfg, space, widths, search: dict[str, Any], latency_for) -> list[_Item]:
+    """The found model of every budget, then its baselines (largest, matched) per family."""
+    from elm_jax import arch as arch_lib
+    from elm_jax.accounting import count_params
+    from elm_jax.search import baselines
+
+    items = []
+    for name, entry in search["budgets"].items():
+        found = arch_lib.Arch.from_dict(entry["arch"])
+        items.append(_Item(name, name, "found", found, widths))
+        target = count_params(space, found, widths)
+        budget = next((dict(b) for b in cfg.search.budgets if b["name"] == name), {})
+        for fam in (cfg.export.baselines if cfg.export.baselines else ()):
+            largest = baselines.largest_uniform(space, widths, fam, budget, cfg.data.seq_len, latency_for)
+            matched = baselines.matched_uniform(space, widths, fam, budget, cfg.data.seq_len, target,
+                                                latency_for)
+            for b, tag in ((largest, "largest"), (matched, "matched")):
+                if b is None:
+                    print(f"[export] {name}: no uniform {fam} model satisfies the budget ({tag})")
+                    continue
+                if tag == "matched" and largest is not None and b.arch == largest.arch \
+                        and np.array_equal(b.widths, largest.widths):
+                    print(f"[export] {name}: the size-matched uniform {fam} model is the largest one "
+                          f"({name}_largest_{fam})")
+                    continue
+                items.append(_Item(f"{name}_{tag}_{fam}", name, b.kind, b.arch, b.widths, fam,
+                                   b.params - target))
+    return items
 
 
 def run(cfg, workdir: str | os.PathLike, data) -> dict[str, Any]:
     """Each budget's best architecture from the search -> a standalone model directory
     ``WORKDIR/export/<budget>/`` (config.json, model.safetensors, orbax/, arch.json,
-    tokenizer), with the CKA head module applied when ``export.cka_heads``.
+    tokenizer), with the CKA head module applied when ``export.cka_heads``, and its uniform
+    baselines (module docstring).
 
     Each model directory is built in a temporary sibling and renamed into place when complete;
     a rerun after a kill or a preemption (SIGTERM: checked between models) reuses the complete
     ones, and ``export/result.json`` (written last) marks the stage complete."""
-    from elm_jax import arch as arch_lib
     from elm_jax import preemption
     from elm_jax.models.io import load_supernet
 
@@ -101,43 +117,45 @@ def run(cfg, workdir: str | os.PathLike, data) -> dict[str, Any]:
     search = json.loads(search_path.read_text())
     net, widths, _ = load_supernet(Path(workdir) / "supernet" / "final")
     space = net.space
-    batches = [data.eval.global_batch(k) for k in range(min(2, len(data.eval)))]
-    candidates = []  # (output name, budget name, arch, kind)
-    for name, entry in search["budgets"].items():
-        candidates.append((name, name, arch_lib.Arch.from_dict(entry["arch"]), "found"))
-        budget = next((b for b in cfg.search.budgets if b["name"] == name), {})
-        for fam in (cfg.export.baselines if cfg.export.baselines else ()):
-            base = uniform_baseline(space, widths, fam, dict(budget), cfg.data.seq_len)
-            if base is not None:
-                candidates.append((f"{name}_uniform_{fam}", name, base, f"uniform {fam}"))
+    # the CKA head module chooses head counts: from the search split, never the validation split
+    # on which the exported models are then compared
+    batches = [data.search.global_batch(k) for k in range(min(2, len(data.search)))]
+    latency_for = None
+    if any(k.endswith("latency_ms") for b in cfg.search.budgets for k in b):
+        from elm_jax.latency import load_or_build
+
+        table = load_or_build(space, cfg.latency, int(cfg.data.seq_len))
+        latency_for = lambda w: (lambda a: table.predict_ms(space, a, w))
+    items = _items(cfg, space, widths, search, latency_for)
     main = is_main_process()
     result = {}
-    for i, (out_name, name, arch, kind) in enumerate(candidates):
+    for i, item in enumerate(items):
         if preemption.agreed():
-            raise preemption.Preempted(i, f"export: preempted (SIGTERM) after {i} of {len(candidates)} "
+            raise preemption.Preempted(i, f"export: preempted (SIGTERM) after {i} of {len(items)} "
                                           f"models; the finished ones are kept in {root}; rerun the same "
                                           f"command to resume")
-        out = root / out_name
-        info = _reusable(out, arch.arch_id, kind)
+        out = root / item.out_name
+        info = _reusable(out, item)
         if info is not None:
-            print(f"[export] {out_name} ({kind}): complete already: {out}")
+            print(f"[export] {item.out_name} ({item.kind}): complete already: {out}")
         else:
-            info = _export_one(cfg, data, net, widths, batches, search, out, name, arch, kind, main)
-        result[out_name] = {k: info[k] for k in ("budget", "kind", "arch_id", "describe", "params", "flops",
-                                                 "heads", "predicted_latency_ms", "measured_latency_ms")}
-        result[out_name]["path"] = os.fspath(out)
+            info = _export_one(cfg, data, net, batches, search, out, item, main)
+        result[item.out_name] = {k: info.get(k) for k in (
+            "budget", "kind", "family", "arch_id", "describe", "params", "param_gap", "flops", "heads",
+            "predicted_latency_ms", "measured_latency_ms")}
+        result[item.out_name]["path"] = os.fspath(out)
     if main:
         atomic_write_json(done_path, result)
     return result
 
 
-def _export_one(cfg, data, net, widths, batches, search, out: Path, name: str, arch, kind: str,
-                main: bool) -> dict[str, Any]:
-    """Extracts ``arch`` (CKA heads for a found model), measures it and writes its model
+def _export_one(cfg, data, net, batches, search, out: Path, item: _Item, main: bool) -> dict[str, Any]:
+    """Extracts ``item`` (CKA heads for a found model), measures it and writes its model
     directory atomically; returns its arch.json record."""
     from elm_jax.models.extract import extract
 
     space = net.space
+    name, arch, kind, widths = item.budget, item.arch, item.kind, item.widths
     entry = search["budgets"][name] if kind == "found" else {}
     model = extract(net, widths, arch)
     heads_report = None
@@ -152,8 +170,9 @@ def _export_one(cfg, data, net, widths, batches, search, out: Path, name: str, a
         lc = cfg.latency
         measured = measure_model_ms(model, lc.batch, lc.seq_len or cfg.data.seq_len, lc.repeats, lc.warmup)
     info = {
-        "budget": name, "kind": kind,
-        "arch": arch.to_dict(), "arch_id": arch.arch_id, "describe": arch.describe(),
+        "budget": name, "kind": kind, "family": item.family, "param_gap": item.param_gap,
+        "arch": arch.to_dict(), "arch_id": arch.arch_id,
+        "describe": arch.describe() + ("" if item.family is None else f" ffn={item.ffn()[0]}"),
         "widths": [b.ffn for b in model.cfg.blocks],
         "heads": [b.heads for b in model.cfg.blocks],
         "cka_heads": heads_report,
@@ -176,6 +195,7 @@ def _export_one(cfg, data, net, widths, batches, search, out: Path, name: str, a
     if main:
         save_model(out, model, meta={"role": "exported", "budget": name, "kind": kind,
                                      "arch_id": arch.arch_id}, extra=extra)
-    print(f"[export] {out.name} ({kind}): {arch.describe()} heads {info['heads']} -> {out} "
-          f"({info['params']:,} params)")
+    gap = "" if item.param_gap is None else f", {item.param_gap:+,} vs the found model"
+    print(f"[export] {out.name} ({kind}): {info['describe']} heads {info['heads']} -> {out} "
+          f"({info['params']:,} params{gap})")
     return info
