@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from elm_jax.config import load_config
-from elm_jax.data import corpus, pipeline, tfds_text, tokenizer
+from elm_jax.data import context_free, corpus, pipeline, tfds_text, tokenizer
 from elm_jax.data.corpus import DataError, Document
 from elm_jax.data.prepare import _tokenizer_texts, load_documents, prepare_data
 from elm_jax.data.tokenizer import SpecialIds
@@ -199,6 +199,8 @@ def test_prepare_data_on_the_default_corpus(bundle, tmp_path):
     s = bundle.stats
     assert s["train"]["documents"] == 6 and s["validation"]["documents"] == 5
     assert s["search"]["documents"] == 3 and len(bundle.search) == s["search_batches"] > 0
+    want = context_free.reference_loss(bundle, bundle.eval)["context_free_loss"]
+    assert s["baselines"]["validation"]["context_free_loss"] == want
     assert 1.0 < s["train"]["chars_per_token"] < 6.0
     b = bundle.train.batch(0)
     assert b["inputs"].shape == (8, 32) and b["inputs"].dtype == np.int32

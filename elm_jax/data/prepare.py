@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from elm_jax.data import context_free
 from elm_jax.data import corpus as corpus_lib
 from elm_jax.data import pipeline, tfds_text
 from elm_jax.data import tokenizer as tok_lib
@@ -160,6 +161,9 @@ def prepare_data(cfg, workdir: str | os.PathLike | None = None, verbose: bool = 
             "sequences": int(r.shape[0]),
             "padding_fraction": round(float(np.mean(r == tok.special.pad)), 4),
         }
+    bundle = DataBundle(tok, train, evals, search, stats)
+    # the trivial answer of the validation split (DESIGN 8): every model's loss stands beside it
+    stats["baselines"] = {"validation": context_free.reference_loss(bundle, evals)}
     if workdir is not None:
         out = Path(workdir) / "data"
         out.mkdir(parents=True, exist_ok=True)
@@ -169,7 +173,7 @@ def prepare_data(cfg, workdir: str | os.PathLike | None = None, verbose: bool = 
         atomic_write_json(out / "stats.json", stats)
     if verbose:
         print(format_stats(stats))
-    return DataBundle(tok, train, evals, search, stats)
+    return bundle
 
 
 def format_stats(stats: dict) -> str:
@@ -183,4 +187,7 @@ def format_stats(stats: dict) -> str:
         s = stats[split]
         lines.append(f"{split:<12}{s['documents']:>6}{s['characters']:>12,}{s['tokens']:>11,}"
                      f"{s['chars_per_token']:>10}{s['sequences']:>8}{100 * s['padding_fraction']:>6.1f}%")
+    for split, b in stats.get("baselines", {}).items():
+        lines.append(f"trivial answer on {split}: " + ", ".join(
+            f"{k} {v:.4f}" for k, v in b.items() if k.endswith("_loss")))
     return "\n".join(lines)
