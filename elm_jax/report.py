@@ -33,6 +33,7 @@ from typing import Any, Callable
 
 from elm_jax.fileio import atomic_write_bytes
 from elm_jax.pipeline import STAGES
+from elm_jax.evaluation import baseline_loss, model_results
 
 # The file each stage writes last: the stage is complete when it exists (the pipeline's registry).
 STAGE_OUTPUTS = {s.name: s.outputs[-1] for s in STAGES}
@@ -249,14 +250,14 @@ def plot_search(workdir: str | os.PathLike) -> Path | None:
 
 MODEL_HEADER = ("model", "kind", "architecture", "params", "params - found", "FLOPs/seq",
                 "pred. latency ms", "meas. latency ms", "val loss (inherited)", "val loss (retrained)",
-                "perplexity", "fine-tune test acc.")
+                "gain (nats)", "perplexity", "fine-tune test acc.")
 
 
 def model_rows(workdir: str | os.PathLike) -> list[list[Any]]:
     """One row per exported model (columns :data:`MODEL_HEADER`), raw values (``None`` = missing)."""
     wd = Path(workdir)
     export = load_json(wd / STAGE_OUTPUTS["export"])
-    evaluate = load_json(wd / STAGE_OUTPUTS["evaluate"])
+    evaluate = model_results(load_json(wd / STAGE_OUTPUTS["evaluate"]))
     finetune = load_json(wd / STAGE_OUTPUTS["finetune"])
     retrain = load_json(wd / STAGE_OUTPUTS["retrain"])
     rows = []
@@ -265,9 +266,17 @@ def model_rows(workdir: str | os.PathLike) -> list[list[Any]]:
         rows.append([name, e.get("kind", "found"), f"`{e.get('describe', '?')}`", e.get("params"),
                      e.get("param_gap"), e.get("flops"), e.get("predicted_latency_ms"),
                      e.get("measured_latency_ms"),
-                     rt.get("before", {}).get("loss"), ev.get("loss"), ev.get("perplexity"),
+                     rt.get("before", {}).get("loss"), ev.get("loss"), _gain(ev), ev.get("perplexity"),
                      ft.get("test_accuracy")])
     return rows
+
+
+def _gain(entry: Mapping[str, Any]) -> str | None:
+    """The gain over the trivial answer, marked when the model does not beat it."""
+    g = entry.get("gain_nats")
+    if g is None:
+        return None
+    return fmt(g) if g > 0 else f"{fmt(g)} (no gain)"
 
 
 def finetune_lines(finetune: Mapping[str, Any]) -> list[str]:
@@ -306,11 +315,23 @@ def build_report(workdir: str | os.PathLike, plots: bool = True) -> str:
                                      for s, done in status.items()) + ".", ""]
     if missing:
         lines += [f"Missing stages: {', '.join(missing)} (their values show as `-`).", ""]
-    evaluate = load_json(wd / STAGE_OUTPUTS["evaluate"])
+    evaluate_doc = load_json(wd / STAGE_OUTPUTS["evaluate"])
+    evaluate = model_results(evaluate_doc)
     teacher = load_json(wd / STAGE_OUTPUTS["teacher"])
+    trivial = baseline_loss(evaluate_doc)
+    if trivial is not None:
+        what = ("context-free MLM predictor (sees only the input piece)" if evaluate_doc.get("task") == "mlm"
+                else "unigram model of the training split")
+        lines += [f"Trivial answer on the validation split: {fmt(trivial)} nats, the {what}; "
+                  f"`gain (nats)` is its loss minus each model's (a model without gain learned nothing)."]
+        bow = evaluate_doc.get("baselines", {}).get("bag_of_words_test_accuracy")
+        if bow is not None:
+            lines += [f"Bag-of-words logistic regression, fine-tuning test accuracy: {fmt(bow)}."]
+        lines += [""]
     if "teacher" in evaluate:
         t = evaluate["teacher"]
-        lines += [(f"Teacher: {fmt(t.get('params'))} parameters, validation loss {fmt(t.get('loss'))}, "
+        gain = "" if t.get("gain_nats") is None else f" (gain {_gain(t)} nats)"
+        lines += [(f"Teacher: {fmt(t.get('params'))} parameters, validation loss {fmt(t.get('loss'))}{gain}, "
                    f"perplexity {fmt(t.get('perplexity'))}."), ""]
     elif teacher:
         ev = teacher.get("eval", {})

@@ -58,7 +58,7 @@ import ml_collections
 from elm_jax import config as config_lib
 from elm_jax.fileio import atomic_write_bytes, atomic_write_json
 from elm_jax.pipeline import parse_stages
-from elm_jax.report import fmt, load_json, markdown_table
+from elm_jax.report import fmt, load_json, markdown_table, model_results
 
 OVERRIDES_FILE = "overrides.json"
 STATUS_FILE = "sweep_run.json"
@@ -400,7 +400,7 @@ def run_rows(run_dir: Path) -> list[dict[str, Any]]:
     export = load_json(run_dir / "export" / "result.json")
     retrain = load_json(run_dir / "retrain" / "result.json")
     finetune = load_json(run_dir / "finetune" / "result.json")
-    evaluate = load_json(run_dir / "evaluate" / "result.json")
+    evaluate = model_results(load_json(run_dir / "evaluate" / "result.json"))
     teacher = evaluate.get("teacher", {}).get("loss")
     if teacher is None:
         teacher = load_json(run_dir / "teacher" / "result.json").get("eval", {}).get("loss")

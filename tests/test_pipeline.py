@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 
 import elm_jax
+from elm_jax.config import load_config
+from elm_jax.data import context_free
+from elm_jax.data.prepare import prepare_data
 from elm_jax.models.io import flat_params
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,6 +44,14 @@ def test_all_stages_end_to_end(task, tmp_path):
         ft = json.loads((tmp_path / "finetune" / "result.json").read_text())
         assert 0.0 <= ft[budget]["test_accuracy"] <= 1.0
     ev = json.loads((tmp_path / "evaluate" / "result.json").read_text())
-    assert budget in ev and "teacher" in ev
+    models = ev["models"]
+    assert ev["schema_version"] == 2 and budget in models and models["teacher"]["kind"] == "teacher"
+    assert models[budget]["kind"] == "found"
+    # each model beside the trivial answer of the same batches, recomputed here
+    key = context_free.KEY[task]
+    data = prepare_data(load_config(f"configs/{task}.py:test"))
+    assert ev["baselines"][key] == pytest.approx(context_free.reference_loss(data, data.eval)[key], rel=1e-12)
+    for m in models.values():
+        assert m["gain_nats"] == pytest.approx(ev["baselines"][key] - m["loss"], rel=1e-12)
     again = _main(f"--config=configs/{task}.py:test", f"--workdir={tmp_path}")  # all complete: reused
     assert again.returncode == 0 and "complete already" in again.stdout

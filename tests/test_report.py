@@ -173,3 +173,27 @@ def test_not_a_workdir_is_a_one_line_error(tmp_path, capsys):
                                         (123456.7, "123,457"), (math.inf, "inf"), ("x", "x")])
 def test_fmt(value, text):
     assert report.fmt(value) == text
+
+
+def test_report_shows_each_gain_over_the_trivial_answer_and_marks_no_gain(tmp_path):
+    """Schema 2 of evaluate/result.json: the trivial answer beside every model, a model that does
+    not beat it marked; the schema-1 work directory above is still read."""
+    wd = tmp_path / "wd"
+    _complete_workdir(wd)
+    _write(wd / "evaluate" / "result.json", {
+        "schema_version": 2, "task": "mlm", "split": "validation",
+        "baselines": {"context_free_loss": 5.53, "bag_of_words_test_accuracy": 0.68},
+        "models": {
+            "small": {"kind": "found", "loss": 5.5238, "gain_nats": 5.53 - 5.5238, "perplexity": 250.6,
+                      "params": 15104, "param_gap": None},
+            "small_uniform_mobilebert": {"kind": "baseline_matched", "loss": 5.54, "gain_nats": 5.53 - 5.54,
+                                         "perplexity": 254.7, "params": 15904, "param_gap": 800},
+            "teacher": {"kind": "teacher", "loss": 5.1713, "gain_nats": 5.53 - 5.1713, "params": 27744,
+                        "perplexity": 176.147}}})
+    text = report.build_report(wd, plots=False)
+    assert "Trivial answer on the validation split: 5.53 nats, the context-free MLM predictor" in text
+    assert "Bag-of-words logistic regression, fine-tuning test accuracy: 0.68." in text
+    assert "validation loss 5.171 (gain 0.3587 nats)" in text
+    rows = _table(text)
+    assert rows["small"]["gain (nats)"] == "0.0062" and rows["small"]["val loss (retrained)"] == "5.524"
+    assert rows["small_uniform_mobilebert"]["gain (nats)"] == "-0.01 (no gain)"

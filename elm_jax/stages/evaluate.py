@@ -1,43 +1,78 @@
-"""The ``evaluate`` stage: validation loss, perplexity and token accuracy of every final model and the teacher, written to ``WORKDIR/evaluate/result.json``."""
+"""The ``evaluate`` stage: every final model and the teacher on the validation split, beside the
+trivial answer, written to ``WORKDIR/evaluate/result.json``.
+
+The file (``SCHEMA_VERSION`` 2; other tools read it):
+
+- ``schema_version``, ``task``, ``split`` (``validation``);
+- ``baselines``: ``context_free_loss`` (MLM) or ``unigram_loss`` (CLM), the best context-free
+  predictor on the same batches (:mod:`elm_jax.data.context_free`), and
+  ``bag_of_words_test_accuracy`` (MLM: the fine-tuning task's bag-of-words logistic regression,
+  ``None`` until the fine-tuning stage records one);
+- ``models``: model name (the teacher is ``teacher``) -> ``kind`` (``teacher`` | ``found`` |
+  ``baseline_largest`` | ``baseline_matched``), ``params``, ``param_gap`` (baselines: params minus
+  the found model's), ``loss``, ``perplexity``, ``accuracy`` (masked / next-token accuracy),
+  ``gain_nats = baseline loss - loss`` (> 0: the model beats the trivial answer) and, for MLM,
+  ``finetune_test_accuracy`` and ``finetune_scratch_test_accuracy`` (found models: the same
+  architecture fine-tuned from random initialisation; ``None`` until recorded).
+
+The schema and its readers (files written before it too) are :mod:`elm_jax.evaluation`.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from elm_jax.data import context_free
 from elm_jax.distributed import is_main_process
 from elm_jax.engine import sharding
+from elm_jax.evaluation import SCHEMA_VERSION
 from elm_jax.fileio import atomic_write_json
 from elm_jax.lm import evaluate_lm
 from elm_jax.models.io import final_models, flat_params, is_model_dir, load_model
 
+def _load(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
 
 def run(cfg, workdir: str | os.PathLike, data) -> dict[str, Any]:
-    """Validation loss / perplexity / token accuracy of every final model and of the teacher, with
-    each model's ``kind`` and (baselines) ``param_gap``, its parameters minus the found model's."""
+    """Loss, perplexity and token accuracy of every final model and of the teacher on the
+    validation split, each with its gain over the context-free baseline (module docstring)."""
     mesh = sharding.make_mesh(cfg.mesh)
-    export_path = Path(workdir) / "export" / "result.json"
-    exported = json.loads(export_path.read_text()) if export_path.is_file() else {}
+    wd = Path(workdir)
+    exported = _load(wd / "export" / "result.json")
+    finetune = _load(wd / "finetune" / "result.json")
     models = {name: load_model(p)[0] for name, p in final_models(workdir).items()}
-    teacher_dir = Path(workdir) / "teacher" / "model"
+    teacher_dir = wd / "teacher" / "model"
     if is_model_dir(teacher_dir):
         models["teacher"] = load_model(teacher_dir)[0]
-    result = {}
+    key = context_free.KEY[cfg.task]
+    trivial = context_free.reference_loss(data, data.eval)[key]
+    bow = finetune.get("bag_of_words", {}) if isinstance(finetune.get("bag_of_words"), Mapping) else {}
+    result = {"schema_version": SCHEMA_VERSION, "task": cfg.task, "split": data.eval.split,
+              "baselines": {key: trivial, "bag_of_words_test_accuracy": bow.get("test_accuracy")},
+              "models": {}}
+    print(f"[evaluate] trivial answer ({key.removesuffix('_loss').replace('_', '-')}): {trivial:.4f}")
     for name, model in models.items():
         if model.cfg.head == "none":
             continue
         m = evaluate_lm(model, data.eval, mesh)
-        result[name] = {"loss": m["loss"], "perplexity": m["perplexity"],
-                        "accuracy": m["correct"], "params": sum(
-                            v.size for v in flat_params(model).values())}
-        if name == "teacher":
-            result[name]["kind"] = "teacher"
-        elif name in exported:
-            result[name].update(kind=exported[name].get("kind"), param_gap=exported[name].get("param_gap"))
-        print(f"[evaluate] {name}: loss {m['loss']:.4f} perplexity {result[name]['perplexity']:.2f} "
-              f"accuracy {m['correct']:.4f} ({result[name]['params']:,} params)")
+        e = exported.get(name, {})
+        entry = {"kind": "teacher" if name == "teacher" else e.get("kind", "found"),
+                 "params": sum(v.size for v in flat_params(model).values()),
+                 "param_gap": e.get("param_gap"), "loss": m["loss"], "perplexity": m["perplexity"],
+                 "accuracy": m["correct"], "gain_nats": trivial - m["loss"]}
+        if cfg.task == "mlm":
+            ft = finetune.get(name, {}) if isinstance(finetune.get(name), Mapping) else {}
+            entry["finetune_test_accuracy"] = ft.get("test_accuracy")
+            entry["finetune_scratch_test_accuracy"] = ft.get("scratch_test_accuracy")
+        result["models"][name] = entry
+        flag = "" if entry["gain_nats"] > 0 else "  NOT BETTER THAN THE TRIVIAL ANSWER"
+        print(f"[evaluate] {name}: loss {m['loss']:.4f} (gain {entry['gain_nats']:+.4f} nats) perplexity "
+              f"{m['perplexity']:.2f} accuracy {m['correct']:.4f} ({entry['params']:,} params){flag}")
     if is_main_process():  # the CLI then writes and prints the report (elm_jax.report)
-        atomic_write_json(Path(workdir) / "evaluate" / "result.json", result)
+        atomic_write_json(wd / "evaluate" / "result.json", result)
     return result
