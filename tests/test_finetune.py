@@ -11,18 +11,19 @@ import pytest
 from flax import nnx
 from ml_collections import ConfigDict
 
-from elm_jax.engine import sharding
-
 from elm_jax import engine as train_lib
 from elm_jax.config import ConfigError, load_config, validate
 from elm_jax.data import glue
 from elm_jax.data.corpus import DataError
+from elm_jax.data.tasks import SentenceBatches, TaskData, encode_examples, load_task, pair_lengths
 from elm_jax.data.tokenizer import WordPieceTokenizer
-from elm_jax.models.dense import BlockSpec, DenseConfig, init_dense
-from elm_jax.data.tasks import SentenceBatches, encode_examples, load_task, pair_lengths
+from elm_jax.engine import sharding
+from elm_jax.engine.checkpoint import Checkpointer
 from elm_jax.models.classifier import Classifier, encoder_of, load_classifier
+from elm_jax.models.dense import BlockSpec, DenseConfig, init_dense
 from elm_jax.models.io import save_model
-from elm_jax.stages.finetune import fine_tuned_teacher, make_loss_fns, metric_ratios
+from elm_jax.stages import finetune
+from elm_jax.stages.finetune import fine_tune, fine_tuned_teacher, make_loss_fns, metric_ratios
 from elm_jax.stages.finetune import run as run_finetune_stage
 
 WORDS = ("the", "cat", "sat", "on", "a", "mat", "dog", "ran", "far", "good", "bad", "film", "was", "very",
@@ -360,3 +361,146 @@ def test_metric_ratios_derive_what_the_old_sum_rule_did(kd):
                         if k.endswith("_sum") and k != "weight_sum"}
     got = derive_ratios(sums, metric_ratios(kd))
     assert list(got) == list(old) and got == old
+
+
+# ---------------------------------------------------------------------------------------------
+# Model selection on the holdout split
+
+
+def _word_rows(words, labels):
+    """``[CLS] w [SEP]`` rows (padded to SEQ) with the given labels."""
+    ids = np.zeros((len(words), SEQ), np.int32)
+    ids[:, 0], ids[:, 1], ids[:, 2] = 2, words, 3
+    return {"inputs": ids, "mask": (ids != 0).astype(np.int32), "segment_ids": np.zeros_like(ids),
+            "labels": np.asarray(labels, np.int32)}
+
+
+def _word_task(holdout_flipped: bool):
+    """Label = the word's id parity. Train and test follow the rule; the holdout follows it, or
+    (``holdout_flipped``) its opposite, so that the better a model learns the rule the worse its
+    holdout score: the best holdout step then comes before the last one."""
+    words = np.repeat(np.arange(5, VOCAB), 2)
+    rule = words % 2
+    held = 1 - rule if holdout_flipped else rule
+    return _task_data(_word_rows(words, rule), _word_rows(words, held), _word_rows(words, rule))
+
+
+def _task_data(train, validation, test):
+    return TaskData("polarity", 2, ("accuracy",), train, validation, {"test": test})
+
+
+def _select_tc(**kw):
+    return ConfigDict({"steps": 24, "lr": 1e-2, "warmup_frac": 0.1, "weight_decay": 0.01, "b1": 0.9,
+                       "b2": 0.999, "eps": 1e-6, "clip_norm": 1.0, "log_every": 4, "eval_every": 4,
+                       "checkpoint_every": 8, "keep_checkpoints": 2, "nan_policy": "stop"} | kw)
+
+
+_LEARNS = {"lr": 3e-2, "checkpoint_every": 6}  # learns the rule within the 24 steps
+
+
+def _accuracy(model, split):
+    return float(np.mean(_forward(model, split).argmax(-1) == split["labels"]))
+
+
+def _logged_holdout(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["eval/correct"]) for r in rows if "eval/correct" in r]
+
+
+def _classifier():
+    return Classifier(encoder_of(_tiny(STUDENT, seed=2)), 2, 0)
+
+
+def _mesh2():
+    return sharding.make_mesh(None, devices=jax.devices()[:2])
+
+
+@pytest.mark.fidelity
+def test_fine_tune_tests_the_best_holdout_step_not_the_last(tmp_path):
+    """The reported model is the best-holdout one among the logged evaluations (the earliest of
+    ties), recomputed here from the returned model's own predictions; the final step's model,
+    reported beside it, is the last checkpoint's."""
+    data = _word_task(holdout_flipped=True)
+    model, entry = fine_tune(_classifier(), data, _select_tc(**_LEARNS), 8, _mesh2(), tmp_path, "run", 0)
+    logged = _logged_holdout(tmp_path / "run")
+    assert [s for s, _ in logged] == [4, 8, 12, 16, 20, 24]
+    scores = [a for _, a in logged]
+    best = logged[int(np.argmax(scores))]  # argmax: the first of equal maxima
+    assert best[0] < 24 and best[1] > scores[-1]  # the construction: the holdout peaks early
+    assert scores.count(best[1]) > 1  # and ties: the earliest of them is selected
+    # the returned model IS the selected one: its holdout / test accuracy from its predictions
+    assert _accuracy(model, data.validation) == pytest.approx(best[1])
+    assert entry["validation_accuracy"] == pytest.approx(best[1])
+    assert entry["test_accuracy"] == pytest.approx(_accuracy(model, data.tests["test"]))
+    assert entry["selected_step"] == entry["selection"]["step"] == best[0]
+    assert entry["selection"]["holdout_score"] == pytest.approx(best[1])
+    assert [s for s, _ in entry["selection"]["holdout_evals"]] == [s for s, _ in logged]
+    assert entry["selection"]["metric"] == "accuracy" and entry["steps"] == 24
+    assert entry["test_metrics"]["accuracy"] == pytest.approx(entry["test_accuracy"])
+    # the final step's scores, for transparency: those of the last checkpoint's model
+    trainer = train_lib.Trainer(_classifier(), *make_loss_fns(2)[:2], _select_tc(seed=0, **_LEARNS), _mesh2(),
+                                ratios=metric_ratios())
+    with Checkpointer(tmp_path / "run" / "checkpoints", keep=2, save_every=1) as ck:
+        last, _, step = ck.restore_latest(trainer.abstract_state)
+    final = trainer.model_from_state(last)
+    assert step == entry["final"]["step"] == 24
+    assert entry["final"]["test_accuracy"] == pytest.approx(_accuracy(final, data.tests["test"]))
+    assert entry["final"]["validation_accuracy"] == pytest.approx(scores[-1])
+    assert entry["final"]["test_accuracy"] > entry["test_accuracy"]  # selection changed the answer
+
+
+class _Killed(RuntimeError):
+    pass
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    return fine_tune(_classifier(), _word_task(holdout_flipped=False), _select_tc(**_LEARNS), 8, _mesh2(),
+                     tmp_path_factory.mktemp("whole"), "whole", 0)
+
+
+def _same_params(m1, m2):
+    a, b = jax.tree.leaves(nnx.state(m1, nnx.Param)), jax.tree.leaves(nnx.state(m2, nnx.Param))
+    return len(a) == len(b) and all(np.asarray(x).tobytes() == np.asarray(y).tobytes() for x, y in zip(a, b))
+
+
+@pytest.mark.fidelity
+@pytest.mark.parametrize("when", ["before_first_checkpoint", "after_a_checkpoint"])
+def test_selection_survives_a_kill_bitwise(tmp_path, monkeypatch, uninterrupted, when):
+    """A run killed right after a holdout improvement that no run checkpoint has recorded yet
+    (the store then holds a model of an abandoned attempt) and rerun selects the same step and
+    returns the same model, bit for bit, as an uninterrupted run, with the same result entry;
+    rerun once more when complete, it reads the same answer back."""
+    want_model, want = uninterrupted
+    evals, best, gains = want["selection"]["holdout_evals"], -1.0, []
+    for step, score in evals:
+        if score > best:
+            best, gains = score, gains + [step]
+    every = _LEARNS["checkpoint_every"]
+    if when == "before_first_checkpoint":
+        kill_at = gains[0] + 1
+        assert kill_at < every
+    else:
+        later = [g for g in gains if g > every and g % every and (g + 1) % every]
+        assert later, f"no holdout improvement between checkpoints to kill after: {evals}"
+        kill_at = later[0] + 1
+    assert want["selected_step"] == gains[-1] and len(gains) > 1
+
+    class Dying(SentenceBatches):
+        def batch(self, step, *a):
+            if step == kill_at:
+                raise _Killed(step)
+            return super().batch(step, *a)
+
+    data = _word_task(holdout_flipped=False)
+    monkeypatch.setattr(finetune, "SentenceBatches", Dying)
+    with pytest.raises(_Killed):
+        fine_tune(_classifier(), data, _select_tc(**_LEARNS), 8, _mesh2(), tmp_path, "run", 0)
+    store = tmp_path / "run" / finetune.SELECTION_DIR
+    stored = sorted(int(p.name) for p in store.iterdir() if p.name.isdigit())
+    assert max(stored) == kill_at - 1 > every * (kill_at // every)  # newer than the last checkpoint
+    monkeypatch.undo()
+    got_model, got = fine_tune(_classifier(), data, _select_tc(**_LEARNS), 8, _mesh2(), tmp_path, "run", 0)
+    assert got == want and _same_params(got_model, want_model)
+    again_model, again = fine_tune(_classifier(), data, _select_tc(**_LEARNS), 8, _mesh2(), tmp_path, "run", 0)
+    assert again == want and _same_params(again_model, want_model)

@@ -5,22 +5,51 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 import elm_jax
 from elm_jax.config import load_config
 from elm_jax.data import context_free
 from elm_jax.data.prepare import prepare_data
+from elm_jax.data.tasks import load_task
+from elm_jax.engine.checkpoint import Checkpointer
+from elm_jax.models.classifier import Classifier, encoder_of
 from elm_jax.models.io import flat_params
+from elm_jax.precision import compute_dtype
+from elm_jax.stages.finetune import SELECTION_DIR
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _main(*args):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_cpu_collective_call_terminate_timeout_seconds=300")
-    return subprocess.run([sys.executable, "-m", "elm_jax.main", *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "elm_jax.main", *args], check=False, cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=1200)
+
+
+def _selected_test_confusion(wd, budget, entry):
+    """The fine-tune stage's test confusion counts ``[true][predicted]`` recomputed here: the
+    selected step's classifier restored from its run's store (onto one device) and its
+    predictions on the test split."""
+    cfg = load_config("configs/mlm.py:test")
+    model_dir = wd / "retrain" / budget
+    task = load_task(cfg, elm_jax.load_tokenizer(model_dir))
+    encoder = encoder_of(elm_jax.load_model(model_dir), compute_dtype(cfg))
+    graphdef, params, other = nnx.split(Classifier(encoder, task.num_classes, cfg.seed), nnx.Param, ...)
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one),
+                            {"params": params, "other": other})
+    with Checkpointer(wd / "finetune" / f"{budget}_polarity_run" / SELECTION_DIR, keep=0, save_every=1) as ck:
+        tree, _ = ck.restore(entry["selected_step"], abstract)
+    model = nnx.merge(graphdef, tree["params"], tree["other"])
+    test = task.tests["test"]
+    logits = nnx.jit(lambda m, *a: m(*a))(model, test["inputs"], test["mask"], test["segment_ids"])
+    cm = np.zeros((task.num_classes,) * 2, int)
+    np.add.at(cm, (test["labels"], np.asarray(logits).argmax(-1)), 1)
+    return cm
 
 
 @pytest.mark.parametrize("task", ["mlm", "clm"])
@@ -42,7 +71,12 @@ def test_all_stages_end_to_end(task, tmp_path):
     assert sum(v.size for v in flat_params(model).values()) == arch["params"]
     if task == "mlm":
         ft = json.loads((tmp_path / "finetune" / "result.json").read_text())
-        assert 0.0 <= ft[budget]["test_accuracy"] <= 1.0
+        entry = ft[budget]
+        # the test config evaluates the holdout only after the last step: the final model is selected
+        assert entry["selected_step"] == entry["steps"] == entry["final"]["step"]
+        cm = _selected_test_confusion(tmp_path, budget, entry)
+        assert entry["test_confusion"] == cm.tolist()
+        assert entry["test_accuracy"] == pytest.approx(np.trace(cm) / cm.sum())
     ev = json.loads((tmp_path / "evaluate" / "result.json").read_text())
     models = ev["models"]
     assert ev["schema_version"] == 2 and budget in models and models["teacher"]["kind"] == "teacher"

@@ -211,6 +211,21 @@ class Checkpointer:
             raise ValueError("restored state has non-finite values")
         return state, meta
 
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+        """``(state, meta)`` of the committed ``step``, restored into ``abstract_state``'s layout
+        and verified like :meth:`restore_latest` (checksums, finite) but with no fallback:
+        raises FileNotFoundError when ``step`` is not on disk, ValueError when it is damaged."""
+        self.wait()
+        step = int(step)
+        if step not in self.all_steps():
+            raise FileNotFoundError(f"no checkpoint step {step} in {self.directory}")
+        return self._restore_verified(step, abstract_state)
+
+    def delete(self, step: int) -> None:
+        """Removes the committed ``step`` (collective: every process calls it)."""
+        self.wait()
+        self._mngr.delete(int(step))
+
     def restore_latest(self, abstract_state: Any) -> tuple[Any, dict[str, Any], int] | None:
         """Restores the newest readable, finite checkpoint into ``abstract_state``'s layout.
 

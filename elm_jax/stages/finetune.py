@@ -10,6 +10,15 @@ dropped) with a pooled ``[CLS]`` head ``W_c tanh(W_p h_CLS + b_p)``, fine-tuned 
   is held out as the *validation* (model-selection) split and GLUE's labelled validation split is
   reported as *test* (MNLI: validation_matched, with validation_mismatched reported too).
 
+Model selection (:class:`HoldoutSelection`): during training the validation (holdout) split is
+evaluated every ``eval_every`` steps of the run's train config and after the last step; the step
+with the highest holdout score by the task's own metric (``metric_names[0]``: accuracy; Matthews
+correlation for CoLA; ties keep the earliest step) is the *selected* model, kept in the run's
+``selected/`` orbax store. That model is tested and returned (and, for the teacher, cached and
+used for KD); the last step's model is tested too and reported under ``final``. With
+``eval_every`` equal to the steps (the demo and test configs) the only evaluation is the last
+step's, so the selected model is the final one.
+
 Inputs are ``[CLS] a [SEP]`` or ``[CLS] a [SEP] b [SEP]`` with segment ids 0 / 1 (used by
 models that have a segment table, e.g. a Hugging Face BERT teacher; models trained here have
 none and tell the segments apart by the ``[SEP]``).
@@ -21,10 +30,15 @@ then each student minimises ``CE(labels) + kd_weight * KD(student logits, teache
 ``finetune.temperature``, the teacher's weights passed to the engine as its frozen pytree.
 
 Output ``WORKDIR/finetune/result.json``: per final model ``validation_accuracy``,
-``test_accuracy``, ``steps`` (the keys the report reads), plus ``task``, ``metric_names``,
-``validation_metrics`` / ``test_metrics`` (GLUE's metrics: accuracy, F1 for MRPC/QQP, Matthews
-correlation for CoLA), ``test_split``, ``kd`` (the setting); with KD an entry ``teacher`` holds
-the fine-tuned teacher's results. Training runs (metrics, checkpoints):
+``test_accuracy`` (of the selected model), ``steps`` (trained) (the keys the report reads), plus
+``task``, ``metric_names``, ``validation_metrics`` / ``test_metrics`` (of the selected model; GLUE's
+metrics: accuracy, F1 for MRPC/QQP, Matthews correlation for CoLA), ``test_split``,
+``test_confusion`` (the selected model's test counts ``[true][predicted]``),
+``selected_step``, ``selection`` (``metric``, ``step``, ``holdout_score``, ``eval_every``,
+``holdout_evals``: every holdout evaluation as ``[step, score]``), ``final`` (``step`` and the same
+validation / test keys for the last step's model), ``kd`` (the setting; its validation KD and
+agreement are the selected step's); with KD an entry ``teacher`` holds the fine-tuned teacher's
+results, selected the same way. Training runs (metrics, checkpoints):
 ``WORKDIR/finetune/<model>_<task>[_<kd>]_run`` and ``WORKDIR/finetune/teacher_<task>_run``.
 
 The classifier is :mod:`elm_jax.models.classifier`, its data :mod:`elm_jax.data.tasks`; the
@@ -51,7 +65,9 @@ from elm_jax.data.tasks import SentenceBatches, TaskData, load_task
 from elm_jax.distill import dist_logit_loss, soft_cross_entropy
 from elm_jax.distributed import is_main_process
 from elm_jax.engine import sharding
+from elm_jax.engine.checkpoint import Checkpointer
 from elm_jax.engine.losses import LM_RATIOS, weighted_cross_entropy
+from elm_jax.fields import get as get_field
 from elm_jax.fileio import atomic_write_json
 from elm_jax.models.classifier import Classifier, encoder_of, load_classifier, save_classifier
 from elm_jax.models.io import final_models, load_model
@@ -168,48 +184,190 @@ def _compute_dtype(cfg) -> Any:
     return compute_dtype(cfg)
 
 
-def fine_tune(model: Classifier, data: TaskData, tc: ConfigDict, batch_size: int, mesh, workdir: Path,
-              name: str, seed: int, *, kd: str = "none", kd_weight: float = 0.0, temperature: float = 1.0,
-              teacher: Classifier | None = None) -> tuple[Classifier, dict[str, Any]]:
-    """Trains ``model`` on ``data`` (resumable run ``workdir/name``) and evaluates it: returns the
-    trained classifier and its result entry (validation / test metrics, steps)."""
-    loss_fn, eval_fn, frozen = make_loss_fns(data.num_classes, kd, kd_weight, temperature, teacher)
-    trainer = engine.Trainer(model, loss_fn, eval_fn, ConfigDict(tc.to_dict() | {"seed": seed}), mesh,
-                                frozen=frozen, ratios=metric_ratios(kd))
-    state, summary = engine.fit(trainer, SentenceBatches(data.train, batch_size, seed),
-                                   SentenceBatches(data.validation, batch_size, 0), workdir, name=name,
-                                   meta={"task": data.task, "kd": kd})
-    val = summary["eval"]
-    tests = {s: engine.evaluate(trainer, state, SentenceBatches(d, batch_size, 0))
-             for s, d in data.tests.items()}
+SELECTION_DIR = "selected"  # in the training run's directory: the selected model (orbax)
+
+
+class HoldoutSelection:
+    """Model selection on the holdout split, as :class:`elm_jax.engine.Hooks` of the fine-tuning run.
+
+    After every ``eval_every``-th step and after the last one it evaluates the holdout split
+    (logged as ``eval/*`` in the run's ``metrics.jsonl``) and scores it by ``metric`` (the task's
+    own metric from the confusion counts: accuracy; Matthews correlation for CoLA). A score
+    strictly above the best so far (ties keep the earlier step) makes this step the selected one:
+    its ``params`` / ``other`` are saved synchronously, with content checksums, as step ``s`` of the
+    orbax store ``<run>/selected`` before the run's own checkpoint of that step can start. The
+    history, the selected step and the final holdout metrics travel in every run checkpoint
+    (:meth:`meta`), so a resumed run continues the same selection; on resume, stored steps after
+    the restored checkpoint (an abandoned attempt's) are deleted, and steps no kept run
+    checkpoint refers to are pruned (at most ``keep_checkpoints + 2`` models on disk).
+    """
+
+    def __init__(self, trainer: engine.Trainer, holdout, run_dir: Path, num_classes: int, metric: str):
+        tc = trainer.tc
+        self.trainer, self.holdout, self.num_classes, self.metric = trainer, holdout, num_classes, metric
+        self.eval_every = int(get_field(tc, "eval_every", 0) or 0)
+        keep = int(get_field(tc, "keep_checkpoints", 3))
+        self.window = keep + 1 if keep > 0 else None  # run checkpoints on disk, plus one in flight
+        self.store = Checkpointer(Path(run_dir) / SELECTION_DIR, keep=0, save_every=1, async_save=False)
+        self.done = 0
+        self.history: list[list] = []  # [step, score] of every holdout evaluation
+        self.best: dict[str, Any] | None = None  # {"step", "score", "metrics"}
+        self.final: dict[str, Any] | None = None  # {"step", "metrics"}: the holdout at the last step
+        self.refs: list[int] = []  # the selected step at each of the latest run checkpoints
+        self._synced = False
+
+    def _abstract(self) -> dict[str, Any]:
+        a = self.trainer.abstract_state
+        return {"params": a.params, "other": a.other}
+
+    def score(self, metrics: Mapping[str, float]) -> float:
+        return glue.classification_metrics(confusion_of(metrics, self.num_classes), (self.metric,))[self.metric]
+
+    def _prune(self, keep_from: int | None = None) -> None:
+        """Deletes stored steps after ``keep_from`` (an abandoned attempt's) and steps that
+        neither the selection nor a kept run checkpoint refers to."""
+        wanted = {self.best["step"]} if self.best else set()
+        wanted |= set(self.refs)
+        for s in self.store.all_steps():
+            stale = keep_from is not None and s > keep_from
+            if stale or (self.window is not None and s <= self.done and s not in wanted):
+                self.store.delete(s)
+
+    def observe(self, done: int, state: engine.TrainState, writer: Any = None) -> None:
+        """Evaluates the holdout at step ``done`` and keeps ``state`` when it is the best so far."""
+        metrics = engine.evaluate(self.trainer, state, self.holdout)
+        if writer is not None:
+            writer.write_scalars(done, {f"eval/{k}": v for k, v in metrics.items()})
+        score = self.score(metrics)
+        self.history.append([done, score])
+        if self.best is None or score > self.best["score"]:
+            if done in self.store.all_steps():  # left by an attempt this run does not continue
+                self.store.delete(done)
+            self.store.save(done, {"params": state.params, "other": state.other},
+                            {"score": score}, force=True)
+            self.best = {"step": done, "score": score, "metrics": metrics}
+            self._prune()
+        if done == self.trainer.total_steps:
+            self.final = {"step": done, "metrics": metrics}
+
+    # -- engine.Hooks -----------------------------------------------------------------------
+    def after_step(self, done: int, state: engine.TrainState, local_batch, writer) -> None:
+        if not self._synced:  # a fresh start: whatever is stored belongs to no checkpoint
+            self._synced = True
+            self._prune(keep_from=0)
+        self.done = done
+        if (self.eval_every and done % self.eval_every == 0) or done == self.trainer.total_steps:
+            self.observe(done, state, writer)
+
+    def meta(self) -> dict[str, Any]:
+        if self.best is not None:
+            self.refs = (self.refs + [self.best["step"]])[-self.window:] if self.window else []
+        return {"done": self.done, "history": self.history, "best": self.best, "final": self.final,
+                "refs": self.refs, "metric": self.metric}
+
+    def on_restore(self, meta: Mapping[str, Any]) -> None:
+        self._synced = True
+        self.done = int(meta.get("done", 0))
+        self.history = [list(h) for h in meta.get("history", [])]
+        self.best, self.final = meta.get("best"), meta.get("final")
+        self.refs = [int(r) for r in meta.get("refs", [])]
+        if meta and meta.get("metric") != self.metric:
+            raise ValueError(f"{self.store.directory}: this run selected by {meta.get('metric')!r}, "
+                             f"not {self.metric!r}; delete its directory to fine-tune again")
+        self._prune(keep_from=self.done)
+
+    # -- the selected model ------------------------------------------------------------------
+    def selected_state(self, final_state: engine.TrainState) -> engine.TrainState:
+        """``final_state`` with the selected step's ``params`` / ``other``, restored (verified)
+        from the store."""
+        tree, _ = self.store.restore(self.best["step"], self._abstract())
+        return final_state.replace(params=tree["params"], other=tree["other"])
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def _summary_of(data: TaskData, holdout: Mapping[str, float], tests: Mapping[str, Mapping[str, float]]
+                ) -> dict[str, Any]:
     metrics = {s: glue.classification_metrics(confusion_of(m, data.num_classes), data.metric_names)
                for s, m in tests.items()}
     first = next(iter(tests))
+    out = {"validation_accuracy": holdout["correct"], "test_accuracy": tests[first]["correct"],
+           "validation_metrics": glue.classification_metrics(confusion_of(holdout, data.num_classes),
+                                                             data.metric_names),
+           "test_metrics": metrics[first],
+           "test_confusion": np.rint(confusion_of(tests[first], data.num_classes)).astype(int).tolist()}
+    if len(metrics) > 1:
+        out["other_test_metrics"] = {s: m for s, m in metrics.items() if s != first}
+    return out
+
+
+def fine_tune(model: Classifier, data: TaskData, tc: ConfigDict, batch_size: int, mesh, workdir: Path,
+              name: str, seed: int, *, kd: str = "none", kd_weight: float = 0.0, temperature: float = 1.0,
+              teacher: Classifier | None = None) -> tuple[Classifier, dict[str, Any]]:
+    """Trains ``model`` on ``data.train`` (resumable run ``workdir/name``), selects the step whose
+    holdout score (``data.validation``; the task's own metric, ``data.metric_names[0]``) is
+    highest among the evaluations every ``tc.eval_every`` steps and at the end (ties: the earliest),
+    and tests that model (:class:`HoldoutSelection`).
+
+    Returns the selected classifier and its result entry: ``validation_*`` / ``test_*`` of the
+    selected model, ``selected_step``, ``selection`` (metric, holdout score at the selected step,
+    every holdout evaluation as ``[step, score]``), ``final`` (the same scores of the last step's
+    model) and ``steps`` (steps trained)."""
+    loss_fn, eval_fn, frozen = make_loss_fns(data.num_classes, kd, kd_weight, temperature, teacher)
+    trainer = engine.Trainer(model, loss_fn, eval_fn, ConfigDict(tc.to_dict() | {"seed": seed}), mesh,
+                             frozen=frozen, ratios=metric_ratios(kd))
+    metric = data.metric_names[0]
+    selection = HoldoutSelection(trainer, SentenceBatches(data.validation, batch_size, 0),
+                                 Path(workdir) / name, data.num_classes, metric)
+    try:
+        # The holdout is evaluated by the hooks only (eval_source None: not twice per interval).
+        state, summary = engine.fit(trainer, SentenceBatches(data.train, batch_size, seed), None, workdir,
+                                    name=name, meta={"task": data.task, "kd": kd}, hooks=selection)
+        final_step = summary["final_step"]
+        if selection.final is None or selection.final["step"] != final_step:
+            selection.observe(final_step, state)  # a run checkpointed before the selection existed
+        best = selection.best
+        chosen = selection.selected_state(state)
+    finally:
+        selection.close()
+
+    def tests_of(s):
+        return {k: engine.evaluate(trainer, s, SentenceBatches(d, batch_size, 0)) for k, d in data.tests.items()}
+
+    selected = _summary_of(data, best["metrics"], tests_of(chosen))
+    final = selected if best["step"] == final_step else _summary_of(
+        data, selection.final["metrics"], tests_of(state))
+    val = best["metrics"]
+    first = next(iter(data.tests))
     entry = {
-        "task": data.task, "metric_names": list(data.metric_names),
-        "validation_accuracy": val["correct"], "test_accuracy": tests[first]["correct"],
-        "validation_metrics": glue.classification_metrics(confusion_of(val, data.num_classes),
-                                                          data.metric_names),
-        "test_metrics": metrics[first], "test_split": first, "steps": summary["final_step"],
+        "task": data.task, "metric_names": list(data.metric_names), **selected, "test_split": first,
+        "steps": final_step, "selected_step": best["step"],
+        "selection": {"split": "validation", "metric": metric, "eval_every": selection.eval_every,
+                      "step": best["step"], "holdout_score": best["score"],
+                      "holdout_evals": selection.history},
+        "final": {"step": final_step, **final},
         "kd": {"kind": kd} if kd == "none" else {"kind": kd, "weight": kd_weight, "temperature": temperature,
                                                  "validation_kd": val["kd_total"] / val["kd_count"],
                                                  "validation_agreement": val["agree"]},
     }
-    if len(metrics) > 1:
-        entry["other_test_metrics"] = {s: m for s, m in metrics.items() if s != first}
-    return trainer.model_from_state(state), entry
+    return trainer.model_from_state(chosen), entry
 
 
 def _describe(entry: Mapping[str, Any]) -> str:
     parts = [f"{k} {v:.4f}" for k, v in entry["test_metrics"].items()]
+    sel = entry.get("selection", {})
+    chosen = (f" (selected step {entry['selected_step']} of {entry['steps']} by holdout {sel.get('metric')})"
+              if "selected_step" in entry else "")
     return (f"{entry['task']} validation accuracy {entry['validation_accuracy']:.4f}, "
-            f"test ({entry['test_split']}) {', '.join(parts)}")
+            f"test ({entry['test_split']}) {', '.join(parts)}{chosen}")
 
 
 def fine_tuned_teacher(cfg, workdir: str | os.PathLike, data: TaskData, mesh) -> tuple[Classifier, dict]:
     """The teacher fine-tuned on the task with the students' head, from its cache
     ``WORKDIR/finetune/teacher_<task>`` or trained now (``finetune.teacher_train``; the training
-    run in ``WORKDIR/finetune/teacher_<task>_run``) and cached."""
+    run in ``WORKDIR/finetune/teacher_<task>_run``) and cached: the step :func:`fine_tune` selected
+    on the holdout, the model the students are distilled from."""
     from elm_jax.lm import load_teacher
 
     fc = cfg.finetune
