@@ -176,13 +176,14 @@ def run(cfg: Any, workdir: str | os.PathLike | None, stages: str | Sequence[str]
                 data = prepare_data(cfg, workdir if main else None, verbose=main)
                 preflight.run_checks(cfg, workdir, names, data.tokenizer.vocab_size)
                 for name in names:
+                    stage = BY_NAME[name]
+                    if stage.run is None:  # the data stage: done above
+                        continue
                     if preemption.agreed():
                         raise preemption.Preempted(0, f"preempted (SIGTERM) before stage {name!r}; "
                                                       f"rerun the same command to resume")
-                    stage = BY_NAME[name]
-                    if stage.run is not None:
-                        print(f"[elm-jax] stage {name}")
-                        stage.run(cfg, workdir, data)
+                    print(f"[elm-jax] stage {name}")
+                    stage.run(cfg, workdir, data)
         except BAD_INPUT_ERRORS as e:
             print(f"error: {e}", file=sys.stderr)
             return EXIT_BAD_INPUT

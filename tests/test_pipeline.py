@@ -77,6 +77,7 @@ def test_all_stages_end_to_end(task, tmp_path):
         cm = _selected_test_confusion(tmp_path, budget, entry)
         assert entry["test_confusion"] == cm.tolist()
         assert entry["test_accuracy"] == pytest.approx(np.trace(cm) / cm.sum())
+        bow = json.loads((tmp_path / "finetune" / "bag_of_words.json").read_text())
     ev = json.loads((tmp_path / "evaluate" / "result.json").read_text())
     models = ev["models"]
     assert ev["schema_version"] == 2 and budget in models and models["teacher"]["kind"] == "teacher"
@@ -87,5 +88,8 @@ def test_all_stages_end_to_end(task, tmp_path):
     assert ev["baselines"][key] == pytest.approx(context_free.reference_loss(data, data.eval)[key], rel=1e-12)
     for m in models.values():
         assert m["gain_nats"] == pytest.approx(ev["baselines"][key] - m["loss"], rel=1e-12)
+    if task == "mlm":  # the fine-tuning floor and each model's accuracy beside it
+        assert ev["baselines"]["bag_of_words_test_accuracy"] == bow["test_accuracy"]
+        assert models[budget]["finetune_test_accuracy"] == entry["test_accuracy"]
     again = _main(f"--config=configs/{task}.py:test", f"--workdir={tmp_path}")  # all complete: reused
     assert again.returncode == 0 and "complete already" in again.stdout

@@ -51,7 +51,7 @@ def run(cfg, workdir: str | os.PathLike, data) -> dict[str, Any]:
         models["teacher"] = load_model(teacher_dir)[0]
     key = context_free.KEY[cfg.task]
     trivial = context_free.reference_loss(data, data.eval)[key]
-    bow = finetune.get("bag_of_words", {}) if isinstance(finetune.get("bag_of_words"), Mapping) else {}
+    bow = _load(wd / "finetune" / "bag_of_words.json")
     result = {"schema_version": SCHEMA_VERSION, "task": cfg.task, "split": data.eval.split,
               "baselines": {key: trivial, "bag_of_words_test_accuracy": bow.get("test_accuracy")},
               "models": {}}

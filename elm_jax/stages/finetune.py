@@ -38,7 +38,9 @@ metrics: accuracy, F1 for MRPC/QQP, Matthews correlation for CoLA), ``test_split
 ``holdout_evals``: every holdout evaluation as ``[step, score]``), ``final`` (``step`` and the same
 validation / test keys for the last step's model), ``kd`` (the setting; its validation KD and
 agreement are the selected step's); with KD an entry ``teacher`` holds the fine-tuned teacher's
-results, selected the same way. Training runs (metrics, checkpoints):
+results, selected the same way. ``WORKDIR/finetune/bag_of_words.json`` holds the floor: the
+bag-of-words logistic regression of :mod:`elm_jax.bag_of_words` on the same splits and pieces
+(written first, reused on a rerun). Training runs (metrics, checkpoints):
 ``WORKDIR/finetune/<model>_<task>[_<kd>]_run`` and ``WORKDIR/finetune/teacher_<task>_run``.
 
 The classifier is :mod:`elm_jax.models.classifier`, its data :mod:`elm_jax.data.tasks`; the
@@ -59,7 +61,7 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
-from elm_jax import engine
+from elm_jax import bag_of_words, engine
 from elm_jax.data import glue
 from elm_jax.data.tasks import SentenceBatches, TaskData, load_task
 from elm_jax.distill import dist_logit_loss, soft_cross_entropy
@@ -184,6 +186,7 @@ def _compute_dtype(cfg) -> Any:
     return compute_dtype(cfg)
 
 
+BAG_OF_WORDS_FILE = "bag_of_words.json"  # in WORKDIR/finetune/: elm_jax.bag_of_words on the task
 SELECTION_DIR = "selected"  # in the training run's directory: the selected model (orbax)
 
 
@@ -414,6 +417,16 @@ def run(cfg, workdir: str | os.PathLike, data) -> dict[str, Any]:
     teacher = None
     if fc.kd != "none":
         teacher, result["teacher"] = fine_tuned_teacher(cfg, workdir, task, mesh)
+    # the floor every fine-tuned model stands beside (DESIGN 8), on the same splits and pieces
+    bow_path = root / BAG_OF_WORDS_FILE
+    if bow_path.is_file():
+        bow = json.loads(bow_path.read_text())
+    else:
+        bow = bag_of_words.fit_and_score(task, data.tokenizer.vocab_size, data.tokenizer.special.all(), cfg.seed)
+        if is_main_process():
+            atomic_write_json(bow_path, bow)
+    print(f"[finetune] bag-of-words logistic regression (C={bow['C']}): test accuracy "
+          f"{bow['test_accuracy']:.4f}")
     dtype = _compute_dtype(cfg)
     run_tag = glue.task_slug(fc.task) + ("" if fc.kd == "none" else f"_{fc.kd}")
     for name, path in models.items():
