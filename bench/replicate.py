@@ -336,10 +336,10 @@ def _found(run: Path, budget: str) -> dict[str, float | None]:
     ft = _json(run / "finetune" / "result.json").get(budget, {})
     ev = _json(run / "evaluate" / "result.json").get(budget, {})
     sn = _json(run / "supernet" / "result.json")
-    disc = sn.get("block_discrimination")
+    bcka = sn.get("block_cka")  # absent in runs from before it (their block_discrimination differs)
     return {"loss": re_.get("after", {}).get("loss"), "ppl": ev.get("perplexity"),
             "acc": ft.get("test_accuracy"), "params": ev.get("params"),
-            "disc": float(sum(disc) / len(disc)) if disc else None}
+            "block_cka": float(sum(bcka) / len(bcka)) if bcka else None}
 
 
 def ranking_table(root: Path) -> tuple[str, dict[str, list[float]]]:
@@ -347,7 +347,7 @@ def ranking_table(root: Path) -> tuple[str, dict[str, list[float]]]:
     taus: dict[str, list[float]] = {}
     rows = []
     for name in RANK_SUPERNETS:
-        t, r, disc = [], [], []
+        t, r, bcka = [], [], []
         for run in _runs(root, name):
             inh = _json(run / "rank_inherited.json")
             keys = [k for k in standalone if k in inh]
@@ -356,14 +356,14 @@ def ranking_table(root: Path) -> tuple[str, dict[str, list[float]]]:
                 y = [standalone[k]["loss"] for k in keys]
                 t.append(kendall_tau(x, y))
                 r.append(spearman_rho(x, y))
-            d = _json(run / "supernet" / "result.json").get("block_discrimination")
+            d = _json(run / "supernet" / "result.json").get("block_cka")
             if d:
-                disc.append(sum(d) / len(d))
+                bcka.append(sum(d) / len(d))
         taus[name] = t
         rows.append(f"| {name.removeprefix('rank_')} | {fmt_mean_std(t)} | {fmt_mean_std(r)} | "
-                    f"{fmt_mean_std(disc)} |")
-    head = ("| supernet (fixed widths) | Kendall tau | Spearman rho | block discrimination (mean cos, lower = "
-            "more distinct) |\n|---|---|---|---|")
+                    f"{fmt_mean_std(bcka)} |")
+    head = ("| supernet (fixed widths) | Kendall tau | Spearman rho | block CKA (mean over candidate pairs, "
+            "higher = more alike) |\n|---|---|---|---|")
     arch_rows = "\n".join(f"| {v['describe']} | {v['params']:,} | {v['loss']:.4f} |"
                           for v in sorted(standalone.values(), key=lambda v: v["params"]))
     arch_table = ("| architecture | params | standalone loss |\n|---|---|---|\n" + arch_rows
@@ -382,9 +382,9 @@ def ablation_table(root: Path) -> str:
         label = {"elm560": "elm (560k)", "bertonly": "bertonly (560k)"}.get(name, name)
         rows.append(f"| {label} | {fmt_mean_std([f['loss'] for f in found], 4)} | "
                     f"{fmt_mean_std([f['acc'] for f in found])} | "
-                    f"{fmt_mean_std([f['disc'] for f in found])} | "
+                    f"{fmt_mean_std([f['block_cka'] for f in found])} | "
                     f"{fmt_mean_std([f['params'] for f in found], 0)} |")
-    return ("| variant | val. MLM loss after retraining | polarity test acc. | block discrimination | "
+    return ("| variant | val. MLM loss after retraining | polarity test acc. | block CKA (higher = more alike) | "
             "params |\n|---|---|---|---|---|\n" + "\n".join(rows))
 
 

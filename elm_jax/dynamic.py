@@ -13,7 +13,9 @@ the epoch end widens the candidates with the largest mean ``k`` by ``f0``
 an earlier one is redundant (:func:`redundant_heads`) and the head count is reduced to a
 divisor of the attention width (:func:`reduced_head_count`). :func:`layer_head_cka` gives the
 mean off-diagonal CKA per layer of a traced architecture, for logging during supernet
-training.
+training. :func:`cka_matrix` is the same CKA between several representations of the same rows
+(e.g. tokens), used for the candidate blocks' contributions
+(:func:`elm_jax.models.elastic.block_cka`).
 """
 
 from __future__ import annotations
@@ -263,6 +265,35 @@ def linear_cka(x_NxD: jax.Array, y_NxE: jax.Array) -> jax.Array:
     kc = jnp.matmul(xc, xc.T, precision=_HIGHEST)
     lc = jnp.matmul(yc, yc.T, precision=_HIGHEST)
     return _cka_from_grams(jnp.sum(kc * lc), jnp.sum(kc * kc), jnp.sum(lc * lc))
+
+
+def cka_matrix(feats_CxNxD: jax.Array, weights_N: jax.Array | None = None) -> jax.Array:
+    """Linear CKA between every pair of ``C`` representations of the same ``N`` rows.
+
+    Rows with weight 0 (e.g. padding tokens) are dropped: each representation's columns are
+    centred over the kept rows (``Xc``), then, for representations ``a, b``::
+
+        CKA[a, b] = ||Xc_b^T Xc_a||_F^2 / (||Xc_a^T Xc_a||_F ||Xc_b^T Xc_b||_F)
+
+    (equal to :func:`linear_cka`: ``||Xc_b^T Xc_a||_F^2 = tr(Kc_a Kc_b)``). Computed in the
+    smaller of the two spaces (``D x D`` cross-covariances when ``D < N``, else ``N x N`` Gram
+    matrices). 1 on the diagonal; 0 where a representation has no variance. ``weights_N``
+    holds 0/1 row weights (``None``: all rows). Float32, full-precision matmuls.
+
+    Returns:
+      float32 ``[C, C]``, symmetric.
+    """
+    z = jnp.asarray(feats_CxNxD, jnp.float32)
+    _, n, d = z.shape
+    w = jnp.ones((n,), jnp.float32) if weights_N is None else (jnp.asarray(weights_N) != 0).astype(jnp.float32)
+    mean = jnp.einsum("cnd,n->cd", z, w, precision=_HIGHEST) / jnp.maximum(jnp.sum(w), 1.0)
+    zc = (z - mean[:, None, :]) * w[None, :, None]
+    if d < n:
+        cross = jnp.einsum("and,bne->abde", zc, zc, precision=_HIGHEST)
+        hsic = jnp.sum(jnp.square(cross), axis=(2, 3))
+        diag = jnp.diagonal(hsic)
+        return _cka_from_grams(hsic, diag[:, None], diag[None, :])
+    return _cka_of_grams(jnp.einsum("and,amd->anm", zc, zc, precision=_HIGHEST))
 
 
 def _head_grams(ctx_BxSxW: jax.Array, heads: int, mask_BxS: jax.Array | None) -> jax.Array:

@@ -172,7 +172,8 @@ def stage_metrics(workdir: str | os.PathLike) -> dict[str, dict[str, dict]]:
 
 def _panels(runs: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, list[str]]]:
     """The fixed panels that have data, then one panel per other metric prefix (e.g. ``cka``,
-    ``discrimination``, ``widths``) with all its metrics."""
+    ``block_cka``, ``widths``) with all its metrics (an old work directory's
+    ``discrimination`` series gets its own panel too)."""
     present = set().union(*(set(s) for s in runs.values()))
     panels = [(t, [k for k in keys if k in present]) for t, keys in CURVE_PANELS]
     panels = [(t, ks) for t, ks in panels if ks]

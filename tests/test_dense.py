@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from random_weights import randomize
 
 from elm_jax.engine.losses import weighted_cross_entropy
 from elm_jax.models.dense import BlockSpec, DenseConfig, DenseLM, count_params, init_dense
@@ -37,26 +38,6 @@ def make_cfg(**kw) -> DenseConfig:
 def params_of(model: nnx.Module) -> dict:
     """Nested dict of numpy parameter arrays."""
     return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-
-
-def randomize(model: DenseLM, seed: int = 0) -> None:
-    """O(1)-scale random values for every parameter (norm scales near 1, non-zero
-    biases), so that every parameter visibly matters in the tests."""
-    state = nnx.state(model, nnx.Param)
-    rng = np.random.default_rng(seed)
-    for path, var in nnx.to_flat_state(state):
-        shape = var.get_value().shape
-        z = rng.standard_normal(shape)
-        if path[-1] == "scale":
-            v = 1 + 0.2 * z
-        elif path[-1] == "bias":
-            v = 0.1 * z
-        elif path[-1] == "kernel":
-            v = z / np.sqrt(shape[0])
-        else:  # embedding tables
-            v = 0.5 * z
-        var.set_value(jnp.asarray(v, jnp.float32))
-    nnx.update(model, state)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "kw"))

@@ -1,21 +1,25 @@
 """Elastic supernet: masked forward == extracted dense model, zero gradients off-path, one compile."""
 
-import numpy as np
+import dataclasses
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 from ml_collections import ConfigDict
+from random_weights import randomize
 
-from elm_jax.engine import sharding
 from elm_jax import engine as train_lib
-from elm_jax.arch import FAMILY_INDEX
 from elm_jax.accounting import count_params as arch_count_params
-from elm_jax.models.dense import count_params
-from elm_jax.models.elastic import FAMILY_PARAMS, init_supernet, _pkey
-from elm_jax.models.extract import extract
+from elm_jax.arch import FAMILY_INDEX, Arch, LayerChoice
 from elm_jax.data.arch_batches import ArchBatches, FixedArchBatches, arch_rows
+from elm_jax.engine import sharding
 from elm_jax.lm import supernet_lm_fns
+from elm_jax.models.dense import count_params
+from elm_jax.models.elastic import FAMILY_PARAMS, _pkey, block_cka, block_cka_matrix, init_supernet
+from elm_jax.models.extract import extract
+from elm_jax.models.layers import attention_mask
 from elm_jax.space import SearchSpace
 
 VOCAB, SEQ = 97, 12
@@ -47,6 +51,7 @@ def batch(rng, causal):
 def setup(request):
     space = make_space(request.param)
     sn = init_supernet(space, seed=1)
+    randomize(sn, 1)  # O(1) weights: attention far from uniform, so head-grouping bugs show
     graphdef, state = nnx.split(sn)
 
     @jax.jit
@@ -56,11 +61,12 @@ def setup(request):
     return space, sn, state, fwd
 
 
-def close(a, b, what, atol=1e-5):
+def close(a, b, what, rtol=1e-5):
+    """Max error at most ``rtol`` times the reference's largest magnitude."""
     a, b = np.asarray(a), np.asarray(b)
     assert a.shape == b.shape, (what, a.shape, b.shape)
-    err = np.abs(a - b).max()
-    assert err <= atol, f"{what}: max error {err}"
+    err, scale = np.abs(a - b).max(), np.abs(b).max()
+    assert err <= rtol * scale, f"{what}: max error {err} at scale {scale}"
 
 
 def test_supernet_equals_extracted_dense_model(setup):
@@ -76,6 +82,13 @@ def test_supernet_equals_extracted_dense_model(setup):
         dense = extract(sn, widths, arch)
         ref = dense(ids, mask, return_internals=True)
         close(out.logits[real], ref.logits[real], f"logits {arch.describe()}")
+        if k == 0:  # not vacuous: another head count of one layer changes the logits clearly
+            l = next(l for l, lc in enumerate(arch.layers) if lc.active)
+            h = next(h for h in space.head_choices if h != arch.layers[l].heads)
+            other = Arch(tuple(dataclasses.replace(lc, heads=h) if i == l else lc
+                               for i, lc in enumerate(arch.layers)))
+            moved = fwd(state, space.to_arrays(other, widths), ids, mask).logits
+            assert np.abs(np.asarray(moved - out.logits)[real]).max() > 1e-2 * np.abs(ref.logits[real]).max()
         close(out.embedding[real], ref.embedding[real], "embedding")
         i = 0
         for l, lc in enumerate(arch.layers):
@@ -224,28 +237,100 @@ def test_supernet_training_reduces_the_loss(engine):
     assert after < before - 0.2, (before, after)
 
 
-def test_block_discrimination_matches_the_extracted_candidates():
-    from elm_jax.arch import Arch, LayerChoice
-    from elm_jax.models.elastic import block_discrimination
-
-    space = make_space("mlm")
-    sn = init_supernet(space, seed=8)
-    rng = np.random.default_rng(9)
-    widths = grown_widths(space, rng)
-    ids, mask = batch(rng, False)
-    arch = space.sample(rng)
-    out = sn(ids, space.to_arrays(arch, widths), mask)
-    got = np.asarray(block_discrimination(sn, out.embedding, out.layers.block, widths, mask))
-    # independent: layer 0 of every candidate as a one-layer dense model on the same embedding
+def candidate_outputs(sn, widths, l, x, mask):
+    """Every candidate block of layer ``l`` (families in ``sn.families`` order, then candidates)
+    applied to ``x``, each as the only block of its extracted dense model: float64 ``[B, S, H]``."""
+    space = sn.space
+    amask = attention_mask(jnp.asarray(mask), x.shape[1], space.task == "clm")
     ys = []
     for f in sn.families:
         for c in range(space.candidates):
-            first = LayerChoice(f, c, space.base_heads, True)
-            rest = [LayerChoice(f, 0, space.base_heads, False)] * (space.layers - 1)
-            dense = extract(sn, widths, Arch((first, *rest)))
-            y = np.asarray(dense(ids, mask).block_outs[0]) * mask[..., None]
-            ys.append(y.reshape(-1) / np.linalg.norm(y))
-    cos = np.array([[a @ b for b in ys] for a in ys])
-    n = len(ys)
-    want = (cos.sum() - np.trace(cos)) / (n * (n - 1))
-    assert abs(got[0] - want) < 1e-5 and got.shape == (space.layers,)
+            layers = [LayerChoice(f, c, space.base_heads, i == l) for i in range(space.layers)]
+            dense = extract(sn, widths, Arch(tuple(layers)))
+            ys.append(np.asarray(dense.blocks[0](jnp.asarray(x), amask).out, np.float64))
+    return ys
+
+
+def numpy_cka(xs, mask):
+    """Linear CKA between every pair of ``[B, S, H]`` arrays over the real tokens, from
+    column-centred token matrices: ``||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F)``."""
+    real = np.asarray(mask) != 0
+    cs = [x[real] - x[real].mean(0) for x in xs]
+    return np.array([[np.linalg.norm(b.T @ a) ** 2 / (np.linalg.norm(a.T @ a) * np.linalg.norm(b.T @ b))
+                      for b in cs] for a in cs])
+
+
+def old_cosine(ys, mask):
+    """The former block discrimination: mean uncentred cosine between the candidates' outputs."""
+    flat = [(y * np.asarray(mask)[..., None]).reshape(-1) for y in ys]
+    flat = [v / np.linalg.norm(v) for v in flat]
+    cos = np.array([[a @ b for b in flat] for a in flat])
+    return (cos.sum() - np.trace(cos)) / (len(flat) * (len(flat) - 1))
+
+
+def offdiag_mean(m):
+    return (m.sum() - np.trace(m)) / (len(m) * (len(m) - 1))
+
+
+@pytest.mark.fidelity
+@pytest.mark.parametrize("task", ["mlm", "clm"])
+def test_block_cka_matches_the_extracted_candidates(task):
+    """block_cka_matrix[l] == numpy linear CKA between the extracted candidates' contributions
+    ``block(x_l) - x_l`` on layer l's input; a candidate sharing another's weights and width has
+    CKA exactly 1 with it."""
+    space = make_space(task)
+    sn = init_supernet(space, seed=8)
+    randomize(sn, 8)
+    rng = np.random.default_rng(9)
+    widths = grown_widths(space, rng)
+    bert = sn.blocks["bert"].p  # candidate 1 of every BERT layer: a copy of candidate 0
+    for name in list(bert.keys()):
+        v = bert[name][...]
+        bert[name] = nnx.Param(v.at[:, 1].set(v[:, 0]))
+    widths[:, FAMILY_INDEX["bert"], 1] = widths[:, FAMILY_INDEX["bert"], 0]
+    ids, mask = batch(rng, task == "clm")
+    arch = space.sample(rng)
+    out = sn(ids, space.to_arrays(arch, widths), mask)
+    got = np.asarray(block_cka_matrix(sn, out.embedding, out.layers.block, widths, mask))
+    means = np.asarray(block_cka(sn, out.embedding, out.layers.block, widths, mask))
+    n = len(sn.families) * space.candidates
+    assert got.shape == (space.layers, n, n) and means.shape == (space.layers,)
+    for l in range(space.layers):
+        x = np.asarray(out.embedding if l == 0 else out.layers.block[l - 1], np.float64)
+        want = numpy_cka([y - x for y in candidate_outputs(sn, widths, l, x, mask)], mask)
+        np.testing.assert_allclose(got[l], want, atol=2e-5, err_msg=f"layer {l}")
+        assert abs(means[l] - offdiag_mean(want)) < 2e-5
+        assert abs(got[l, 0, 1] - 1.0) < 1e-5  # shared weights
+        assert offdiag_mean(want) < 0.9  # the other candidates differ: the comparison is not vacuous
+
+
+@pytest.mark.fidelity
+def test_block_cka_ignores_the_shared_residual_input():
+    """A large component of the layer input that no MobileBERT candidate reads (its row of
+    dense_in / Q / K / V is zero) and that every candidate passes through unchanged (out_norm
+    scale 1) is part of every output but of no contribution: block CKA stays the same, while the
+    former uncentred cosine between the outputs goes to 1."""
+    space = make_space("mlm", families=("mobilebert",))
+    sn = init_supernet(space, seed=5)
+    randomize(sn, 5)
+    k = 3
+    p = sn.blocks["mobilebert"].p
+    for name in ("dense_in", "attn.query", "attn.key", "attn.value"):
+        key = _pkey(name + ".kernel")
+        p[key] = nnx.Param(p[key][...].at[0, :, k, :].set(0.0))
+    key = _pkey("out_norm.scale")
+    p[key] = nnx.Param(p[key][...].at[0, :, k].set(1.0))
+    rng = np.random.default_rng(6)
+    widths = grown_widths(space, rng)
+    ids, mask = batch(rng, False)
+    out = sn(ids, space.to_arrays(space.sample(rng), widths), mask)
+    emb = np.asarray(out.embedding)
+    big = emb.copy()
+    big[..., k] += 300.0 * rng.standard_normal(emb.shape[:2])
+    base = np.asarray(block_cka_matrix(sn, jnp.asarray(emb), out.layers.block, widths, mask))[0]
+    moved = np.asarray(block_cka_matrix(sn, jnp.asarray(big), out.layers.block, widths, mask))[0]
+    np.testing.assert_allclose(moved, base, atol=1e-4)
+    assert offdiag_mean(base) < 0.9
+    cos_base = old_cosine(candidate_outputs(sn, widths, 0, emb, mask), mask)
+    cos_moved = old_cosine(candidate_outputs(sn, widths, 0, big, mask), mask)
+    assert cos_moved > 0.99 and cos_moved - cos_base > 0.1, (cos_base, cos_moved)

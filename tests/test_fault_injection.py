@@ -237,7 +237,7 @@ def compare_stage(stage: str, ref: Path, got: Path) -> None:
         _assert_bitwise(ref / "supernet/final/supernet.safetensors", got / "supernet/final/supernet.safetensors")
         assert _json(ref / "supernet/final/widths.json") == _json(got / "supernet/final/widths.json")
         r, g = _json(ref / "supernet/result.json"), _json(got / "supernet/result.json")
-        for key in ("widths", "growth", "eval_largest", "block_discrimination"):
+        for key in ("widths", "growth", "eval_largest", "block_cka"):
             assert r[key] == g[key], key
     elif stage == "search":
         r, g = _json(ref / "search/result.json"), _json(got / "search/result.json")

@@ -49,8 +49,8 @@ def _complete_workdir(wd):
     _write(wd / "teacher" / "result.json", {"num_params": 27744, "eval": {"loss": 5.25, "perplexity": 190.6}})
     _jsonl(wd / "teacher" / "metrics.jsonl", _train_log([5, 10, 15, 20], 6.0))
     sup = _train_log([4, 8, 12], 6.0, kd=True)
-    sup += [{"step": 2, "cka/layer0": 0.8, "discrimination/layer0": 0.99},
-            {"step": 4, "cka/layer0": 0.9, "discrimination/layer0": 0.98}]
+    sup += [{"step": 2, "cka/layer0": 0.8, "block_cka/layer0": 0.31},
+            {"step": 4, "cka/layer0": 0.9, "block_cka/layer0": 0.28}]
     _jsonl(wd / "supernet" / "metrics.jsonl", sup)
     _write(wd / "supernet" / "result.json", {"widths": [[[16, 32]]]})
     scored = [{"arch_id": "a", "describe": "b1h2 -", "score": 5.54, "params": 15104, "flops": 983040,
@@ -135,7 +135,7 @@ def test_curve_series_and_panels(tmp_path):
     assert sup["cka/layer0"] == ([2, 4], [0.8, 0.9])
     titles = [t for t, _ in report._panels(metrics["supernet"])]
     assert titles == ["training objective", "cross-entropy", "distillation loss", "accuracy",
-                      "learning rate", "gradient norm", "cka", "discrimination"]
+                      "learning rate", "gradient norm", "block_cka", "cka"]
     assert "distillation loss" not in [t for t, _ in report._panels(metrics["teacher"])]
 
 

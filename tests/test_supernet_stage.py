@@ -5,16 +5,19 @@ import json
 import numpy as np
 import pytest
 
-
+from elm_jax.arch import FAMILY_INDEX
 from elm_jax.config import load_config
+from elm_jax.data.arch_batches import ArchBatches, local_arch
 from elm_jax.data.prepare import prepare_data
-from elm_jax.dynamic import PCAAccumulator
+from elm_jax.engine import sharding
+from elm_jax.engine.sharding import BATCH_AXES
+from elm_jax.models.elastic import block_cka
 from elm_jax.models.extract import extract
-from elm_jax.stages.supernet import SupernetHooks
+from elm_jax.models.io import flat_params as _flat
 from elm_jax.models.io import load_supernet
+from elm_jax.stages.supernet import SupernetHooks
 from elm_jax.stages.supernet import run as run_supernet_stage
 from elm_jax.stages.teacher import run as run_teacher_stage
-from elm_jax.models.io import flat_params as _flat
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +97,39 @@ def test_trained_supernet_extracts_and_distils(uninterrupted, data, cfg):
     losses = [r["train/loss"] for r in rows if "train/loss" in r]
     assert losses[-1] < losses[0]  # the distillation loss goes down
     assert result["train_step_compilations"] == 1  # 12 steps of sampled architectures, one compile
-    disc = result["block_discrimination"]
-    assert len(disc) == cfg.space.layers and all(-1.0 <= d <= 1.0 for d in disc)
+
+
+def _num_devices(cfg):
+    mesh = sharding.make_mesh(cfg.mesh)
+    return int(np.prod([mesh.shape[a] for a in BATCH_AXES if a in mesh.axis_names]))
+
+
+def _train_batches(cfg, data, space, widths):
+    return ArchBatches(data.train, space, widths, mode=cfg.supernet.sample_per,
+                       num_devices=_num_devices(cfg), seed=cfg.seed, sandwich=cfg.supernet.sandwich)
+
+
+@pytest.mark.fidelity
+def test_saved_block_cka_is_the_final_supernets_on_the_last_statistics_batch(uninterrupted, cfg, data):
+    """result.json's block_cka = block_cka of the saved supernet on the final step's batch (the
+    last statistics step: 12 % calc_every == 0), each device on its rows and its architecture,
+    averaged over the devices; the hook feeds each layer the sampled path's input."""
+    wd, result = uninterrupted
+    total = cfg.supernet.train.steps
+    assert total % cfg.supernet.calc_every == 0
+    net, widths, _ = load_supernet(wd / "supernet" / "final")
+    b = _train_batches(cfg, data, net.space, widths).batch(total - 1)
+    n = _num_devices(cfg)
+    rows = len(b["inputs"]) // n
+    per_device = []
+    for d in range(n):
+        part = {k: v[d * rows:(d + 1) * rows] for k, v in b.items()}
+        out = net(part["inputs"], local_arch(part), part["mask"], part["segment_ids"])
+        per_device.append(np.asarray(block_cka(net, out.embedding, out.layers.block, widths, part["mask"])))
+    want = np.mean(per_device, axis=0)
+    assert len(result["block_cka"]) == cfg.space.layers
+    np.testing.assert_allclose(result["block_cka"], want, atol=1e-4)
+    assert ((want > 0.0) & (want < 0.999)).all(), want  # distinct candidates, some shared structure
 
 
 def test_teacher_is_not_in_the_checkpoint(uninterrupted):
@@ -136,8 +170,38 @@ def test_killed_run_resumes_to_the_same_supernet(uninterrupted, cfg, data, teach
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
-def test_accumulator_round_trips_through_checkpoint_meta(cfg, data):
-    acc = PCAAccumulator(2, 2)
-    state = acc.state_dict()
-    again = PCAAccumulator.from_state_dict({k: np.asarray(v).tolist() for k, v in state.items()})
-    assert all(np.array_equal(np.asarray(again.state_dict()[k]), np.asarray(v)) for k, v in state.items())
+@pytest.mark.fidelity
+def test_hooks_state_round_trips_through_the_final_checkpoint(uninterrupted, cfg, data):
+    """The step-12 checkpoint's hook meta holds the statistics of steps 8, 10 and 12 (the
+    accumulator was reset by the growth at step 6), restores into fresh hooks, and saves back
+    unchanged. (The resume test restores step 6, whose accumulator is all zero; test_dynamic
+    round-trips PCAAccumulator.state_dict in memory only, not through the JSON meta.)"""
+    from types import SimpleNamespace
+
+    wd, result = uninterrupted
+    total, every, epoch = cfg.supernet.train.steps, cfg.supernet.calc_every, cfg.supernet.epoch_steps
+    meta = wd / "supernet" / "checkpoints" / str(total) / "meta" / "metadata"  # orbax JsonSave
+    saved = json.loads(meta.read_text())["hooks"]
+    net, widths, _ = load_supernet(wd / "supernet" / "final")
+    space = net.space
+    trainer = SimpleNamespace(mesh=sharding.make_mesh(cfg.mesh), graphdef=None)  # stats never run
+    hooks = SupernetHooks(cfg, space, trainer, epoch)
+    hooks.on_restore(saved)
+    # expected counts: every (statistics step after the last growth, device) adds its
+    # architecture's active layers
+    src, n = _train_batches(cfg, data, space, widths), _num_devices(cfg)
+    counts = np.zeros_like(hooks.acc.counts)
+    last_growth = max(e["step"] for e in result["growth"])
+    for done in range(last_growth + every, total + 1, every):
+        archs = src.archs(done - 1)
+        for a in archs * (n // len(archs)):
+            for l, lc in enumerate(a.layers):
+                if lc.active:
+                    counts[l, FAMILY_INDEX[lc.family], lc.candidate] += 1
+    assert counts.sum() > 0
+    np.testing.assert_array_equal(hooks.acc.counts, counts)
+    mean_k, seen = hooks.acc.mean(), counts > 0
+    assert (mean_k[seen] >= 1).all() and (mean_k[seen] <= widths[seen]).all()  # 1 <= k <= width
+    np.testing.assert_array_equal(hooks.widths, widths)
+    assert hooks.history == result["growth"] and hooks.block_cka == result["block_cka"]
+    assert json.loads(json.dumps(hooks.meta())) == saved

@@ -13,14 +13,21 @@ path is updated: AdamW with one step count and moments per candidate tensor, and
 no architecture of the step used keeps its weights and optimiser state
 (:class:`elm_jax.students.SupernetPath`, :func:`elm_jax.engine.optim.sampled_path_adamw`; weight
 decay on weight matrices and embeddings only). Every ``calc_every`` steps the PCA statistic ``k``
-of the sampled architectures' FFNs is accumulated per (layer, family, candidate) and the mean
-off-diagonal head CKA per layer is logged; at every epoch end but the last step the top
-``num_add`` candidates by mean ``k`` widen by ``f0`` (DESIGN §1.2). Widths,
+of the sampled architectures' FFNs is accumulated per (layer, family, candidate), and the mean
+off-diagonal head CKA per layer (``cka/layer{l}``) and the mean CKA between the candidate blocks'
+contributions on the same input (``block_cka/layer{l}``,
+:func:`elm_jax.models.elastic.block_cka`; higher = the candidates are more alike) are logged; at
+every epoch end but the last step the top ``num_add`` candidates by mean ``k`` widen by ``f0``
+(DESIGN §1.2). Widths,
 the accumulated statistics and the growth history are saved with every checkpoint, so a
 resumed run continues exactly.
 
 Output: ``WORKDIR/supernet/final/`` with the supernet weights (``supernet.safetensors``),
-``widths.json`` (widths, space, growth history) and ``WORKDIR/supernet/result.json``.
+``widths.json`` (widths, space, growth history) and ``WORKDIR/supernet/result.json``, whose
+``block_cka`` is the per-layer ``block_cka`` of the last statistics step, averaged over the
+devices' batches (work directories from before it have ``block_discrimination`` instead, the
+mean uncentred cosine between the candidates' outputs, which the shared residual input
+dominated).
 """
 
 from __future__ import annotations
@@ -50,7 +57,7 @@ from elm_jax.engine.sharding import BATCH_AXES
 from elm_jax.fileio import atomic_write_json
 from elm_jax.lm import load_teacher
 from elm_jax.models.dense import DenseLM
-from elm_jax.models.elastic import block_discrimination
+from elm_jax.models.elastic import block_cka
 from elm_jax.models.io import save_supernet
 from elm_jax.space import SearchSpace
 from elm_jax.students import supernet_trainer
@@ -70,7 +77,8 @@ class SupernetHooks:
         self.sources: list[Any] = []  # batch sources whose ``widths`` follow this state
         self.acc = PCAAccumulator(space.layers, space.candidates)
         self.history: list[dict] = []
-        self.discrimination: list[float] | None = None  # latest block discrimination per layer
+        # latest per-layer mean CKA between the candidate blocks' contributions (block_cka)
+        self.block_cka: list[float] | None = None
         self._stats = self._build_stats()
 
     def _build_stats(self):
@@ -85,8 +93,8 @@ class SupernetHooks:
             f = out.layers
             k = layer_pca_stats(f.ffn_pre_bert, f.ffn_pre_mobilebert, arch, batch["mask"])
             cka = layer_head_cka(f.ctx_bert, f.ctx_mobilebert, arch, base_heads, batch["mask"])
-            disc = block_discrimination(net, out.embedding, f.block, widths, batch["mask"])
-            return k[None], cka[None], disc[None]
+            bcka = block_cka(net, out.embedding, f.block, widths, batch["mask"])
+            return k[None], cka[None], bcka[None]
 
         fn = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(axes), P()),
                            out_specs=(P(axes), P(axes), P(axes)), check_vma=False)
@@ -96,10 +104,10 @@ class SupernetHooks:
         sc = self.cfg.supernet
         if done % sc.calc_every == 0:
             batch = sharding.global_batch(local_batch, self.trainer.mesh)
-            k, cka, disc = jax.device_get(self._stats(state.params, state.other, batch, self.widths))
-            self.discrimination = disc.mean(axis=0).tolist()
-            writer.write_scalars(done, {f"discrimination/layer{l}": float(v)
-                                        for l, v in enumerate(self.discrimination)})
+            k, cka, bcka = jax.device_get(self._stats(state.params, state.other, batch, self.widths))
+            self.block_cka = bcka.mean(axis=0).tolist()  # mean over the devices' batches
+            writer.write_scalars(done, {f"block_cka/layer{l}": float(v)
+                                        for l, v in enumerate(self.block_cka)})
             rows = len(local_batch["inputs"]) // len(k)
             for d in range(len(k)):  # each device's rows carry that device's architecture
                 arrays = arch_lib.ArchArrays(**{f: local_batch[f"arch_{f}"][d * rows]
@@ -142,7 +150,7 @@ class SupernetHooks:
     def meta(self) -> dict:
         acc = self.acc.state_dict()
         return {"widths": self.widths.tolist(), "history": self.history,
-                "discrimination": self.discrimination,
+                "block_cka": self.block_cka,
                 "acc": {k: np.asarray(v).tolist() for k, v in acc.items()}}
 
     def on_restore(self, meta: Mapping[str, Any]) -> None:
@@ -150,7 +158,8 @@ class SupernetHooks:
             return
         self.set_widths(self.space.validate_widths(np.asarray(meta["widths"], np.int32)))
         self.history = list(meta["history"])
-        self.discrimination = meta.get("discrimination")
+        # absent in checkpoints from before block_cka (their "discrimination" was another metric)
+        self.block_cka = meta.get("block_cka")
         self.acc = PCAAccumulator.from_state_dict({k: np.asarray(v) for k, v in meta["acc"].items()})
 
 
@@ -190,7 +199,7 @@ def run(cfg, workdir: str | os.PathLike, data: DataBundle) -> dict[str, Any]:
         eval_metrics["kd"] = eval_metrics["kd_total"] / eval_metrics["kd_count"]
     result = {"space": dataclasses.asdict(space), "widths": hooks.widths.tolist(),
               "growth": hooks.history, "eval_largest": eval_metrics, "train": summary,
-              "block_discrimination": hooks.discrimination,
+              "block_cka": hooks.block_cka,
               "train_step_compilations": trainer.train_step._cache_size()}
     if is_main_process():
         save_supernet(final, model.net, hooks.widths, hooks.history)
