@@ -279,7 +279,7 @@ def _bad_file(tmp_path: Path, kind: str, texts) -> Path:
     elif kind == "latin1":
         p.write_bytes("Tragédie de Macbeth, où le roi meurt.\n".encode("latin-1") * 50)
     elif kind == "short":
-        p.write_text("To be, or not to be.\n")
+        p.write_text("To be, or not to be.\n\nThat is the question.\n")  # 2 paragraphs: 1 held out
     elif kind == "directory":
         p = tmp_path / "only_a_dir"
         p.mkdir()

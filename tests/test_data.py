@@ -80,8 +80,16 @@ def test_search_split_held_out_by_document_hash(tmp_path):
     # a small corpus still holds one document out, and keeps one for training
     rest, held = corpus.hold_out_by_hash(docs[:2], 1e-9, "search")
     assert len(rest) == 1 and len(held) == 1
+    # one training file: held out by paragraph
+    one = corpus.Document("only", "\n\n".join(d.text for d in docs[:50]) + "\n")
+    rest, held = corpus.hold_out_by_hash([one], 0.1, "search")
+    assert len(rest) == len(held) == 1
+    rest, held = rest[0].text.split("\n\n"), held[0].text.split("\n\n")
+    assert sorted(rest + held) == sorted(d.text for d in docs[:50])
+    assert set(held) == {d.text for d in docs[:50] if corpus.document_hash(d) < 0.1}
     with pytest.raises(DataError, match="at least 2"):
-        corpus.hold_out_by_hash(docs[:1], 0.1, "search (--config.data.search_files=...)")
+        corpus.hold_out_by_hash([corpus.Document("x", "one paragraph")], 0.1,
+                                "search (--config.data.search_files=...)")
 
 
 def test_tokenizer_training_is_deterministic_and_cached(tmp_path, shakespeare):

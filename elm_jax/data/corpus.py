@@ -16,6 +16,7 @@ import glob
 import hashlib
 import io
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -196,17 +197,31 @@ def document_hash(doc: Document) -> float:
     return int.from_bytes(hashlib.sha256(doc.text.encode()).digest()[:8], "big") / 2.0 ** 64
 
 
+def paragraphs(doc: Document) -> list[Document]:
+    """``doc`` cut at blank lines into documents ``<name>#<i>`` (stripped; empty blocks dropped)."""
+    blocks = [b.strip() for b in re.split(r"\n\s*\n", doc.text) if b.strip()]
+    return [Document(f"{doc.name}#{i}", b) for i, b in enumerate(blocks)]
+
+
 def hold_out_by_hash(docs: Sequence[Document], fraction: float, what: str
                      ) -> tuple[list[Document], list[Document]]:
     """Splits ``docs`` into (rest, held out) by document: held out are the documents with
     :func:`document_hash` ``< fraction``, and at least the one of lowest hash, so a small corpus
-    still gets a held-out document. ``what`` names the split (and how to give it explicitly) in
-    the error raised when fewer than 2 documents leave nothing to hold out from."""
+    still gets a held-out document (and at least one stays). A corpus of one document (a single
+    training file) is held out by paragraph instead (:func:`paragraphs`), each side then joined
+    back into one document. ``what`` names the
+    split (and how to give it explicitly) in the error raised when fewer than 2 paragraphs leave
+    nothing to hold out from."""
     if not 0.0 < fraction < 1.0:
         raise DataError(f"the {what} fraction must lie in (0, 1), got {fraction}")
+    if len(docs) == 1 and len(paras := paragraphs(docs[0])) >= 2:  # by paragraph, rejoined
+        rest, held = hold_out_by_hash(paras, fraction, what)
+        name = docs[0].name
+        return ([Document(name, "\n\n".join(d.text for d in rest))],
+                [Document(f"{name}#held_out", "\n\n".join(d.text for d in held))])
     if len(docs) < 2:
-        raise DataError(f"the {what} split is held out by document from the training documents, which "
-                        f"needs at least 2 of them (got {len(docs)})")
+        raise DataError(f"the {what} split is held out by document (or paragraph) from the training "
+                        f"text, which needs at least 2 of them (got {len(docs)})")
     keyed = sorted(((document_hash(d), i) for i, d in enumerate(docs)))
     held = {i for h, i in keyed if h < fraction} or {keyed[0][1]}
     if len(held) == len(docs):
