@@ -38,6 +38,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from elm_jax.evaluation import model_results
 from elm_jax.models.dense import dense_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -334,7 +336,7 @@ def _found(run: Path, budget: str) -> dict[str, float | None]:
     """The found model's numbers for ``budget`` in one run (None where not finished)."""
     re_ = _json(run / "retrain" / "result.json").get(budget, {})
     ft = _json(run / "finetune" / "result.json").get(budget, {})
-    ev = _json(run / "evaluate" / "result.json").get(budget, {})
+    ev = model_results(_json(run / "evaluate" / "result.json")).get(budget, {})
     sn = _json(run / "supernet" / "result.json")
     bcka = sn.get("block_cka")  # absent in runs from before it (their block_discrimination differs)
     return {"loss": re_.get("after", {}).get("loss"), "ppl": ev.get("perplexity"),
