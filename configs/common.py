@@ -155,7 +155,10 @@ def base_config(task: str, variant: str) -> ml_collections.ConfigDict:
     c.latency = ml_collections.ConfigDict(dict(
         predict=True,                  # build/load the table and report predicted latency in search
         batch=1, seq_len=0,            # 0 -> data.seq_len
-        repeats=20, warmup=3,
+        # The ONE timing policy (elm_jax.timing.TimingPolicy) of the table, its check and the
+        # export stage's measured latency: the quantile of >= repeats interleaved rounds over
+        # >= min_time_s seconds (0 = the minimum; see the TimingPolicy docstring for why).
+        repeats=20, warmup=3, quantile=0.0, min_time_s=2.0,
         cache_dir="",                  # '' -> data cache dir / latency
     ))
 
@@ -181,7 +184,7 @@ def base_config(task: str, variant: str) -> ml_collections.ConfigDict:
         c.search.update(population=8, generations=2, parents=3, mutations=3, crossovers=2,
                         eval_batches=1)
         c.search.budgets = [{"name": "small", "max_params": 16_000}]
-        c.latency.update(predict=False, repeats=3, warmup=1)
+        c.latency.update(predict=False, repeats=3, warmup=1, min_time_s=0.0)
         c.finetune.train = train_config(steps=6, lr=1e-3, batch_log_every=3, eval_every=6,
                                         checkpoint_every=3)
         c.finetune.teacher_train = train_config(steps=6, lr=1e-3, batch_log_every=3, eval_every=6,

@@ -211,6 +211,8 @@ def validate(cfg: ml_collections.ConfigDict, stages: Sequence[str] | None = None
         _int(cfg, "latency.seq_len", 0, _get(cfg, "data.seq_len"))
         _int(cfg, "latency.repeats", 1)
         _int(cfg, "latency.warmup", 0)
+        _float(cfg, "latency.quantile", 0.0, 1.0)
+        _float(cfg, "latency.min_time_s", 0.0)
         _str(cfg, "latency.cache_dir")
     if "export" in stages:
         _bool(cfg, "export.cka_heads")

@@ -40,17 +40,23 @@ architectures of the space, under grown and initial widths)::
 
     overhead = median_c ( t(model_c) - [embedding + sum blocks_c + head] )    (3)
 
-**Noise.** Timings come from :mod:`elm_jax.timing` (interleaved rounds, a quantile of
-single blocking calls).
+**Noise: one timing policy.** Timings come from :mod:`elm_jax.timing` (interleaved rounds, a
+quantile of single blocking calls) under ONE :class:`~elm_jax.timing.TimingPolicy`, read from
+``cfg.latency`` by ``TimingPolicy.from_config``: the parts and calibration models of the table,
+:func:`check` and the end-to-end measurement of every exported model
+(:func:`measure_exported_ms`, the export stage) use the same statistic, the same least wall time
+and the same repeats, warm-up and re-warm calls, so predicted and measured latency estimate the
+same thing. The statistic is the **minimum** (``quantile=0``) of >= 20 rounds over >= 2 s: the
+table is built at one time and the models it predicts are timed at another, and on a shared
+machine the load changes in between; the minimum estimates the unloaded device at both times
+(the reasons and the figures are in the ``TimingPolicy`` docstring). A cached table measured
+under another policy is measured again.
 
-The table and :func:`check` use the **minimum** (``quantile=0``, :data:`DEFAULT_QUANTILE`)
-rather than the median: the table is built at one time and used (and checked) at
-another, and on a shared machine the load changes in between. The minimum estimates the
-latency of an unloaded device (what a dedicated target device shows) and is the least
-sensitive to that drift. On the 2-core development machine with a load average of 2-5
-from other jobs, 12 build + check runs of the demo space (20 models each) gave mean
-relative errors of 3-20% (mean 9.8%) with the minimum against 3-38% (mean 17%) with the
-median. :func:`measure` itself returns the median (quantile 0.5) of the calls.
+**Exported models.** The export stage predicts the model AS EXPORTED, after the CKA head module
+re-split its heads (:func:`predict_exported_ms` on the exported model's own config), not the
+search's prediction for the pre-CKA head counts (kept as ``search_predicted_latency_ms``);
+``bench/latency_check.py`` reports the error of exactly that prediction against exactly that
+measurement.
 
 **Cache.** A table depends on the device, the jax version, the space fields that change
 the parts (hidden, inner, embed_size, vocab_size, type_vocab_size, families,
@@ -76,14 +82,16 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from elm_jax import timing
 from elm_jax.accounting import count_params
 from elm_jax.arch import Arch
 from elm_jax.fields import get as get_field
@@ -98,14 +106,18 @@ from elm_jax.models.dense import (
 )
 from elm_jax.models.layers import attention_mask
 from elm_jax.space import SearchSpace
-from elm_jax.timing import device_fingerprint, measure_many, model_inputs, model_item, on_device
+from elm_jax.timing import (
+    DEFAULT_POLICY,
+    TimingPolicy,
+    device_fingerprint,
+    model_inputs,
+    model_item,
+    on_device,
+)
 
-# Bump when the measurement method changes: old cached tables then stop matching.
+# Bump when the measurement method changes: old cached tables then stop matching. (The
+# timing policy is stored in the table and compared on load, see load_or_build.)
 TABLE_VERSION = 1
-# Statistic of the timed calls (0.5 = median) and the least wall time a set of interleaved
-# measurements spans (see measure_many); the defaults of the table, its cache and check().
-DEFAULT_QUANTILE = 0.0
-DEFAULT_MIN_TIME_S = 2.0
 
 _BLOCKS: dict[str, type[nnx.Module]] = {"bert": BertBlock, "mobilebert": MobileBertBlock}
 
@@ -210,8 +222,8 @@ class LatencyTable:
     heads) -> ms; parts are net of dispatch, (2)), ``overhead_ms`` ((3)),
     ``dispatch_ms`` (the base dispatch cost (2) subtracted from the embedding, the head
     and every block), ``calibration`` (the models (3) was fitted on: arch, measured and
-    sum-of-parts ms), the timing settings ``repeats``, ``warmup``, ``quantile`` and
-    ``min_time_s`` (:func:`measure_many`; :func:`check` reuses them), ``created`` (ISO
+    sum-of-parts ms), the timing policy's ``repeats``, ``warmup``, ``quantile``,
+    ``min_time_s`` and ``rewarm`` (:attr:`policy`; :func:`check` reuses it), ``created`` (ISO
     time), ``build_s`` (seconds to build) and the format ``version``."""
 
     device: dict[str, Any]
@@ -226,11 +238,19 @@ class LatencyTable:
     calibration: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     repeats: int = 0
     warmup: int = 0
-    quantile: float = DEFAULT_QUANTILE
-    min_time_s: float = DEFAULT_MIN_TIME_S
+    quantile: float = DEFAULT_POLICY.quantile
+    min_time_s: float = DEFAULT_POLICY.min_time_s
     created: str = ""
     build_s: float = 0.0
     version: int = TABLE_VERSION
+    rewarm: int = DEFAULT_POLICY.rewarm
+
+    @property
+    def policy(self) -> TimingPolicy:
+        """The :class:`~elm_jax.timing.TimingPolicy` the table was measured under."""
+        return TimingPolicy(repeats=self.repeats or DEFAULT_POLICY.repeats, warmup=self.warmup,
+                            quantile=self.quantile, min_time_s=self.min_time_s,
+                            rewarm=self.rewarm)
 
     # ------------------------------------------------------------------ keys
 
@@ -248,13 +268,12 @@ class LatencyTable:
     # ------------------------------------------------------------------ build
 
     @classmethod
-    def build(cls, space: SearchSpace, batch: int, seq_len: int, repeats: int = 20,
-              warmup: int = 3, *, calibration_models: int = 4, seed: int = 0,
-              quantile: float = DEFAULT_QUANTILE, min_time_s: float = DEFAULT_MIN_TIME_S
-              ) -> "LatencyTable":
+    def build(cls, space: SearchSpace, batch: int, seq_len: int,
+              policy: TimingPolicy = DEFAULT_POLICY, *, calibration_models: int = 4,
+              seed: int = 0) -> LatencyTable:
         """Measures every part of (1) and fits the overhead (3) on
         ``calibration_models`` whole models, all interleaved in the same timing rounds
-        (:func:`measure_many` with ``quantile`` and ``min_time_s``), on
+        (:func:`~elm_jax.timing.measure_many` under ``policy``), on
         ``jax.devices()[0]``. Parameters are random (``seed``): latency does not depend on
         their values."""
         if batch < 1 or seq_len < 1:
@@ -302,8 +321,7 @@ class LatencyTable:
             model = init_dense(dense_config(space, a, w), seed)
             items[f"model:{c}"] = model_item(model, inp["ids"], inp["mask"])
 
-        t = {k: 1e3 * v for k, v in measure_many(
-            items, repeats, warmup, seed=seed, quantile=quantile, min_time_s=min_time_s).items()}
+        t = {k: 1e3 * v for k, v in timing.measure_many(items, policy, seed=seed).items()}
 
         dispatch = {k.split(":", 1)[1]: t[k] for k in t if k.startswith("noop:")}
         table = cls(
@@ -312,8 +330,8 @@ class LatencyTable:
             embedding_ms=max(0.0, t["embedding"] - dispatch["embedding"]),
             head_ms=max(0.0, t["head"] - dispatch["head"]),
             blocks_ms={k: max(0.0, t[_block_name(k)] - dispatch["block"]) for k in keys},
-            dispatch_ms=dispatch, repeats=int(repeats), warmup=int(warmup),
-            quantile=float(quantile), min_time_s=float(min_time_s),
+            dispatch_ms=dispatch, repeats=policy.repeats, warmup=policy.warmup,
+            quantile=policy.quantile, min_time_s=policy.min_time_s, rewarm=policy.rewarm,
             created=datetime.datetime.now().isoformat(timespec="seconds"),
         )
         rows = []
@@ -353,13 +371,16 @@ class LatencyTable:
         ``embedding + sum over active layers of block[family, width, heads] + head +
         overhead``. ValueError if the table was built for a space whose relevant fields
         differ, or if a width is not in the table."""
+        self._check_space(space)
+        return self.predict_config_ms(dense_config(space, arch, widths))
+
+    def _check_space(self, space: SearchSpace) -> None:
         fields = space_fields(space)
         if fields != self.space:
             diff = sorted(k for k in set(fields) | set(self.space)
                           if fields.get(k) != self.space.get(k))
             raise ValueError(f"latency table was built for a different search space "
                              f"(fields {diff} differ); rebuild it for this space")
-        return self.predict_config_ms(dense_config(space, arch, widths))
 
     # ------------------------------------------------------------------ JSON
 
@@ -370,7 +391,7 @@ class LatencyTable:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "LatencyTable":
+    def from_dict(cls, d: Mapping[str, Any]) -> LatencyTable:
         d = dict(d)
         d["blocks_ms"] = {(b["family"], int(b["ffn"]), int(b["heads"])): float(b["ms"])
                           for b in d["blocks_ms"]}
@@ -394,13 +415,13 @@ def load_or_build(space: SearchSpace, latency_cfg: Any, seq_len: int,
     present, else measured (:meth:`LatencyTable.build`) and written atomically.
 
     ``latency_cfg`` is ``cfg.latency``: ``batch``, ``seq_len`` (0 -> the ``seq_len``
-    argument, i.e. ``data.seq_len``), ``repeats``, ``warmup``, ``cache_dir``. The cache
+    argument, i.e. ``data.seq_len``), the timing policy (``TimingPolicy.from_config``:
+    ``repeats``, ``warmup``, ``quantile``, ``min_time_s``) and ``cache_dir``. The cache
     directory is the ``cache_dir`` argument, else ``latency_cfg.cache_dir``, else
-    :func:`default_latency_dir`. An unreadable or mismatched cache file is rebuilt."""
-    batch = int(get_field(latency_cfg, "batch", 1, none_is_default=True))
-    length = int(get_field(latency_cfg, "seq_len", 0, none_is_default=True)) or int(seq_len)
-    repeats = int(get_field(latency_cfg, "repeats", 20, none_is_default=True))
-    warmup = int(get_field(latency_cfg, "warmup", 3, none_is_default=True))
+    :func:`default_latency_dir`. An unreadable or mismatched cache file (another space,
+    shape or timing policy) is rebuilt."""
+    batch, length = _shape(latency_cfg, seq_len)
+    policy = TimingPolicy.from_config(latency_cfg)
     root = cache_dir or get_field(latency_cfg, "cache_dir", "", none_is_default=True) or default_latency_dir()
     key = LatencyTable.key(space, batch, length)
     path = Path(root) / f"latency-{key}.json"
@@ -410,13 +431,62 @@ def load_or_build(space: SearchSpace, latency_cfg: Any, seq_len: int,
                 table = LatencyTable.from_dict(json.load(f))
             if (table.version == TABLE_VERSION and table.space == space_fields(space)
                     and table.batch == batch and table.seq_len == length
-                    and table.quantile == DEFAULT_QUANTILE):
+                    and table.policy == policy):
                 return table
         except (OSError, ValueError, KeyError, TypeError):
             pass  # corrupt or from an older format: measure again
-    table = LatencyTable.build(space, batch, length, repeats, warmup)
+    table = LatencyTable.build(space, batch, length, policy)
     atomic_write_json(path, table.to_dict())
     return table
+
+
+def _shape(latency_cfg: Any, seq_len: int) -> tuple[int, int]:
+    """``(batch, seq_len)`` of every latency of ``cfg.latency`` (``seq_len`` 0 -> the
+    ``seq_len`` argument, i.e. ``data.seq_len``)."""
+    batch = int(get_field(latency_cfg, "batch", 1, none_is_default=True))
+    length = int(get_field(latency_cfg, "seq_len", 0, none_is_default=True)) or int(seq_len)
+    return batch, length
+
+
+# ----------------------------------------------------------------------------------
+# Exported models: the prediction and the measurement that are compared
+# ----------------------------------------------------------------------------------
+
+
+def wanted(cfg: Any) -> bool:
+    """Whether a run has a latency table: ``cfg.latency.predict`` or a budget of
+    ``cfg.search.budgets`` with a latency bound (the search stage's rule)."""
+    budgets = get_field(cfg, "search.budgets", (), none_is_default=True)
+    return bool(get_field(cfg, "latency.predict", False, none_is_default=True)) or any(
+        k.endswith("latency_ms") for b in budgets for k in b)
+
+
+def table_for(cfg: Any, space: SearchSpace) -> LatencyTable | None:
+    """The run's latency table (:func:`load_or_build` with ``cfg.latency``, the table the
+    search used, from the cache) when :func:`wanted`, else None."""
+    if not wanted(cfg):
+        return None
+    return load_or_build(space, cfg.latency, int(cfg.data.seq_len))
+
+
+def predict_exported_ms(table: LatencyTable | None, space: SearchSpace,
+                        model_cfg: DenseConfig) -> float | None:
+    """(1) for an exported model AS EXPORTED: its own config's blocks, i.e. the head counts
+    after the CKA head module (``models.extract.with_heads``), not the architecture's
+    pre-CKA heads. None without a table. ValueError for a table of another space."""
+    if table is None:
+        return None
+    table._check_space(space)
+    return table.predict_config_ms(model_cfg)
+
+
+def measure_exported_ms(model: Any, latency_cfg: Any, seq_len: int, *, seed: int = 0) -> float:
+    """End-to-end latency (ms) of an exported dense model, measured like the table's parts:
+    the shape of ``cfg.latency`` and its timing policy (``TimingPolicy.from_config``),
+    :func:`~elm_jax.timing.measure_model_ms`."""
+    batch, length = _shape(latency_cfg, seq_len)
+    return timing.measure_model_ms(model, batch, length, TimingPolicy.from_config(latency_cfg),
+                                   seed=seed)
 
 
 # ----------------------------------------------------------------------------------
@@ -425,29 +495,23 @@ def load_or_build(space: SearchSpace, latency_cfg: Any, seq_len: int,
 
 
 def check(table: LatencyTable, space: SearchSpace, widths: Any, archs: Sequence[Arch], *,
-          repeats: int | None = None, warmup: int | None = None, seed: int = 0,
-          quantile: float | None = None, min_time_s: float | None = None
-          ) -> list[dict[str, Any]]:
+          policy: TimingPolicy | None = None, seed: int = 0) -> list[dict[str, Any]]:
     """Checks the table against end-to-end timing: for each arch, the dense model of
     ``dense_config(space, arch, widths)`` with random init (:func:`init_dense`) is timed
     end to end (batch and seq_len of the table; all models interleaved, see
-    :func:`measure_many`, with the table's timing settings unless given) and compared with
+    :func:`~elm_jax.timing.measure_many`, under the table's policy unless given) and compared with
     :meth:`LatencyTable.predict_ms`.
 
     Returns one row per arch: ``arch_id``, ``describe``, ``params``, ``predicted_ms``,
     ``measured_ms`` and ``rel_err = |predicted - measured| / measured``."""
-    repeats = (table.repeats or 20) if repeats is None else repeats
-    warmup = (table.warmup or 3) if warmup is None else warmup
-    quantile = table.quantile if quantile is None else quantile
-    min_time_s = table.min_time_s if min_time_s is None else min_time_s
+    policy = table.policy if policy is None else policy
     ids, mask = model_inputs(space.vocab_size, table.batch, table.seq_len, seed)
     items, preds = {}, {}
     for i, a in enumerate(archs):
         preds[i] = table.predict_ms(space, a, widths)
         model = init_dense(dense_config(space, a, widths), seed)
         items[str(i)] = model_item(model, ids, mask)
-    measured = measure_many(items, repeats, warmup, seed=seed, quantile=quantile,
-                            min_time_s=min_time_s)
+    measured = timing.measure_many(items, policy, seed=seed)
     rows = []
     for i, a in enumerate(archs):
         meas = 1e3 * measured[str(i)]
@@ -459,21 +523,23 @@ def check(table: LatencyTable, space: SearchSpace, widths: Any, archs: Sequence[
 
 
 def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-    """Summary of :func:`check` rows: ``n``, ``mean_rel_err`` and ``max_rel_err`` (of the
+    """Summary of :func:`check` rows (or any rows with ``predicted_ms``, ``measured_ms`` and
+    ``rel_err``): ``n``, ``median_rel_err``, ``mean_rel_err`` and ``max_rel_err`` (of the
     absolute relative errors) and ``mean_signed_rel_err`` (mean of (pred - meas) / meas,
     positive = the table over-predicts)."""
     if not rows:
-        return {"n": 0, "mean_rel_err": float("nan"), "max_rel_err": float("nan"),
-                "mean_signed_rel_err": float("nan")}
+        nan = float("nan")
+        return {"n": 0, "median_rel_err": nan, "mean_rel_err": nan, "max_rel_err": nan,
+                "mean_signed_rel_err": nan}
     errs = [float(r["rel_err"]) for r in rows]
     signed = [(r["predicted_ms"] - r["measured_ms"]) / r["measured_ms"] for r in rows]
-    return {"n": len(rows), "mean_rel_err": float(np.mean(errs)),
-            "max_rel_err": float(np.max(errs)),
+    return {"n": len(rows), "median_rel_err": float(np.median(errs)),
+            "mean_rel_err": float(np.mean(errs)), "max_rel_err": float(np.max(errs)),
             "mean_signed_rel_err": float(np.mean(signed))}
 
 
 __all__ = [
-    "TABLE_VERSION", "DEFAULT_QUANTILE", "DEFAULT_MIN_TIME_S", "LatencyTable",
-    "check", "summarize", "load_or_build", "space_fields",
-    "reachable_widths", "expected_block_keys", "default_latency_dir",
+    "TABLE_VERSION", "LatencyTable", "TimingPolicy", "check", "default_latency_dir",
+    "expected_block_keys", "load_or_build", "measure_exported_ms", "predict_exported_ms",
+    "reachable_widths", "space_fields", "summarize", "table_for", "wanted"
 ]

@@ -4,7 +4,8 @@ Timings on this machine are noisy (2 cores shared with other jobs), so the tests
 properties that hold whatever the noise: the table's keys, exact arithmetic of the
 prediction on a hand-made table, the cache, errors, cache keys, a ~20 ms sleep measured
 within +-50%, and an ordering of *predictions* with a wide margin (4 large blocks vs 1
-small one). No test asserts a tight timing bound.
+small one). No test asserts a tight timing bound. The export-stage tests replace the clock
+(``timing.measure_many``) with a recorder.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from elm_jax import latency
 from elm_jax.arch import Arch, LayerChoice
 from elm_jax.latency import LatencyTable
 from elm_jax.models.dense import dense_config
-from elm_jax.timing import device_fingerprint, measure, measure_model_ms
 from elm_jax.space import SearchSpace
+from elm_jax.timing import TimingPolicy, device_fingerprint, measure, measure_model_ms
 
 SEQ = 16
 
@@ -47,7 +48,7 @@ EXPECTED_KEYS = {(f, w, h) for f, ws in (("bert", (16, 32, 40)), ("mobilebert", 
 
 def lat_cfg(cache_dir: str = "") -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(batch=1, seq_len=0, repeats=7, warmup=1,
-                                          cache_dir=cache_dir))
+                                          cache_dir=cache_dir, min_time_s=0.0))
 
 
 @pytest.fixture(scope="module")
@@ -62,14 +63,14 @@ def built(tmp_path_factory):
     return space, table, cache
 
 
-def hand_table(space: SearchSpace) -> LatencyTable:
+def hand_table(space: SearchSpace, seq_len: int = SEQ, **timing_fields) -> LatencyTable:
     """Integer-valued parts (exact in floating point): block (f, w, h) costs
     1000 * family index + w + h / 4."""
     blocks = {(f, w, h): 1000.0 * (f == "mobilebert") + w + h / 4
               for f, w, h in latency.expected_block_keys(space)}
     return LatencyTable(device=device_fingerprint(), space=latency.space_fields(space),
-                        batch=1, seq_len=SEQ, embedding_ms=3.0, head_ms=5.0,
-                        blocks_ms=blocks, overhead_ms=-0.5)
+                        batch=1, seq_len=seq_len, embedding_ms=3.0, head_ms=5.0,
+                        blocks_ms=blocks, overhead_ms=-0.5, **timing_fields)
 
 
 def test_table_has_exactly_the_expected_blocks(built):
@@ -179,7 +180,8 @@ def test_check_rows(built):
     rng = np.random.default_rng(3)
     archs = [space.sample(rng) for _ in range(2)]
     widths = space.max_widths()
-    rows = latency.check(table, space, widths, archs, repeats=5, warmup=1)
+    rows = latency.check(table, space, widths, archs,
+                         policy=TimingPolicy(repeats=5, warmup=1, min_time_s=0.0))
     assert [r["arch_id"] for r in rows] == [a.arch_id for a in archs]
     for r, a in zip(rows, archs):
         assert r["predicted_ms"] == table.predict_ms(space, a, widths)
@@ -188,6 +190,127 @@ def test_check_rows(built):
             abs(r["predicted_ms"] - r["measured_ms"]) / r["measured_ms"])
     s = latency.summarize(rows)
     assert s["n"] == 2 and s["max_rel_err"] >= s["mean_rel_err"] >= 0
+    assert s["max_rel_err"] >= s["median_rel_err"] >= 0
     from elm_jax.models.dense import init_dense
     model = init_dense(dense_config(space, archs[0], widths))
-    assert measure_model_ms(model, 1, SEQ, repeats=3, warmup=1) > 0
+    assert measure_model_ms(model, 1, SEQ, TimingPolicy(repeats=3, warmup=1, min_time_s=0)) > 0
+
+
+def test_policy_is_read_from_the_config_and_stored_in_the_table(built, tmp_path):
+    space, table, cache = built
+    assert table.policy == TimingPolicy.from_config(lat_cfg()) == TimingPolicy(
+        repeats=7, warmup=1, quantile=0.0, min_time_s=0.0)
+    assert TimingPolicy.from_config({}) == TimingPolicy()       # partial configs: the defaults
+    # a cached table measured under another policy is measured again
+    other = lat_cfg(str(cache))
+    other.quantile = 0.5
+    fake = hand_table(space, quantile=0.5, repeats=7, warmup=1, min_time_s=0.0)
+    with mock.patch.object(LatencyTable, "build", return_value=fake) as build:
+        assert latency.load_or_build(space, other, SEQ, cache_dir=tmp_path) == fake
+        assert build.call_args.args[3] == TimingPolicy(repeats=7, warmup=1, quantile=0.5,
+                                                       min_time_s=0.0)
+    with pytest.raises(ValueError, match="quantile"):
+        TimingPolicy(quantile=1.5)
+
+
+# ----------------------------------------------------------------------------------
+# The export stage: predicted and measured latency of the model AS EXPORTED
+# ----------------------------------------------------------------------------------
+
+SEARCH_PREDICTION = 123.0   # what the search "predicted" (pre-CKA): must not be reported as such
+
+
+class RecordingClock:
+    """Stands in for ``timing.measure_many``: records the timing settings of every call (either
+    signature, the policy object or the old separate arguments) and returns 1 ms per item."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, items, *args, **kw):
+        pol = kw.get("policy", args[0] if args else None)
+        if hasattr(pol, "quantile"):
+            got = (pol.repeats, pol.warmup, pol.quantile, pol.min_time_s, pol.rewarm)
+        else:
+            rep, warm = (list(args) + [kw.get("repeats"), kw.get("warmup")])[:2]
+            got = (rep, warm, kw.get("quantile", 0.5), kw.get("min_time_s", 0.0),
+                   kw.get("rewarm", 1))
+        self.calls.append((sorted(items), got))
+        return {name: 1e-3 for name in items}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """The export stage (CKA heads on, a threshold that merges every head) run on a random-init
+    supernet with a hand-made latency table in the cache and a recording clock."""
+    from elm_jax.config import load_config
+    from elm_jax.data.prepare import prepare_data
+    from elm_jax.models.elastic import init_supernet
+    from elm_jax.models.io import save_supernet
+    from elm_jax.stages.export import run as run_export
+    from elm_jax.stages.supernet import space_of
+
+    cfg = load_config("configs/mlm.py:test")
+    root = tmp_path_factory.mktemp("export_latency")
+    cfg.latency.update(predict=True, cache_dir=str(root / "cache"), repeats=4, warmup=1)
+    cfg.export.update(baselines=(), measure_latency=True, cka_heads=True, cka_threshold=1e-9)
+    data = prepare_data(cfg)
+    space = space_of(cfg, data.tokenizer.vocab_size)
+    assert len(space.head_choices) > 1
+    net, widths = init_supernet(space, seed=3), space.max_widths()
+    arch = Arch(tuple(LayerChoice(space.families[0], 0, space.base_heads, True)
+                      for _ in range(space.layers)))
+    seq = cfg.latency.seq_len or cfg.data.seq_len
+    lc = cfg.latency
+    table = hand_table(space, seq, repeats=lc.repeats, warmup=lc.warmup, **_stat(lc))
+    path = root / "cache" / f"latency-{LatencyTable.key(space, lc.batch, seq)}.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(table.to_dict()))
+    wd = root / "wd"
+    save_supernet(wd / "supernet" / "final", net, widths, [])
+    (wd / "search").mkdir()
+    (wd / "search" / "result.json").write_text(json.dumps({"budgets": {"small": {
+        "arch": arch.to_dict(), "score": 1.0, "latency_ms": SEARCH_PREDICTION}}}))
+    clock = RecordingClock()
+    with mock.patch("elm_jax.timing.measure_many", clock):
+        run_export(cfg, wd, data)
+    info = json.loads((wd / "export" / "small" / "arch.json").read_text())
+    return cfg, space, widths, arch, table, info, clock
+
+
+@pytest.mark.fidelity
+def test_export_predicts_the_model_as_exported(exported):
+    """predicted_latency_ms is the table's prediction for the post-CKA head counts (computed
+    here from the architecture with those heads), not the search's pre-CKA number."""
+    _, space, widths, arch, table, info, _ = exported
+    post = [r["new_heads"] for r in info["cka_heads"]]
+    assert post == info["heads"] and post != [lc.heads for lc in arch.layers]  # CKA merged heads
+    post_arch = Arch(tuple(LayerChoice(lc.family, lc.candidate, h, lc.active)
+                           for lc, h in zip(arch.layers, post)))
+    expected = table.predict_ms(space, post_arch, widths)
+    assert expected != table.predict_ms(space, arch, widths)
+    assert info["predicted_latency_ms"] == expected
+    assert info["search_predicted_latency_ms"] == SEARCH_PREDICTION
+    assert info["measured_latency_ms"] == pytest.approx(1.0)   # the recording clock's 1 ms
+
+
+@pytest.mark.fidelity
+def test_table_and_export_measurement_use_one_policy(exported, tmp_path):
+    """The export stage's end-to-end measurement and a table build from the same cfg.latency
+    call the clock with the same repeats, warm-up, quantile, least time and re-warm calls."""
+    cfg, space, _, _, _, _, export_clock = exported
+    (names, export_settings), = export_clock.calls          # one call: the exported model
+    assert names == ["model"]
+    clock = RecordingClock()
+    with mock.patch("elm_jax.timing.measure_many", clock):
+        latency.load_or_build(space, cfg.latency, cfg.data.seq_len, cache_dir=tmp_path)
+    (names, table_settings), = clock.calls
+    assert "embedding" in names and "model:0" in names
+    assert export_settings == table_settings
+    lc = cfg.latency
+    assert table_settings == (lc.repeats, lc.warmup, *_stat(lc).values(), 1)
+
+
+def _stat(lc) -> dict:
+    """The statistic of ``cfg.latency`` (the table's defaults where the config has none)."""
+    return {"quantile": lc.get("quantile", 0.0), "min_time_s": lc.get("min_time_s", 2.0)}

@@ -163,12 +163,14 @@ def _export_one(cfg, data, net, batches, search, out: Path, item: _Item, main: b
         heads_report = cka_head_counts(model, batches, cfg.export.cka_threshold,
                                        tuple(space.head_choices))
         model = with_heads(model, [r["new_heads"] for r in heads_report])
+    # Latency of the model AS EXPORTED (post-CKA heads), predicted by the run's table and measured
+    # under the table's own timing policy (cfg.latency); the search's pre-CKA figure is kept apart.
+    from elm_jax import latency
+
     measured = None
     if cfg.export.measure_latency:
-        from elm_jax.timing import measure_model_ms
-
-        lc = cfg.latency
-        measured = measure_model_ms(model, lc.batch, lc.seq_len or cfg.data.seq_len, lc.repeats, lc.warmup)
+        measured = latency.measure_exported_ms(model, cfg.latency, cfg.data.seq_len)
+    predicted = latency.predict_exported_ms(latency.table_for(cfg, space), space, model.cfg)
     info = {
         "budget": name, "kind": kind, "family": item.family, "param_gap": item.param_gap,
         "arch": arch.to_dict(), "arch_id": arch.arch_id,
@@ -178,7 +180,8 @@ def _export_one(cfg, data, net, batches, search, out: Path, item: _Item, main: b
         "cka_heads": heads_report,
         "params": count_params(space, arch, widths),
         "flops": count_flops(space, arch, widths, cfg.data.seq_len),
-        "predicted_latency_ms": entry.get("latency_ms"),
+        "predicted_latency_ms": predicted,
+        "search_predicted_latency_ms": entry.get("latency_ms"),
         "measured_latency_ms": measured,
         "search_score": entry.get("score"),
         "config": cfg.to_dict(),

@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from elm_jax import latency as latency_lib
 from elm_jax.arch import Arch
 from elm_jax.distributed import is_main_process
 from elm_jax.fileio import atomic_write_json
@@ -78,11 +79,8 @@ def run(cfg: Any, workdir: str | os.PathLike, data: Any,
         raise SearchError(f"the supernet in {final} is a {space.task!r} model but config.task is "
                           f"{cfg.task!r}")
     seq_len = int(cfg.data.seq_len)
-    wants_latency = any(k.endswith("latency_ms") for b in budgets for k in b)
-    if latency_fn is None and (wants_latency or cfg.latency.predict):
-        from elm_jax.latency import load_or_build
-
-        table = load_or_build(space, cfg.latency, seq_len)
+    if latency_fn is None and latency_lib.wanted(cfg):  # latency bounds or latency.predict
+        table = latency_lib.load_or_build(space, cfg.latency, seq_len)
         latency_fn = lambda arch: table.predict_ms(space, arch, widths)  # noqa: E731
     constraints = [Constraints.from_budget(b, space, widths, seq_len, latency_fn) for b in budgets]
     for c in constraints:
