@@ -471,7 +471,7 @@ def table_for(cfg: Any, space: SearchSpace) -> LatencyTable | None:
 
 def predict_exported_ms(table: LatencyTable | None, space: SearchSpace,
                         model_cfg: DenseConfig) -> float | None:
-    """(1) for an exported model AS EXPORTED: its own config's blocks, i.e. the head counts
+    """Predicted latency (ms) of an exported model AS EXPORTED: its own config's blocks, i.e. the head counts
     after the CKA head module (``models.extract.with_heads``), not the architecture's
     pre-CKA heads. None without a table. ValueError for a table of another space."""
     if table is None:

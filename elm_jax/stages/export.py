@@ -5,7 +5,10 @@ For every budget of ``search/result.json`` the found architecture is extracted f
 (:func:`elm_jax.models.extract.extract`), the CKA head module is applied
 (:func:`elm_jax.dynamic.cka_head_counts`, ``export.cka_heads``, on search-split batches), its
 latency is measured (``export.measure_latency``) and it is written to ``WORKDIR/export/<budget>/``
-(a model directory of :mod:`elm_jax.models.io` with ``orbax/``, ``arch.json`` and the tokenizer).
+(a model directory of :mod:`elm_jax.models.io` with ``orbax/``, ``arch.json`` and the tokenizer);
+``predicted_latency_ms`` is the latency table's prediction for the model as exported (post-CKA
+heads), measured under the same timing policy (:mod:`elm_jax.latency`), and
+``search_predicted_latency_ms`` the search's figure for the pre-CKA architecture.
 For each family of ``export.baselines`` the uniform baselines of :mod:`elm_jax.search.baselines`,
 chosen under every bound of the budget, go to ``WORKDIR/export/<budget>_largest_<family>/``
 (the largest that fits) and ``WORKDIR/export/<budget>_matched_<family>/`` (nearest in parameters
@@ -24,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from elm_jax import latency
 from elm_jax.accounting import count_flops, count_params
 from elm_jax.arch import FAMILY_INDEX
 from elm_jax.distributed import is_main_process
@@ -120,12 +124,10 @@ def run(cfg, workdir: str | os.PathLike, data) -> dict[str, Any]:
     # the CKA head module chooses head counts: from the search split, never the validation split
     # on which the exported models are then compared
     batches = [data.search.global_batch(k) for k in range(min(2, len(data.search)))]
-    latency_for = None
-    if any(k.endswith("latency_ms") for b in cfg.search.budgets for k in b):
-        from elm_jax.latency import load_or_build
-
-        table = load_or_build(space, cfg.latency, int(cfg.data.seq_len))
-        latency_for = lambda w: (lambda a: table.predict_ms(space, a, w))
+    # the search's latency table (None without latency bounds or latency.predict): it bounds the
+    # baselines like the search and predicts every exported model as exported
+    table = latency.table_for(cfg, space)
+    latency_for = None if table is None else (lambda w: (lambda a: table.predict_ms(space, a, w)))
     items = _items(cfg, space, widths, search, latency_for)
     main = is_main_process()
     result = {}
@@ -139,17 +141,17 @@ def run(cfg, workdir: str | os.PathLike, data) -> dict[str, Any]:
         if info is not None:
             print(f"[export] {item.out_name} ({item.kind}): complete already: {out}")
         else:
-            info = _export_one(cfg, data, net, batches, search, out, item, main)
+            info = _export_one(cfg, data, net, batches, search, table, out, item, main)
         result[item.out_name] = {k: info.get(k) for k in (
             "budget", "kind", "family", "arch_id", "describe", "params", "param_gap", "flops", "heads",
-            "predicted_latency_ms", "measured_latency_ms")}
+            "predicted_latency_ms", "search_predicted_latency_ms", "measured_latency_ms")}
         result[item.out_name]["path"] = os.fspath(out)
     if main:
         atomic_write_json(done_path, result)
     return result
 
 
-def _export_one(cfg, data, net, batches, search, out: Path, item: _Item, main: bool) -> dict[str, Any]:
+def _export_one(cfg, data, net, batches, search, table, out: Path, item: _Item, main: bool) -> dict[str, Any]:
     """Extracts ``item`` (CKA heads for a found model), measures it and writes its model
     directory atomically; returns its arch.json record."""
     from elm_jax.models.extract import extract
@@ -165,12 +167,10 @@ def _export_one(cfg, data, net, batches, search, out: Path, item: _Item, main: b
         model = with_heads(model, [r["new_heads"] for r in heads_report])
     # Latency of the model AS EXPORTED (post-CKA heads), predicted by the run's table and measured
     # under the table's own timing policy (cfg.latency); the search's pre-CKA figure is kept apart.
-    from elm_jax import latency
-
     measured = None
     if cfg.export.measure_latency:
         measured = latency.measure_exported_ms(model, cfg.latency, cfg.data.seq_len)
-    predicted = latency.predict_exported_ms(latency.table_for(cfg, space), space, model.cfg)
+    predicted = latency.predict_exported_ms(table, space, model.cfg)
     info = {
         "budget": name, "kind": kind, "family": item.family, "param_gap": item.param_gap,
         "arch": arch.to_dict(), "arch_id": arch.arch_id,
