@@ -15,7 +15,7 @@ divisor of the attention width (:func:`reduced_head_count`). :func:`layer_head_c
 mean off-diagonal CKA per layer of a traced architecture, for logging during supernet
 training. :func:`cka_matrix` is the same CKA between several representations of the same rows
 (e.g. tokens), used for the candidate blocks' contributions
-(:func:`elm_jax.models.elastic.block_cka`).
+(:func:`block_cka`).
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ import numpy as np
 
 from elm_jax.arch import FAMILY_INDEX, NUM_FAMILIES, ArchArrays, family_branch
 from elm_jax.models.dense import DenseLM
+from elm_jax.models.elastic import BLOCK_FNS, Supernet
+from elm_jax.models.layers import attention_mask
 
 # Variance share a block's FFN pre-activation must exceed (DESIGN §1.2).
 ETA: dict[str, float] = {"bert": 0.99, "mobilebert": 0.9}
@@ -285,7 +287,8 @@ def cka_matrix(feats_CxNxD: jax.Array, weights_N: jax.Array | None = None) -> ja
     """
     z = jnp.asarray(feats_CxNxD, jnp.float32)
     _, n, d = z.shape
-    w = jnp.ones((n,), jnp.float32) if weights_N is None else (jnp.asarray(weights_N) != 0).astype(jnp.float32)
+    w = (jnp.ones((n,), jnp.float32) if weights_N is None
+         else (jnp.asarray(weights_N) != 0).astype(jnp.float32))
     mean = jnp.einsum("cnd,n->cd", z, w, precision=_HIGHEST) / jnp.maximum(jnp.sum(w), 1.0)
     zc = (z - mean[:, None, :]) * w[None, :, None]
     if d < n:
@@ -435,8 +438,6 @@ def cka_head_counts(model: DenseLM, batches: list[dict], threshold: float = 0.9,
     """DESIGN §1.3 on a dense model: per layer, linear CKA between its heads' contexts over the
     given batches' examples; heads ``k > j`` with ``CKA(j, k) > threshold`` are redundant and the
     new head count is the number of non-redundant heads reduced to a divisor of the width."""
-    from elm_jax.dynamic import head_cka_matrix, mean_offdiag_cka, reduced_head_count
-
     ctxs = [model(b["inputs"], b["mask"], b["segment_ids"], return_internals=True).head_ctx
             for b in batches]
     out = []
@@ -450,3 +451,75 @@ def cka_head_counts(model: DenseLM, batches: list[dict], threshold: float = 0.9,
         out.append({"layer": i, "heads": spec.heads, "new_heads": min(new, spec.heads),
                     "mean_offdiag_cka": mean_offdiag_cka(cka)})
     return out
+
+
+# ----------------------------------------------------------------------------------
+# Block CKA: how alike the candidate blocks of a layer compute (logged by the supernet stage)
+# ----------------------------------------------------------------------------------
+
+def block_cka_matrix(net: Supernet, embedding: jax.Array, block_outs_L: jax.Array,
+                     widths: jax.Array, mask_BxS: jax.Array | None = None) -> jax.Array:
+    """Per layer, the linear CKA between the *contributions* of every pair of candidate blocks.
+
+    At layer ``l`` every candidate block on the menu (every family in ``net.families`` order,
+    candidates ``0 .. T-1`` within each: index ``i = family position * T + candidate``), at its
+    current width (``widths``, the ``[L, 2, T]`` widths state) and the full base head count,
+    runs on the same input ``x_l``: the layer's input under the sampled architecture (the
+    embedding for layer 0, else ``block_outs_L[l - 1]``). Its contribution is what it adds to
+    the residual stream, ``C_i = block_i(x_l) - x_l``, an ``[N, H]`` matrix over the ``N`` real
+    (``mask == 1``) tokens. With ``Cc_i`` = ``C_i`` with its columns centred over those tokens::
+
+        CKA_l[i, j] = ||Cc_j^T Cc_i||_F^2 / (||Cc_i^T Cc_i||_F ||Cc_j^T Cc_j||_F)
+
+    (:func:`cka_matrix`). It is 1 when two candidates' contributions are the
+    same up to a rotation and an isotropic scale (e.g. shared weights at the same width) and
+    near 0 when they are unrelated; it compares the structure of what the candidates add over
+    the tokens, not its size. The input ``x_l`` that every output carries through the residual
+    connection is subtracted, so it does not count as similarity (an uncentred cosine between
+    the outputs ``block_i(x_l)`` is close to 1 whenever ``x_l`` dominates them, whatever the
+    candidates compute). Caveat: a post-LN BERT block's output is a LayerNorm of
+    ``x_l + update``, not ``x_l + update``, so its contribution also holds LayerNorm's change
+    of ``x_l``, which is partly common to all BERT candidates.
+
+    Returns:
+      float32 ``[L, C, C]`` with ``C = len(net.families) * T``; symmetric, ones on the diagonal
+      (0 for a candidate whose contribution has no variance).
+    """
+    space, t = net.space, net.template
+    amask = attention_mask(mask_BxS, embedding.shape[1], t.causal)
+    tok = (None if mask_BxS is None else jnp.asarray(mask_BxS).reshape(-1))
+    inputs = jnp.concatenate([embedding[None], block_outs_L[:-1]], axis=0)  # [L, B, S, H]
+    stacked = {f: {k: v[...] for k, v in net.blocks[f].p.items()} for f in net.families}
+    heads = jnp.asarray(space.base_heads, jnp.int32)
+    widths = jnp.asarray(widths, jnp.int32)
+
+    def layer(carry, xs):
+        x, p_all, w = xs  # [B, S, H], {family: {name: [T, ...]}}, [2, T]
+        contribs = []
+        for f in net.families:
+            def one(p, width, f=f):
+                y = BLOCK_FNS[f](p, x, amask, width, heads, space.base_heads, t.ln_eps)[0]
+                return y.astype(jnp.float32) - x.astype(jnp.float32)
+            contribs.append(jax.vmap(one)(p_all[f], w[FAMILY_INDEX[f]]))  # [T, B, S, H]
+        c = jnp.concatenate(contribs)
+        return carry, cka_matrix(c.reshape(c.shape[0], -1, c.shape[-1]), tok)
+
+    _, cka = jax.lax.scan(layer, None, (inputs, stacked, widths))
+    return cka
+
+
+def mean_offdiag(cka_LxCxC: jax.Array) -> jax.Array:
+    """``sum_{i != j} CKA[..., i, j] / (C (C - 1))`` over the last two axes (NaN for ``C < 2``)."""
+    c = cka_LxCxC.shape[-1]
+    off = jnp.sum(cka_LxCxC, axis=(-2, -1)) - jnp.trace(cka_LxCxC, axis1=-2, axis2=-1)
+    return off / (c * (c - 1)) if c > 1 else jnp.full(off.shape, jnp.nan, jnp.float32)
+
+
+def block_cka(net: Supernet, embedding: jax.Array, block_outs_L: jax.Array,
+              widths: jax.Array, mask_BxS: jax.Array | None = None) -> jax.Array:
+    """Per layer, the mean off-diagonal :func:`block_cka_matrix`: the mean linear CKA between
+    the contributions ``block_i(x_l) - x_l`` of every pair of distinct candidate blocks on the
+    same input. Higher = the candidates compute more alike functions (1: all the same up to
+    rotation and scale); lower = more distinguishable, which the relational distillation loss
+    is meant to protect (DESIGN §1.4). Float32 ``[L]``."""
+    return mean_offdiag(block_cka_matrix(net, embedding, block_outs_L, widths, mask_BxS))

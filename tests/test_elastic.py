@@ -17,7 +17,8 @@ from elm_jax.data.arch_batches import ArchBatches, FixedArchBatches, arch_rows
 from elm_jax.engine import sharding
 from elm_jax.lm import supernet_lm_fns
 from elm_jax.models.dense import count_params
-from elm_jax.models.elastic import FAMILY_PARAMS, _pkey, block_cka, block_cka_matrix, init_supernet
+from elm_jax.dynamic import block_cka, block_cka_matrix
+from elm_jax.models.elastic import FAMILY_PARAMS, _pkey, init_supernet
 from elm_jax.models.extract import extract
 from elm_jax.models.layers import attention_mask
 from elm_jax.space import SearchSpace

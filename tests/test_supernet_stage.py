@@ -11,7 +11,7 @@ from elm_jax.data.arch_batches import ArchBatches, local_arch
 from elm_jax.data.prepare import prepare_data
 from elm_jax.engine import sharding
 from elm_jax.engine.sharding import BATCH_AXES
-from elm_jax.models.elastic import block_cka
+from elm_jax.dynamic import block_cka
 from elm_jax.models.extract import extract
 from elm_jax.models.io import flat_params as _flat
 from elm_jax.models.io import load_supernet

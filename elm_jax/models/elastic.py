@@ -31,7 +31,6 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from elm_jax.arch import FAMILY_INDEX, ArchArrays, family_branch
-from elm_jax.dynamic import cka_matrix
 from elm_jax.models import layers
 from elm_jax.models.dense import FAMILY_ACT, CLMHead, MLMHead, dense_config
 from elm_jax.models.layers import MASK_VALUE, FactorizedEmbedding
@@ -274,71 +273,3 @@ class Supernet(nnx.Module):
 
 def init_supernet(space: SearchSpace, seed: int = 0, **kw) -> Supernet:
     return Supernet(space, rngs=nnx.Rngs(params=seed), **kw)
-
-
-def block_cka_matrix(net: Supernet, embedding: jax.Array, block_outs_L: jax.Array,
-                     widths: jax.Array, mask_BxS: jax.Array | None = None) -> jax.Array:
-    """Per layer, the linear CKA between the *contributions* of every pair of candidate blocks.
-
-    At layer ``l`` every candidate block on the menu (every family in ``net.families`` order,
-    candidates ``0 .. T-1`` within each: index ``i = family position * T + candidate``), at its
-    current width (``widths``, the ``[L, 2, T]`` widths state) and the full base head count,
-    runs on the same input ``x_l``: the layer's input under the sampled architecture (the
-    embedding for layer 0, else ``block_outs_L[l - 1]``). Its contribution is what it adds to
-    the residual stream, ``C_i = block_i(x_l) - x_l``, an ``[N, H]`` matrix over the ``N`` real
-    (``mask == 1``) tokens. With ``Cc_i`` = ``C_i`` with its columns centred over those tokens::
-
-        CKA_l[i, j] = ||Cc_j^T Cc_i||_F^2 / (||Cc_i^T Cc_i||_F ||Cc_j^T Cc_j||_F)
-
-    (:func:`elm_jax.dynamic.cka_matrix`). It is 1 when two candidates' contributions are the
-    same up to a rotation and an isotropic scale (e.g. shared weights at the same width) and
-    near 0 when they are unrelated; it compares the structure of what the candidates add over
-    the tokens, not its size. The input ``x_l`` that every output carries through the residual
-    connection is subtracted, so it does not count as similarity (an uncentred cosine between
-    the outputs ``block_i(x_l)`` is close to 1 whenever ``x_l`` dominates them, whatever the
-    candidates compute). Caveat: a post-LN BERT block's output is a LayerNorm of
-    ``x_l + update``, not ``x_l + update``, so its contribution also holds LayerNorm's change
-    of ``x_l``, which is partly common to all BERT candidates.
-
-    Returns:
-      float32 ``[L, C, C]`` with ``C = len(net.families) * T``; symmetric, ones on the diagonal
-      (0 for a candidate whose contribution has no variance).
-    """
-    space, t = net.space, net.template
-    amask = layers.attention_mask(mask_BxS, embedding.shape[1], t.causal)
-    tok = (None if mask_BxS is None else jnp.asarray(mask_BxS).reshape(-1))
-    inputs = jnp.concatenate([embedding[None], block_outs_L[:-1]], axis=0)  # [L, B, S, H]
-    stacked = {f: {k: v[...] for k, v in net.blocks[f].p.items()} for f in net.families}
-    heads = jnp.asarray(space.base_heads, jnp.int32)
-    widths = jnp.asarray(widths, jnp.int32)
-
-    def layer(carry, xs):
-        x, p_all, w = xs  # [B, S, H], {family: {name: [T, ...]}}, [2, T]
-        contribs = []
-        for f in net.families:
-            def one(p, width, f=f):
-                y = BLOCK_FNS[f](p, x, amask, width, heads, space.base_heads, t.ln_eps)[0]
-                return y.astype(jnp.float32) - x.astype(jnp.float32)
-            contribs.append(jax.vmap(one)(p_all[f], w[FAMILY_INDEX[f]]))  # [T, B, S, H]
-        c = jnp.concatenate(contribs)
-        return carry, cka_matrix(c.reshape(c.shape[0], -1, c.shape[-1]), tok)
-
-    _, cka = jax.lax.scan(layer, None, (inputs, stacked, widths))
-    return cka
-
-
-def mean_offdiag(cka_LxCxC: jax.Array) -> jax.Array:
-    """``sum_{i != j} CKA[..., i, j] / (C (C - 1))`` over the last two axes (NaN for ``C < 2``)."""
-    c = cka_LxCxC.shape[-1]
-    off = jnp.sum(cka_LxCxC, axis=(-2, -1)) - jnp.trace(cka_LxCxC, axis1=-2, axis2=-1)
-    return off / (c * (c - 1)) if c > 1 else jnp.full(off.shape, jnp.nan, jnp.float32)
-
-
-def block_cka(net: Supernet, embedding: jax.Array, block_outs_L: jax.Array,
-              widths: jax.Array, mask_BxS: jax.Array | None = None) -> jax.Array:
-    """Per layer, the mean off-diagonal :func:`block_cka_matrix`: the mean linear CKA between
-    the contributions ``block_i(x_l) - x_l`` of every pair of distinct candidate blocks on the
-    same input. Higher = the candidates compute more alike functions (1: all the same up to
-    rotation and scale); lower = more distinguishable, which the relational distillation loss
-    is meant to protect (DESIGN §1.4). Float32 ``[L]``."""
-    return mean_offdiag(block_cka_matrix(net, embedding, block_outs_L, widths, mask_BxS))

@@ -16,7 +16,7 @@ decay on weight matrices and embeddings only). Every ``calc_every`` steps the PC
 of the sampled architectures' FFNs is accumulated per (layer, family, candidate), and the mean
 off-diagonal head CKA per layer (``cka/layer{l}``) and the mean CKA between the candidate blocks'
 contributions on the same input (``block_cka/layer{l}``,
-:func:`elm_jax.models.elastic.block_cka`; higher = the candidates are more alike) are logged; at
+:func:`elm_jax.dynamic.block_cka`; higher = the candidates are more alike) are logged; at
 every epoch end but the last step the top ``num_add`` candidates by mean ``k`` widen by ``f0``
 (DESIGN §1.2). Widths,
 the accumulated statistics and the growth history are saved with every checkpoint, so a
@@ -51,13 +51,12 @@ from elm_jax.config import ConfigError
 from elm_jax.data.arch_batches import ArchBatches, FixedArchBatches, local_arch
 from elm_jax.data.prepare import DataBundle
 from elm_jax.distributed import is_main_process
-from elm_jax.dynamic import PCAAccumulator, grow_widths, layer_head_cka, layer_pca_stats
+from elm_jax.dynamic import PCAAccumulator, block_cka, grow_widths, layer_head_cka, layer_pca_stats
 from elm_jax.engine import sharding
 from elm_jax.engine.sharding import BATCH_AXES
 from elm_jax.fileio import atomic_write_json
 from elm_jax.lm import load_teacher
 from elm_jax.models.dense import DenseLM
-from elm_jax.models.elastic import block_cka
 from elm_jax.models.io import save_supernet
 from elm_jax.space import SearchSpace
 from elm_jax.students import supernet_trainer
