@@ -331,7 +331,8 @@ def build_report(workdir: str | os.PathLike, plots: bool = True) -> str:
         lines += [""]
     if "teacher" in evaluate:
         t = evaluate["teacher"]
-        gain = "" if t.get("gain_nats") is None else f" (gain {_gain(t)} nats)"
+        g = t.get("gain_nats")
+        gain = "" if g is None else f" (gain {fmt(g)} nats{'' if g > 0 else ': no gain'})"
         lines += [(f"Teacher: {fmt(t.get('params'))} parameters, validation loss {fmt(t.get('loss'))}{gain}, "
                    f"perplexity {fmt(t.get('perplexity'))}."), ""]
     elif teacher:
