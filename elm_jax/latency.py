@@ -371,10 +371,11 @@ class LatencyTable:
         ``embedding + sum over active layers of block[family, width, heads] + head +
         overhead``. ValueError if the table was built for a space whose relevant fields
         differ, or if a width is not in the table."""
-        self._check_space(space)
+        self.check_space(space)
         return self.predict_config_ms(dense_config(space, arch, widths))
 
-    def _check_space(self, space: SearchSpace) -> None:
+    def check_space(self, space: SearchSpace) -> None:
+        """ValueError naming the differing fields when the table was built for another space."""
         fields = space_fields(space)
         if fields != self.space:
             diff = sorted(k for k in set(fields) | set(self.space)
@@ -471,12 +472,12 @@ def table_for(cfg: Any, space: SearchSpace) -> LatencyTable | None:
 
 def predict_exported_ms(table: LatencyTable | None, space: SearchSpace,
                         model_cfg: DenseConfig) -> float | None:
-    """Predicted latency (ms) of an exported model AS EXPORTED: its own config's blocks, i.e. the head counts
-    after the CKA head module (``models.extract.with_heads``), not the architecture's
-    pre-CKA heads. None without a table. ValueError for a table of another space."""
+    """Predicted latency (ms) of an exported model AS EXPORTED: its own config's blocks, i.e.
+    the head counts after the CKA head module (``models.extract.with_heads``), not the
+    architecture's pre-CKA heads. None without a table. ValueError for a table of another space."""
     if table is None:
         return None
-    table._check_space(space)
+    table.check_space(space)
     return table.predict_config_ms(model_cfg)
 
 

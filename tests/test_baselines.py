@@ -120,7 +120,7 @@ def test_export_stage_writes_both_baselines_under_the_latency_bound(setup, tmp_p
     (plo, phi) = reachable_ranges(space, widths, seq)["params"]
     ms = lambda a, w: 1e-4 * float(_size(net, a, w))
     # a stand-in for this device's latency table (a real one is measured): latency ~ size
-    table = SimpleNamespace(predict_ms=lambda sp, a, w: ms(a, w), _check_space=lambda sp: None,
+    table = SimpleNamespace(predict_ms=lambda sp, a, w: ms(a, w), check_space=lambda sp: None,
                             predict_config_ms=lambda model_cfg: None)
     monkeypatch.setattr(latency_lib, "load_or_build", lambda *a, **k: table)
     bound = 1e-4 * (plo + 0.4 * (phi - plo))
