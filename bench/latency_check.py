@@ -32,7 +32,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from report_util import machine, markdown_table  # bench/ is the script directory (on sys.path)
+from report_util import machine, markdown_table, replace_section  # bench/ is the script directory (on sys.path)
 
 from elm_jax import config as config_lib
 from elm_jax import latency
@@ -146,20 +146,6 @@ def render(res: dict) -> str:
                          rows) + "\n")
 
 
-def write_section(path: str, text: str) -> None:
-    """Replaces the ``### TITLE`` section of ``path`` (or the section this script wrote under
-    an older title; up to the next ``### ``) with ``text``, or appends it."""
-    old = Path(path).read_text() if Path(path).is_file() else ""
-    starts = [i for i in (old.find(f"\n### {t}") for t in (TITLE, *OLD_TITLES)) if i >= 0]
-    start = min(starts, default=-1)
-    if start < 0:
-        new = old.rstrip("\n") + "\n" + text
-    else:
-        end = old.find("\n### ", start + 1)
-        new = old[:start] + text + (old[end:] if end >= 0 else "")
-    Path(path).write_text(new)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="configs/mlm.py:demo")
@@ -185,7 +171,7 @@ def main() -> None:
         atomic_write_json(args.result, res)
     text = render(res)
     print(text)
-    write_section(args.out, text)
+    replace_section(args.out, (TITLE, *OLD_TITLES), text)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+from pathlib import Path
 from typing import Sequence
 
 import jax
@@ -28,3 +29,18 @@ def append_section(path: str, title: str, command: str, body: str, extra: str = 
     with open(path, "a") as f:
         f.write(f"\n### {title} ({datetime.date.today().isoformat()})\n\nCommand: `{command}`  \n"
                 f"Machine: {machine()}" + (f"  \n{extra}" if extra else "") + f"\n\n{body}\n")
+
+
+def replace_section(path: str, titles: Sequence[str], text: str) -> None:
+    """Replaces the ``### <title>`` section of ``path`` for the first of ``titles`` found (the
+    current title first, then titles the same script wrote before), up to the next ``### ``,
+    with ``text``; appends ``text`` when there is none."""
+    old = Path(path).read_text() if Path(path).is_file() else ""
+    starts = [i for i in (old.find(f"\n### {t}") for t in titles) if i >= 0]
+    start = min(starts, default=-1)
+    if start < 0:
+        new = old.rstrip("\n") + "\n" + text
+    else:
+        end = old.find("\n### ", start + 1)
+        new = old[:start] + text + (old[end:] if end >= 0 else "")
+    Path(path).write_text(new)

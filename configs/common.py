@@ -114,6 +114,8 @@ def base_config(task: str, variant: str) -> ml_collections.ConfigDict:
 
     # Evolutionary search (DESIGN §1.6) under budgets; each budget is a dict of optional
     # min_/max_ params, flops (per sequence of data.seq_len) and latency_ms (predicted).
+    # Bounds are non-negative numbers; max_<q>=float('inf') means no upper bound (as if left
+    # out), an infinite minimum or NaN is refused. Every other float setting must be finite.
     c.search = ml_collections.ConfigDict(dict(
         population=16,
         generations=4,

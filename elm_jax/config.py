@@ -2,15 +2,25 @@
 
 ``validate(config, stages)`` raises ``ConfigError`` whose message starts with the dotted field
 (``config.data.seq_len: ...``) and says what is allowed.
+
+One rule covers every float of the config, whatever stages run: :func:`check_finite` walks the
+whole ``ConfigDict`` (so a field added later is covered without more code) and refuses NaN and
++-infinity as ``config.<dotted.name>: must be finite (got nan)`` before any other check, so no
+range comparison (``x <= 0``, ``x > 1``, both false for NaN) is ever reached by NaN. The one
+exception is ``search.budgets``, read by its own parser
+(:func:`elm_jax.search.constraints.parse_budget`): there ``max_<q>=inf`` means "no upper bound"
+(the same as leaving the key out), while NaN and an infinite minimum are refused.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import runpy
 from typing import Any, Sequence
 
 import ml_collections
+import numpy as np
 
 from elm_jax.space import SearchSpace
 
@@ -31,6 +41,43 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
 
 def _fail(field: str, msg: str, value: Any) -> None:
     raise ConfigError(f"config.{field}: {msg} (got {value!r})")
+
+
+#: Fields :func:`check_finite` does not walk: they have their own parser with its own rule for
+#: infinity (see the module docstring).
+OWN_PARSER_FIELDS = ("search.budgets",)
+
+
+def _is_float(v: Any) -> bool:
+    return isinstance(v, (float, np.floating))
+
+
+def float_fields(cfg: Any, prefix: str = "") -> list[tuple[str, float]]:
+    """Every float setting of ``cfg`` as ``(dotted name, value)``, walking nested ConfigDicts /
+    dicts (``a.b``) and lists / tuples (``a[0]``), except :data:`OWN_PARSER_FIELDS`."""
+    out: list[tuple[str, float]] = []
+    if hasattr(cfg, "keys"):
+        items = [(f"{prefix}.{k}" if prefix else str(k), cfg[k]) for k in cfg.keys()]
+    elif isinstance(cfg, (list, tuple)):
+        items = [(f"{prefix}[{i}]", v) for i, v in enumerate(cfg)]
+    else:
+        return out
+    for name, v in items:
+        if name in OWN_PARSER_FIELDS:
+            continue
+        if _is_float(v):
+            out.append((name, float(v)))
+        else:
+            out.extend(float_fields(v, name))
+    return out
+
+
+def check_finite(cfg: Any) -> None:
+    """THE finiteness rule: raises ``ConfigError`` ``config.<name>: must be finite (got nan)``
+    for the first float setting (:func:`float_fields`) that is NaN or +-infinity."""
+    for name, v in float_fields(cfg):
+        if not math.isfinite(v):
+            _fail(name, "must be finite", v)
 
 
 def _get(cfg, field: str):
@@ -58,6 +105,8 @@ def _float(cfg, field: str, lo: float | None = None, hi: float | None = None,
     v = _get(cfg, field)
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         _fail(field, "must be a number", v)
+    if not math.isfinite(v):
+        _fail(field, "must be finite", v)
     if lo is not None and (v < lo or (lo_open and v == lo)):
         _fail(field, f"must be {'>' if lo_open else '>='} {lo}", v)
     if hi is not None and (v > hi or (hi_open and v == hi)):
@@ -110,9 +159,11 @@ def validate_train(cfg, prefix: str) -> None:
 
 
 def validate(cfg: ml_collections.ConfigDict, stages: Sequence[str] | None = None) -> None:
-    """Checks the fields the given stages use (``None``: every section); raises ConfigError
-    naming the first bad field."""
+    """Checks every float of the config for finiteness (:func:`check_finite`), then the fields
+    the given stages use (``None``: every section); raises ConfigError naming the first bad
+    field."""
     stages = _Every() if stages is None else stages
+    check_finite(cfg)
     _choice(cfg, "task", ("mlm", "clm"))
     _int(cfg, "seed", 0)
 

@@ -21,6 +21,7 @@ validation re-raises it as ``config.<message>``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -88,7 +89,10 @@ def parse_budget(budget: Any, field: str | None = None) -> tuple[str, dict[str, 
     Raises :class:`SearchError` naming ``field`` (default :func:`budget_field`) or its key
     (``<field>.max_params``) when the entry is not a dict with a ``name``, the name is not
     directory-safe or is reserved (:data:`RESERVED_NAMES`), a key is unknown, a bound is not a
-    non-negative number, or a minimum exceeds its maximum."""
+    non-negative number (NaN and -inf included), a minimum is infinite, or a minimum exceeds
+    its maximum. ``max_<q>=inf`` is accepted and means no upper bound: it is dropped from
+    ``bounds``, exactly as if the key were left out (so no infinity reaches the search or its
+    JSON outputs)."""
     field = budget_field(budget) if field is None else field
     if not hasattr(budget, "keys") or "name" not in budget:
         raise field_error(field, "must be a dict with a 'name'", budget)
@@ -105,8 +109,13 @@ def parse_budget(budget: Any, field: str | None = None) -> tuple[str, dict[str, 
         if v is None:
             continue
         if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) \
-                or not v >= 0:
+                or not v >= 0:  # NaN and -inf too
             raise field_error(f"{field}.{k}", "must be a non-negative number", v)
+        if math.isinf(v):
+            if k.startswith("min_"):
+                raise field_error(f"{field}.{k}", "must be finite (an infinite minimum admits no "
+                                  "architecture)", v)
+            continue  # max_<q>=inf: no upper bound, the same as leaving the key out
         bounds[k] = float(v)
     for q in QUANTITIES:
         lo, hi = bounds.get(f"min_{q}"), bounds.get(f"max_{q}")
