@@ -65,6 +65,11 @@ def base_config(task: str, variant: str) -> ml_collections.ConfigDict:
         mask_rate=0.15,
         mask_token_frac=0.8,
         random_token_frac=0.1,
+        # MLM: the LM head and its softmax run only at up to this many selected positions per row
+        # (BERT's max_predictions_per_seq; a row's selections beyond it are dropped at random).
+        # -1 = auto: mean + 3 sd of the per-row count, rounded up to 8 (seq 64 at 15%: 24);
+        # 0 = the head at every position.
+        max_predictions=-1,
         tokenizer=ml_collections.ConfigDict(dict(
             kind="sentencepiece",      # 'sentencepiece' (trained here) | 'sentencepiece_model' | 'wordpiece'
             vocab_size=4096,

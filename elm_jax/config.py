@@ -186,6 +186,7 @@ def validate(cfg: ml_collections.ConfigDict, stages: Sequence[str] | None = None
     _int(cfg, "data.eval_batch_size", 1)
     _int(cfg, "data.eval_batches", 0)
     _float(cfg, "data.mask_rate", 0.0, 1.0, lo_open=True)
+    _int(cfg, "data.max_predictions", -1, _get(cfg, "data.seq_len"))
     mf = _float(cfg, "data.mask_token_frac", 0.0, 1.0)
     rf = _float(cfg, "data.random_token_frac", 0.0, 1.0)
     if mf + rf > 1.0:

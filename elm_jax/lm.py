@@ -26,7 +26,7 @@ from ml_collections import ConfigDict
 from elm_jax.config import ConfigError
 from elm_jax.data.arch_batches import local_arch
 from elm_jax.engine import trainer as trainer_lib
-from elm_jax.engine.losses import LM_RATIOS, weighted_cross_entropy
+from elm_jax.engine.losses import LM_RATIOS, head_positions, scored_cross_entropy
 from elm_jax.engine.sharding import sharded_sums
 from elm_jax.models.dense import BlockSpec, DenseConfig, DenseLM
 from elm_jax.models.elastic import Supernet
@@ -56,17 +56,19 @@ def dense_config_from(cfg, vocab_size: int) -> DenseConfig:
 
 
 def lm_loss_fn(model: DenseLM, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
-    """Training loss: mean token cross-entropy ``loss_sum / max(weight_sum, 1)`` with dropout."""
+    """Training loss: mean token cross-entropy ``loss_sum / max(weight_sum, 1)`` with dropout
+    (the LM head only at the batch's scored positions when it carries them)."""
     out = model(batch["inputs"], batch["mask"], batch["segment_ids"], deterministic=False,
-                rngs=nnx.Rngs(dropout=rng))
-    sums = weighted_cross_entropy(out.logits, batch["targets"], batch["weights"])
+                rngs=nnx.Rngs(dropout=rng), head_positions_BxK=head_positions(batch))
+    sums = scored_cross_entropy(out.logits, batch)
     return sums["loss_sum"] / jnp.maximum(sums["weight_sum"], 1.0), sums
 
 
 def lm_eval_fn(model: DenseLM, batch: dict) -> dict:
     """Evaluation sums (no dropout): ``loss_sum``, ``weight_sum``, ``correct_sum``."""
-    out = model(batch["inputs"], batch["mask"], batch["segment_ids"], deterministic=True)
-    return weighted_cross_entropy(out.logits, batch["targets"], batch["weights"])
+    out = model(batch["inputs"], batch["mask"], batch["segment_ids"], deterministic=True,
+                head_positions_BxK=head_positions(batch))
+    return scored_cross_entropy(out.logits, batch)
 
 
 def with_perplexity(metrics: dict[str, float]) -> dict[str, float]:
@@ -94,8 +96,9 @@ def load_teacher(workdir: str | os.PathLike) -> DenseLM:
 
 
 def _lm_sums(model: Supernet, batch: dict) -> dict:
-    out = model(batch["inputs"], local_arch(batch), batch["mask"], batch["segment_ids"])
-    return weighted_cross_entropy(out.logits, batch["targets"], batch["weights"])
+    out = model(batch["inputs"], local_arch(batch), batch["mask"], batch["segment_ids"],
+                head_positions_BxK=head_positions(batch))
+    return scored_cross_entropy(out.logits, batch)
 
 
 def supernet_lm_fns(mesh: Mesh) -> tuple[Callable, Callable]:

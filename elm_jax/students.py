@@ -20,7 +20,7 @@ from elm_jax import engine
 from elm_jax.arch import FAMILY_INDEX
 from elm_jax.data.arch_batches import local_arch
 from elm_jax.distill import KDProjections, supernet_distill_loss
-from elm_jax.engine.losses import LM_RATIOS, weighted_cross_entropy
+from elm_jax.engine.losses import LM_RATIOS, head_positions, scored_cross_entropy
 from elm_jax.engine.optim import path_names
 from elm_jax.engine.sharding import sharded_sums
 from elm_jax.models.dense import DenseLM
@@ -58,11 +58,12 @@ def distill_sums_fn(teacher_graphdef: Any, teacher_rest: Any, kind: str):
         t = teacher(batch["inputs"], batch["mask"], batch["segment_ids"])
         t_emb, t_attn, t_block = jax.tree.map(jax.lax.stop_gradient, (t.embedding, t.attn_outs, t.block_outs))
         arch = local_arch(batch)
-        out = student.net(batch["inputs"], arch, batch["mask"], batch["segment_ids"])
+        out = student.net(batch["inputs"], arch, batch["mask"], batch["segment_ids"],
+                          head_positions_BxK=head_positions(batch))
         attn = {f: getattr(out.layers, f"attn_{f}") for f in FAMILY_INDEX}
         kd, parts = supernet_distill_loss(out.embedding, out.layers.block, attn, arch.family, arch.active,
                                           t_emb, t_attn, t_block, batch["mask"], student.projections(), kind)
-        ce = weighted_cross_entropy(out.logits, batch["targets"], batch["weights"])
+        ce = scored_cross_entropy(out.logits, batch)
         # kd_* are per-device means, summed over devices (kd = kd_total / kd_count); not in
         # KD_RATIOS, so the engine reports them as raw sums.
         return ce | {"kd_total": kd, "kd_count": jnp.ones((), jnp.float32),
@@ -183,14 +184,15 @@ def kd_fns(teacher_graphdef, teacher_rest, kind: str, gt_weight: float):
         t = jax.tree.map(jax.lax.stop_gradient, (t.embedding, t.attn_outs, t.block_outs))
         out = student.model(batch["inputs"], batch["mask"], batch["segment_ids"],
                             deterministic=deterministic,
-                            rngs=None if rng is None else nnx.Rngs(dropout=rng))
+                            rngs=None if rng is None else nnx.Rngs(dropout=rng),
+                            head_positions_BxK=head_positions(batch))
         fams = [b.family for b in student.model.cfg.blocks]
         family = jnp.asarray([FAMILY_INDEX[f] for f in fams], jnp.int32)
         active = jnp.ones(len(fams), bool)  # every layer of a dense model is active
         kd, _ = supernet_distill_loss(out.embedding, jnp.stack(out.block_outs),
                                       _attn_by_family(out.attn_outs, fams), family, active,
                                       *t, batch["mask"], student.projections(), kind)
-        ce = weighted_cross_entropy(out.logits, batch["targets"], batch["weights"])
+        ce = scored_cross_entropy(out.logits, batch)
         return kd, ce
 
     def loss_fn(student, batch, rng, teacher_params):

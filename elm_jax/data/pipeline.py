@@ -11,12 +11,20 @@ A batch is a dict of numpy arrays, all ``[B, L]``:
   ``weights`` float32 loss weights (MLM: 1 at selected positions; CLM: 1 where the target is real),
   ``mask``    int32  1 for real input tokens, 0 for padding (attention mask),
   ``segment_ids`` int32 (zeros: single-segment pre-training).
+
+MLM batches with ``Masking.max_predictions = K > 0`` (BERT's ``max_predictions_per_seq``) also
+carry the scored positions, so the LM head and its softmax run at ``K`` positions per row instead
+of all ``L`` (:func:`scored_positions`), all ``[B, K]``:
+  ``positions`` int32 each row's selected positions in order, padded with 0,
+  ``targets_k`` int32 / ``weights_k`` float32 ``targets`` / ``weights`` gathered there (0 where padded).
+Selection is then capped at ``K`` per row, so the gathered loss equals the full one exactly.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -79,6 +87,40 @@ class Masking:
     rate: float = 0.15
     mask_frac: float = 0.8
     random_frac: float = 0.1
+    max_predictions: int = 0  # > 0: at most this many selected per row, gathered (module docstring)
+
+
+def auto_max_predictions(rate: float, seq_len: int) -> int:
+    """The default cap ``K`` of selected positions per row: the mean plus 3 standard deviations
+    of the per-row count ``Binomial(L, rate)``, ``L * rate + 3 sqrt(L * rate * (1 - rate))``,
+    rounded up to a multiple of 8 (about 1 row in 700 loses its excess selections); ``0`` (no
+    gather) when that reaches ``L``, where gathering would save nothing."""
+    k = seq_len * rate + 3.0 * math.sqrt(seq_len * rate * (1.0 - rate))
+    k = int(-(-math.ceil(k) // 8) * 8)
+    return 0 if k >= seq_len else k
+
+
+def scored_positions(targets: np.ndarray, weights: np.ndarray, k: int) -> dict[str, np.ndarray]:
+    """The first ``k`` positions of non-zero weight of each row (over the last axis, in position
+    order, padded with position 0 at weight 0) and the targets and weights there:
+    ``{positions, targets_k, weights_k}``, each ``[..., k]``. With at most ``k`` scored
+    positions per row, ``sum(w_k * nll(y_k))`` over them equals the sum over all positions."""
+    scored = weights > 0
+    order = np.argsort(~scored, axis=-1, kind="stable")[..., :k].astype(np.int32)  # scored first
+    keep = np.take_along_axis(scored, order, axis=-1)
+    return {"positions": np.where(keep, order, 0).astype(np.int32),
+            "targets_k": np.where(keep, np.take_along_axis(targets, order, -1), 0).astype(np.int32),
+            "weights_k": np.where(keep, np.take_along_axis(weights, order, -1), 0).astype(np.float32)}
+
+
+def _cap_per_row(select: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """``select`` with each row's selections beyond ``k`` dropped, a uniformly random ``k`` kept."""
+    over = select.sum(-1) > k
+    if not over.any():
+        return select
+    keys = np.where(select, rng.random(select.shape), 2.0)
+    rank = np.argsort(np.argsort(keys, axis=-1, kind="stable"), axis=-1, kind="stable")
+    return select & ((rank < k) | ~over[:, None])
 
 
 @functools.lru_cache(maxsize=8)
@@ -95,24 +137,32 @@ def mlm_corrupt(
     Maskable = not pad and not a special id (pad, unk, bos, eos, mask, cls, sep). Each maskable
     token is selected independently with probability ``rate``; a selected token becomes [MASK]
     with probability ``mask_frac``, a uniformly random non-special token with ``random_frac``,
-    else stays. Loss weight 1 on selected tokens, targets = the original ids.
+    else stays. Loss weight 1 on selected tokens, targets = the original ids. With
+    ``max_predictions = K > 0`` a row keeps at most ``K`` selections (a random ``K`` of them) and
+    the batch carries them gathered (module docstring).
     """
     specials = special.all()
     maskable = ~np.isin(rows, specials)
     select = (rng.random(rows.shape) < masking.rate) & maskable
     action = rng.random(rows.shape)
+    k = int(masking.max_predictions)
+    if k > 0:
+        select = _cap_per_row(select, k, rng)
     table = _non_special(vocab_size, specials)
     rand_tok = table[rng.integers(0, len(table), rows.shape)]
     inputs = np.where(select & (action < masking.mask_frac), special.mask, rows)
     to_rand = select & (action >= masking.mask_frac) & (action < masking.mask_frac + masking.random_frac)
     inputs = np.where(to_rand, rand_tok, inputs).astype(np.int32)
-    return {
+    out = {
         "inputs": inputs,
         "targets": rows.astype(np.int32),
         "weights": select.astype(np.float32),
         "mask": (rows != special.pad).astype(np.int32),
         "segment_ids": np.zeros_like(rows, np.int32),
     }
+    if k > 0:
+        out |= scored_positions(out["targets"], out["weights"], k)
+    return out
 
 
 def clm_targets(rows: np.ndarray, special: SpecialIds) -> dict[str, np.ndarray]:

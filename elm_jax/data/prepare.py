@@ -119,6 +119,17 @@ def _tokenizer_texts(docs: list[Document], max_chars: int) -> list[str]:
     return texts
 
 
+def max_predictions_of(cfg) -> int:
+    """``data.max_predictions`` resolved: MLM ``-1`` -> :func:`pipeline.auto_max_predictions`;
+    CLM (every position scored) and ``0`` -> 0, the head at every position."""
+    d = cfg.data
+    if cfg.task != "mlm" or d.max_predictions == 0:
+        return 0
+    if d.max_predictions < 0:
+        return pipeline.auto_max_predictions(d.mask_rate, d.seq_len)
+    return int(d.max_predictions)
+
+
 def prepare_data(cfg, workdir: str | os.PathLike | None = None, verbose: bool = False) -> DataBundle:
     """Builds the tokenizer and batch sources for ``cfg``; with ``workdir``, records
     ``workdir/data/stats.json`` and a copy of the tokenizer model there."""
@@ -127,7 +138,8 @@ def prepare_data(cfg, workdir: str | os.PathLike | None = None, verbose: bool = 
     cache = cache_dir_of(d)
     tok = tok_lib.build_tokenizer(d.tokenizer, _tokenizer_texts(docs["train"], d.tokenizer.max_train_chars),
                                   cache)
-    masking = pipeline.Masking(d.mask_rate, d.mask_token_frac, d.random_token_frac)
+    masking = pipeline.Masking(d.mask_rate, d.mask_token_frac, d.random_token_frac,
+                               max_predictions_of(cfg))
     pack = pipeline.pack_mlm if cfg.task == "mlm" else pipeline.pack_clm
     rows, tokens = {}, {}
     for split, split_docs in docs.items():
@@ -146,6 +158,7 @@ def prepare_data(cfg, workdir: str | os.PathLike | None = None, verbose: bool = 
         "tokenizer": tok.describe(),
         "seq_len": d.seq_len,
         "global_batch": d.batch_size,
+        "max_predictions": masking.max_predictions,
         "steps_per_epoch": round(train.steps_per_epoch, 2),
         "eval_batches": len(evals),
         "search_batches": len(search),

@@ -45,3 +45,20 @@ def weighted_cross_entropy(
         "weight_sum": jnp.sum(w),
         "correct_sum": jnp.sum(correct * w),
     }
+
+
+def scored_cross_entropy(logits: jax.Array, batch: dict) -> dict[str, jax.Array]:
+    """:func:`weighted_cross_entropy` of a batch's LM logits: ``logits_BxKxV`` at the scored
+    positions against ``targets_k`` / ``weights_k`` when the batch carries ``positions`` (the
+    model was called with ``head_positions_BxK=batch['positions']``, see
+    :func:`head_positions`), else ``logits_BxLxV`` against ``targets`` / ``weights``. The sums
+    are the same either way (every scored position is among the gathered ones)."""
+    if "positions" in batch:
+        return weighted_cross_entropy(logits, batch["targets_k"], batch["weights_k"])
+    return weighted_cross_entropy(logits, batch["targets"], batch["weights"])
+
+
+def head_positions(batch: dict) -> jax.Array | None:
+    """The positions at which a batch's LM loss needs logits (``batch['positions']``, MLM
+    batches with ``data.max_predictions``), or ``None``: every position."""
+    return batch.get("positions")

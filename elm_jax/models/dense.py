@@ -384,6 +384,7 @@ class DenseLM(nnx.Module):
         return_attn: bool = False,
         return_internals: bool = False,
         rngs: nnx.Rngs | None = None,
+        head_positions_BxK: jax.Array | None = None,
     ) -> ModelOutput:
         """Forward pass.
 
@@ -397,6 +398,9 @@ class DenseLM(nnx.Module):
           return_internals: also return FFN pre-activations and per-head contexts
             (for the PCA width and CKA head modules).
           rngs: optional dropout RNG overriding the model's own stream.
+          head_positions_BxK: apply the LM head only at these positions of each row (logits
+            ``[B, K, V]``), e.g. the scored positions of an MLM batch (``batch['positions']``);
+            the head is position-wise, so these logits equal the full ones gathered there.
         """
         cfg = self.cfg
         length = inputs_BxL.shape[1]
@@ -418,7 +422,8 @@ class DenseLM(nnx.Module):
             ctxs.append(o.ctx)
         if self.final_norm is not None:
             x = self.final_norm(x)
-        logits = self.head(x, self.embed.token_table()) if self.head is not None else None
+        h = x if head_positions_BxK is None else jnp.take_along_axis(x, head_positions_BxK[..., None], axis=1)
+        logits = self.head(h, self.embed.token_table()) if self.head is not None else None
         return ModelOutput(
             logits=logits,
             embedding=emb,

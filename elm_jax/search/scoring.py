@@ -29,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from elm_jax.arch import Arch, ArchArrays, stack_arrays
+from elm_jax.data.pipeline import scored_positions
 from elm_jax.engine.losses import weighted_cross_entropy
 from elm_jax.search.constraints import SearchError
 from elm_jax.space import SearchSpace
@@ -83,17 +84,10 @@ def _head_positions(stacked: Mapping[str, np.ndarray]) -> dict[str, np.ndarray] 
     some row is scored at every position, where gathering would save nothing.
     """
     w = stacked["weights"]
-    scored = w > 0
-    k = int(scored.sum(-1).max())
+    k = int((w > 0).sum(-1).max())
     if k >= w.shape[-1]:
         return None
-    k = max(k, 1)
-    # stable sort puts scored positions first, in position order
-    order = np.argsort(~scored, axis=-1, kind="stable")[..., :k].astype(np.int32)
-    keep = np.take_along_axis(scored, order, axis=-1)
-    return {"positions": np.where(keep, order, 0).astype(np.int32),
-            "targets_k": np.where(keep, np.take_along_axis(stacked["targets"], order, -1), 0).astype(np.int32),
-            "weights_k": np.where(keep, np.take_along_axis(w, order, -1), 0).astype(np.float32)}
+    return scored_positions(stacked["targets"], w, max(k, 1))
 
 
 def _metrics_from_sums(sums: np.ndarray, task: str) -> dict[str, np.ndarray]:
