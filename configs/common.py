@@ -22,6 +22,7 @@ def train_config(steps: int, lr: float, *, batch_log_every: int = 10, eval_every
         steps=steps,
         lr=lr,
         warmup_frac=0.1,
+        decay_start_frac=0.0,                 # linear decay starts here (<= warmup_frac: at the warm-up's end)
         weight_decay=0.01,
         b1=0.9,
         b2=0.999,

@@ -146,6 +146,7 @@ def validate_train(cfg, prefix: str) -> None:
     _int(cfg, f"{prefix}.steps", 1)
     _float(cfg, f"{prefix}.lr", 0.0, lo_open=True)
     _float(cfg, f"{prefix}.warmup_frac", 0.0, 1.0)
+    _float(cfg, f"{prefix}.decay_start_frac", 0.0, 1.0, hi_open=True)
     _float(cfg, f"{prefix}.weight_decay", 0.0)
     _float(cfg, f"{prefix}.b1", 0.0, 1.0)
     _float(cfg, f"{prefix}.b2", 0.0, 1.0)

@@ -337,8 +337,10 @@ def build_report(workdir: str | os.PathLike, plots: bool = True) -> str:
                    f"perplexity {fmt(t.get('perplexity'))}."), ""]
     elif teacher:
         ev = teacher.get("eval", {})
+        g = teacher.get("gain_nats")
+        gain = "" if g is None else f" (gain {fmt(g)} nats{'' if g > 0 else ': no gain'})"
         lines += [(f"Teacher: {fmt(teacher.get('num_params'))} parameters, validation loss "
-                   f"{fmt(ev.get('loss'))}, perplexity {fmt(ev.get('perplexity'))}."), ""]
+                   f"{fmt(ev.get('loss'))}{gain}, perplexity {fmt(ev.get('perplexity'))}."), ""]
     rows = model_rows(wd)
     if rows:
         lines += markdown_table(MODEL_HEADER, rows)

@@ -85,6 +85,18 @@ def test_schedule_matches_formula():
     assert float(no_warm(50)) == pytest.approx(5e-4)
 
 
+def test_schedule_holds_the_peak_until_decay_start():
+    tc = T.make_tc(lr=1e-3, warmup_frac=0.1)
+    tc.decay_start_frac = 0.6  # W = 10, D = 60: lr(t) = lr * (100 - t) / 40 from t = 60
+    sched = train.lr_schedule(tc, 100)
+    for t, want in [(0, 0.0), (5, 5e-4), (10, 1e-3), (35, 1e-3), (60, 1e-3), (80, 5e-4),
+                    (90, 2.5e-4), (100, 0.0)]:
+        assert float(sched(t)) == pytest.approx(want, abs=1e-9), t
+    tc.decay_start_frac = 0.05  # before the warm-up's end: the plain schedule
+    plain = train.lr_schedule(T.make_tc(lr=1e-3, warmup_frac=0.1), 100)
+    assert all(float(train.lr_schedule(tc, 100)(t)) == float(plain(t)) for t in range(0, 101, 5))
+
+
 def test_no_weight_decay_on_vectors(trainer1):
     params = trainer1._init_params
     mask = train.decay_mask(params)

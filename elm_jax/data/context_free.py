@@ -95,3 +95,11 @@ def reference_loss(data, source, num_batches: int | None = None) -> dict[str, fl
 
 #: The name of the trivial answer's loss per task (the field other tools read).
 KEY = {"mlm": "context_free_loss", "clm": "unigram_loss"}
+
+
+def trivial_loss_of(data, split: str = "validation") -> float | None:
+    """The trivial answer the data stage computed for ``split`` (``data.stats['baselines']``),
+    or ``None`` when the bundle has none."""
+    rec = data.stats.get("baselines", {}).get(split, {})
+    key = KEY.get(data.stats.get("task", ""))
+    return float(rec[key]) if key in rec else None

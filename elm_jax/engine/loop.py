@@ -97,8 +97,15 @@ def fit(
     name: str = "teacher",
     meta: Mapping[str, Any] | None = None,
     hooks: "Hooks | None" = None,
+    trivial_loss: float | None = None,
 ) -> tuple[TrainState, dict[str, Any]]:
     """Trains to ``tc.steps``, resuming from ``<workdir>/<name>/checkpoints``.
+
+    With ``trivial_loss`` (the loss of the best context-free predictor on the evaluation
+    source, DESIGN 8), every evaluation also records ``gain = trivial_loss - loss`` in nats
+    (``eval/gain`` in ``metrics.jsonl``, ``gain`` in the summary's ``eval``) and prints one line
+    ``<name> step S: validation loss L, trivial answer T, gain +G nats``, so a model that learns
+    nothing beyond word frequencies is visible at every evaluation.
 
     Writes ``<workdir>/<name>/{checkpoints/, metrics.jsonl, tb/, summary.json}``.
     Checkpoints every ``tc.checkpoint_every`` steps and at the end; evaluates every
@@ -219,6 +226,10 @@ def fit(
             if trainer.eval_fn is None or eval_source is None:
                 return
             last_eval = evaluate(trainer, state, eval_source)
+            if trivial_loss is not None and "loss" in last_eval:
+                last_eval["gain"] = float(trivial_loss) - last_eval["loss"]
+                pbar.write(f"{name} step {step}: validation loss {last_eval['loss']:.4f}, trivial answer "
+                           f"{float(trivial_loss):.4f}, gain {last_eval['gain']:+.4f} nats")
             if log_it:
                 writer.write_scalars(step, {f"eval/{k}": v for k, v in last_eval.items()})
             if main:

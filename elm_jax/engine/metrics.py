@@ -145,6 +145,11 @@ class ProgressBar:
             self._bar.update(done)
         self._last_step, self._last_time = int(step), now
 
+    def write(self, text: str) -> None:
+        """Prints ``text`` on its own line without breaking the bar (silent when disabled)."""
+        if self._bar is not None:
+            self._bar.write(text)
+
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()

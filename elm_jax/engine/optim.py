@@ -13,24 +13,30 @@ from elm_jax.fields import get as get_field
 
 
 def lr_schedule(tc: Any, total_steps: int) -> optax.Schedule:
-    """Linear warm-up then linear decay to zero.
+    """Linear warm-up, an optional constant stretch, then linear decay to zero.
 
-    With peak ``lr = tc.lr``, ``T = total_steps`` and ``W = floor(tc.warmup_frac * T)``::
+    With peak ``lr = tc.lr``, ``T = total_steps``, ``W = floor(tc.warmup_frac * T)`` and
+    ``D = max(W, floor(tc.decay_start_frac * T))`` (``decay_start_frac`` 0 or absent: ``D = W``,
+    the plain warm-up / linear-decay schedule)::
 
         lr(t) = lr * t / W                          for 0 <= t < W
-        lr(t) = lr * max(0, (T - t) / (T - W))      for t >= W
+        lr(t) = lr                                  for W <= t < D
+        lr(t) = lr * max(0, (T - t) / (T - D))      for t >= D
 
-    so ``lr(0) = 0`` when there is a warm-up, ``lr(W) = lr`` and ``lr(T) = 0``.
+    so ``lr(0) = 0`` when there is a warm-up, ``lr(W) = lr`` and ``lr(T) = 0``. A late ``D``
+    holds the peak through the MLM teacher's slow phase (see the README's training recipe).
     """
     peak = float(tc.lr)
     total = max(int(total_steps), 1)
     warm = int(math.floor(float(get_field(tc, "warmup_frac", 0.0)) * total))
     warm = min(max(warm, 0), total - 1) if total > 1 else 0
+    decay = int(math.floor(float(get_field(tc, "decay_start_frac", 0.0) or 0.0) * total))
+    decay = min(max(decay, warm), total - 1) if total > 1 else 0
 
     def schedule(count: jax.Array) -> jax.Array:
         t = jnp.asarray(count, jnp.float32)
         up = peak * t / max(warm, 1)
-        down = peak * jnp.maximum(0.0, (total - t) / (total - warm))
+        down = peak * jnp.minimum(1.0, jnp.maximum(0.0, (total - t) / (total - decay)))
         return jnp.where(t < warm, up, down)
 
     return schedule

@@ -24,6 +24,7 @@ from typing import Any
 from flax import nnx
 from ml_collections import ConfigDict
 
+from elm_jax.data import context_free
 from elm_jax import engine
 from elm_jax.distributed import is_main_process
 from elm_jax.engine import sharding
@@ -56,7 +57,7 @@ def run(cfg, workdir: str | os.PathLike, data) -> dict[str, Any]:
         trainer = engine.Trainer(student, loss_fn, eval_fn, tc, mesh, frozen=t_params,
                                     ratios=KD_RATIOS)
         state, summary = engine.fit(trainer, data.train, data.eval, root, name=f"{name}_run",
-                                       meta={"budget": name})
+                                    meta={"budget": name}, trivial_loss=context_free.trivial_loss_of(data))
         trained = trainer.model_from_state(state).model
         after = with_perplexity(summary["eval"])
         out = root / name

@@ -44,6 +44,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from elm_jax.data import context_free
 from elm_jax import arch as arch_lib
 from elm_jax import engine
 from elm_jax.accounting import count_params
@@ -191,7 +192,8 @@ def run(cfg, workdir: str | os.PathLike, data: DataBundle) -> dict[str, Any]:
           f"{sc.kd_loss} distillation, architectures per {sc.sample_per}"
           f"{' (sandwich)' if sc.sandwich else ''}, epoch = {epoch_steps} steps")
     state, summary = engine.fit(trainer, train_src, eval_src, workdir, name="supernet",
-                                   meta={"task": cfg.task}, hooks=hooks)
+                                meta={"task": cfg.task}, hooks=hooks,
+                                trivial_loss=context_free.trivial_loss_of(data))
     model = trainer.model_from_state(state)
     eval_metrics = summary["eval"]
     if eval_metrics.get("kd_count"):

@@ -9,12 +9,16 @@
 
 Output: ``WORKDIR/teacher/model`` (an :mod:`elm_jax.models.io` model directory; the teacher is
 frozen from here on and never checkpointed with a student) and ``WORKDIR/teacher/result.json``
-with its validation loss and perplexity. A complete output is reused, not recomputed.
+with its validation loss and perplexity, the trivial answer of the same split (``trivial_loss``),
+``gain_nats = trivial_loss - loss`` and ``learned = gain_nats > 0``; every validation line of the
+training carries the gain too, and a teacher without a positive gain is warned about in one
+line. A complete output is reused, not recomputed.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any
 
@@ -22,6 +26,7 @@ from ml_collections import ConfigDict
 
 from elm_jax import engine
 from elm_jax.config import ConfigError
+from elm_jax.data import context_free
 from elm_jax.data.prepare import DataBundle
 from elm_jax.distributed import is_main_process
 from elm_jax.engine import sharding
@@ -66,6 +71,7 @@ def run(cfg, workdir: str | os.PathLike, data: DataBundle) -> dict[str, Any]:
         return summary
 
     mesh = sharding.make_mesh(cfg.mesh)
+    trivial = context_free.trivial_loss_of(data)
     kind = cfg.teacher.source.partition(":")[0]
     if kind == "train":
         model = init_dense(dense_config_from(cfg, data.tokenizer.vocab_size), seed=cfg.seed)
@@ -74,7 +80,7 @@ def run(cfg, workdir: str | os.PathLike, data: DataBundle) -> dict[str, Any]:
         print(f"[teacher] training {count_params(model):,} parameters for {tc.steps} steps "
               f"({cfg.task}, {len(model.cfg.blocks)} x {model.cfg.hidden})")
         state, fit_summary = engine.fit(trainer, data.train, data.eval, workdir, name="teacher",
-                                           meta={"task": cfg.task})
+                                        meta={"task": cfg.task}, trivial_loss=trivial)
         model = trainer.model_from_state(state)
         eval_metrics = fit_summary["eval"]
         extra = {"train": fit_summary}
@@ -89,6 +95,7 @@ def run(cfg, workdir: str | os.PathLike, data: DataBundle) -> dict[str, Any]:
     eval_metrics = with_perplexity(eval_metrics)
     summary = {"source": cfg.teacher.source, "task": cfg.task, "num_params": count_params(model),
                "dense_config": model.cfg.to_dict(), "eval": eval_metrics, **extra}
+    summary |= gain_record(eval_metrics.get("loss"), trivial)
     if is_main_process():
         save_model(model_dir, model, meta={"role": "teacher", "source": cfg.teacher.source,
                                                   "eval": eval_metrics})
@@ -97,6 +104,23 @@ def run(cfg, workdir: str | os.PathLike, data: DataBundle) -> dict[str, Any]:
         nan = float("nan")  # a non-finite loss (e.g. after skipped steps) has no perplexity
         print(f"[teacher] validation loss {eval_metrics.get('loss', nan):.4f}, perplexity "
               f"{eval_metrics.get('perplexity', nan):.2f}, accuracy {eval_metrics.get('correct', nan):.4f}")
+    if summary.get("learned") is False:
+        g = summary["gain_nats"]
+        print(f"[teacher] warning: no gain over the trivial answer "
+              f"({'non-finite loss' if g is None else f'{g:+.4f} nats'} against "
+              f"{summary['trivial_loss']:.4f}): the teacher learnt nothing beyond word "
+              f"frequencies and its students will not either; see the README's 'Training recipe'")
     return summary
+
+
+def gain_record(loss: float | None, trivial: float | None) -> dict[str, Any]:
+    """``{trivial_loss, gain_nats = trivial_loss - loss, learned = gain_nats > 0}`` (empty when
+    either is missing): a teacher without a positive gain is marked ``learned: false``."""
+    if loss is None or trivial is None:  # e.g. a feature-only pretrained teacher: no LM loss
+        return {}
+    if not math.isfinite(loss):
+        return {"trivial_loss": float(trivial), "gain_nats": None, "learned": False}
+    gain = float(trivial) - float(loss)
+    return {"trivial_loss": float(trivial), "gain_nats": gain, "learned": gain > 0}
 
 
