@@ -12,8 +12,9 @@ commit, config, overrides, seed, the validation curve (``[step, loss, accuracy]`
 evaluation), the context-free answer ``cf`` of the same validation split (the data stage's
 ``baselines``), the final loss, ``gain = cf - loss`` in nats (positive: better than the trivial
 answer), the teacher stage's wall time and the 1-minute load average before and after. The
-"Teacher recipes" section of BENCHMARKS.md is then rewritten from all the lines: per recipe, the
-gain of each seed, their mean and spread (sample standard deviation) and wall times.
+"Teacher recipes" section of BENCHMARKS.md is then rewritten from all the lines: per recipe (the
+resolved settings of :data:`RECIPE_FIELDS`, so a default and the same override group together),
+the gain of each seed, their mean and spread (sample standard deviation) and wall times.
 """
 
 from __future__ import annotations
@@ -77,15 +78,55 @@ def run_seed(config: str, seed: int, overrides: list[str], tag: str, keep: Path 
     cf = float(cf_rec[context_free.KEY[stats["task"]]])
     loss = float(result["eval"]["loss"])
     return {"date": datetime.date.today().isoformat(), "commit": _commit(), "config": config,
-            "overrides": overrides, "tag": tag, "seed": seed, "curve": curve_of(tmp), "cf": cf,
+            "overrides": overrides, "recipe": resolved_recipe(config, overrides), "tag": tag, "seed": seed, "curve": curve_of(tmp), "cf": cf,
             "loss": loss, "gain": cf - loss, "accuracy": float(result["eval"].get("correct", float("nan"))),
             "steps": int(result["train"].get("steps", 0)) if isinstance(result.get("train"), dict) else None,
             "teacher_wall_s": teacher_s, "data_wall_s": data_s,
             "load_1m": [load0, load1], "workdir": str(tmp)}
 
 
+RECIPE_FIELDS = ("task", "data.tokenizer.vocab_size", "data.mask_rate", "data.batch_size", "data.seq_len",
+                 "teacher.model.layers", "teacher.model.hidden", "teacher.model.dropout",
+                 "teacher.train.steps", "teacher.train.lr", "teacher.train.warmup_frac",
+                 "teacher.train.decay_start_frac")
+
+
+def resolved_recipe(config: str, overrides: list[str], commit: str | None = None) -> dict:
+    """The settings that make a recipe (:data:`RECIPE_FIELDS`) of ``config`` with ``overrides``
+    applied, so runs group by what they trained with, whether a value came from the config's
+    defaults or an override. ``commit``: resolve with the config files as they were at that
+    commit (for lines logged before the recipe was recorded); a field that did not exist then is
+    ``None``."""
+    from elm_jax.config import load_config
+
+    path, _, variant = config.partition(":")
+    if commit:
+        tmp = Path(tempfile.mkdtemp(prefix="recipe_configs_"))
+        archive = subprocess.run(["git", "archive", commit, "configs"], cwd=REPO, capture_output=True,
+                                 check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
+        path = str(tmp / path)
+    cfg = load_config(f"{path}:{variant}" if variant else path)
+    with cfg.unlocked():
+        for item in overrides:
+            key, _, text = item.partition("=")
+            *path, leaf = key.split(".")
+            node = cfg
+            for part in path:
+                node = node[part]
+            node[leaf] = type(node[leaf])(float(text) if isinstance(node[leaf], float) else
+                                          int(text) if isinstance(node[leaf], int) else text)
+    out = {}
+    for f in RECIPE_FIELDS:
+        node = cfg
+        for part in f.split("."):
+            node = node.get(part) if hasattr(node, "get") else None
+        out[f] = node
+    return out
+
+
 def _recipe_key(rec: dict) -> tuple:
-    return rec["config"], tuple(rec["overrides"])
+    return tuple(sorted(rec["recipe"].items()))
 
 
 def render(records: list[dict]) -> str:
@@ -93,20 +134,24 @@ def render(records: list[dict]) -> str:
     for r in records:
         groups.setdefault(_recipe_key(r), []).append(r)
     rows, curves = [], []
-    for (config, overrides), recs in groups.items():
+    for key, recs in groups.items():
+        recipe = dict(key)
+        config = recs[-1]["config"]
+        overrides = recs[-1]["overrides"]
         gains = [r["gain"] for r in recs]
         spread = f"{statistics.stdev(gains):.3f}" if len(gains) > 1 else "-"
-        rows.append([f"`{config}`", " ".join(f"`{o}`" for o in overrides) or "(defaults)",
+        rows.append([recipe["task"], ", ".join(f"{k.split('.')[-1]}={v}" for k, v in recipe.items()
+                                               if k != "task"),
                      ", ".join(f"s{r['seed']}: {r['gain']:+.3f}" for r in recs),
                      f"{statistics.mean(gains):+.3f}", spread,
                      ", ".join(f"{r['cf']:.3f}" for r in recs),
                      ", ".join(f"{r['teacher_wall_s']:.0f}" for r in recs),
                      ", ".join(f"{r['commit']}" for r in recs)])
         for r in recs:
-            curves.append(f"- `{config}` {' '.join(overrides) or '(defaults)'}, seed {r['seed']}: "
+            curves.append(f"- `{r['config']}` {' '.join(r['overrides']) or '(defaults)'}, seed {r['seed']}: "
                           + " / ".join(f"{loss:.3f}@{step}" for step, loss, _ in r["curve"])
                           + f" (cf {r['cf']:.3f}, accuracy {r['accuracy']:.3f})")
-    body = markdown_table(["config", "overrides", "gain per seed (nats, cf - loss)", "mean gain", "spread (sd)",
+    body = markdown_table(["task", "recipe", "gain per seed (nats, cf - loss)", "mean gain", "spread (sd)",
                            "cf", "teacher stage wall s", "commit"], rows)
     return (f"\n### {TITLE} ({records[-1]['date']})\n\n"
             f"Command: `python bench/teacher_recipe.py --config=CONFIG --seeds S --set OVERRIDES` "
@@ -138,6 +183,8 @@ def main() -> None:
             print(f"[teacher_recipe] seed {seed}: loss {rec['loss']:.4f}, cf {rec['cf']:.4f}, "
                   f"gain {rec['gain']:+.4f}, teacher stage {rec['teacher_wall_s']:.0f} s", flush=True)
     records = [json.loads(x) for x in LOG.read_text().splitlines() if x.strip()]
+    for r in records:  # lines logged before "recipe" was recorded: resolved at their commit
+        r.setdefault("recipe", resolved_recipe(r["config"], r["overrides"], r["commit"]))
     text = render(records)
     print(text)
     replace_section(args.out, (TITLE,), text)
