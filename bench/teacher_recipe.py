@@ -114,8 +114,10 @@ def resolved_recipe(config: str, overrides: list[str], commit: str | None = None
             node = cfg
             for part in path:
                 node = node[part]
-            node[leaf] = type(node[leaf])(float(text) if isinstance(node[leaf], float) else
-                                          int(text) if isinstance(node[leaf], int) else text)
+            old = node[leaf]
+            node[leaf] = (text.lower() in ("true", "1") if isinstance(old, bool) else
+                          int(text) if isinstance(old, int) else
+                          float(text) if isinstance(old, float) else text)
     out = {}
     for f in RECIPE_FIELDS:
         node = cfg
