@@ -44,3 +44,19 @@ def replace_section(path: str, titles: Sequence[str], text: str) -> None:
         end = old.find("\n### ", start + 1)
         new = old[:start] + text + (old[end:] if end >= 0 else "")
     Path(path).write_text(new)
+
+
+def apply_overrides(cfg, items: Sequence[str]) -> None:
+    """Applies dotted ``key=value`` overrides (``data.mask_rate=0.4``) to ``cfg`` in place, each
+    value parsed as the type of the field it replaces (bool, int, float, else the text)."""
+    with cfg.unlocked():
+        for item in items:
+            key, _, text = item.partition("=")
+            *path, leaf = key.split(".")
+            node = cfg
+            for part in path:
+                node = node[part]
+            old = node[leaf]
+            node[leaf] = (text.lower() in ("true", "1") if isinstance(old, bool) else
+                          int(text) if isinstance(old, int) else
+                          float(text) if isinstance(old, float) else text)

@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from elm_jax.data import context_free  # noqa: E402
-from report_util import markdown_table, replace_section  # noqa: E402  (bench/ is the script directory)
+from report_util import apply_overrides, markdown_table, replace_section  # noqa: E402  (bench/ is the script directory)
 
 TITLE = "Teacher recipes"
 LOG = REPO / "bench" / "results" / "teacher_recipe.jsonl"
@@ -45,9 +45,9 @@ def _commit() -> str:
                           text=True).stdout.strip()
 
 
-def _main(workdir: Path, config: str, stages: str, overrides: list[str], extra: list[str]) -> float:
+def _main(workdir: Path, config: str, stages: str, overrides: list[str]) -> float:
     cmd = [sys.executable, "-m", "elm_jax.main", f"--config={config}", f"--workdir={workdir}",
-           f"--stages={stages}", *[f"--config.{o}" for o in overrides], *extra]
+           f"--stages={stages}", *[f"--config.{o}" for o in overrides]]
     t0 = time.perf_counter()
     p = subprocess.run(cmd, cwd=REPO)
     if p.returncode != 0:
@@ -68,9 +68,9 @@ def curve_of(workdir: Path) -> list[list[float]]:
 def run_seed(config: str, seed: int, overrides: list[str], tag: str, keep: Path | None) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix=f"teacher_recipe_{tag}_s{seed}_", dir=keep))
     ov = [*overrides, f"seed={seed}"]
-    data_s = _main(tmp, config, "data", ov, [])
+    data_s = _main(tmp, config, "data", ov)
     load0 = os.getloadavg()[0]
-    teacher_s = _main(tmp, config, "teacher", ov + ["compile_cache_dir=none"], [])
+    teacher_s = _main(tmp, config, "teacher", ov + ["compile_cache_dir=none"])
     load1 = os.getloadavg()[0]
     stats = json.loads((tmp / "data" / "stats.json").read_text())
     result = json.loads((tmp / "teacher" / "result.json").read_text())
@@ -107,17 +107,7 @@ def resolved_recipe(config: str, overrides: list[str], commit: str | None = None
         subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
         path = str(tmp / path)
     cfg = load_config(f"{path}:{variant}" if variant else path)
-    with cfg.unlocked():
-        for item in overrides:
-            key, _, text = item.partition("=")
-            *path, leaf = key.split(".")
-            node = cfg
-            for part in path:
-                node = node[part]
-            old = node[leaf]
-            node[leaf] = (text.lower() in ("true", "1") if isinstance(old, bool) else
-                          int(text) if isinstance(old, int) else
-                          float(text) if isinstance(old, float) else text)
+    apply_overrides(cfg, overrides)
     out = {}
     for f in RECIPE_FIELDS:
         node = cfg

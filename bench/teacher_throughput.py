@@ -27,16 +27,7 @@ from elm_jax.data.prepare import prepare_data
 from elm_jax.models.dense import count_params, init_dense
 from elm_jax.lm import dense_config_from, lm_eval_fn, lm_loss_fn
 
-from report_util import append_section, markdown_table  # noqa: E402  (bench/ is the script directory)
-
-
-def _parse_value(text: str):
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
+from report_util import append_section, apply_overrides, markdown_table  # noqa: E402  (bench/ is the script directory)
 
 
 def _measure(cfg, steps: int, rounds: int) -> dict:
@@ -75,14 +66,7 @@ def main() -> None:
     args = ap.parse_args()
 
     cfg = config_lib.load_config(args.config)
-    with cfg.unlocked():
-        for item in args.set:
-            key, _, value = item.partition("=")
-            node = cfg
-            *path, leaf = key.split(".")
-            for part in path:
-                node = node[part]
-            node[leaf] = type(node[leaf])(_parse_value(value))
+    apply_overrides(cfg, args.set)
     config_lib.validate(cfg, ["data", "teacher"])
     modes = {"scored positions": cfg}
     if cfg.task == "mlm" and cfg.data.max_predictions != 0:

@@ -50,7 +50,7 @@ def run(cfg, workdir: str | os.PathLike, data) -> dict[str, Any]:
     if is_model_dir(teacher_dir):
         models["teacher"] = load_model(teacher_dir)[0]
     key = context_free.KEY[cfg.task]
-    trivial = data.stats["baselines"]["validation"][key]  # computed once, by the data stage
+    trivial = context_free.trivial_loss_of(data)  # computed once, by the data stage
     bow = _load(wd / "finetune" / "bag_of_words.json")
     result = {"schema_version": SCHEMA_VERSION, "task": cfg.task, "split": data.eval.split,
               "baselines": {key: trivial, "bag_of_words_test_accuracy": bow.get("test_accuracy")},
