@@ -6,8 +6,8 @@ the trivial answer (issue 28 part 2).
     python bench/teacher_recipe.py --report-only
 
 Each seed runs ``python -m elm_jax.main --stages=data`` and then ``--stages=teacher`` in a fresh
-work directory (the teacher stage with the persistent compilation cache off, so its wall time
-includes a cold compile), and appends one JSON line to ``bench/results/teacher_recipe.jsonl``: the
+work directory (the teacher stage with the persistent compilation cache and the teacher cache
+off, so its wall time includes a cold compile and a full training), and appends one JSON line to ``bench/results/teacher_recipe.jsonl``: the
 commit, config, overrides, seed, the validation curve (``[step, loss, accuracy]`` at every
 evaluation), the context-free answer ``cf`` of the same validation split (the data stage's
 ``baselines``), the final loss, ``gain = cf - loss`` in nats (positive: better than the trivial
@@ -70,7 +70,8 @@ def run_seed(config: str, seed: int, overrides: list[str], tag: str, keep: Path 
     ov = [*overrides, f"seed={seed}"]
     data_s = _main(tmp, config, "data", ov)
     load0 = os.getloadavg()[0]
-    teacher_s = _main(tmp, config, "teacher", ov + ["compile_cache_dir=none"])
+    # timed cold: no compiled steps and no cached teacher to reuse
+    teacher_s = _main(tmp, config, "teacher", ov + ["compile_cache_dir=none", "teacher.cache=False"])
     load1 = os.getloadavg()[0]
     stats = json.loads((tmp / "data" / "stats.json").read_text())
     result = json.loads((tmp / "teacher" / "result.json").read_text())

@@ -92,6 +92,9 @@ def base_config(task: str, variant: str) -> ml_collections.ConfigDict:
 
     c.teacher = ml_collections.ConfigDict(dict(
         source="train",                # 'train' | 'hf_bert:DIR' | 'hf_gpt2:DIR' | 'checkpoint:DIR'
+        # source=train: reuse the teacher trained for the same corpus, tokenizer, config, seed and
+        # code from <data cache dir>/teachers/ (and store the one trained here); False: always train
+        cache=True,
         model=ml_collections.ConfigDict(dict(
             family="bert" if task == "mlm" else "gpt2",
             layers=4, hidden=192, heads=4, ffn=768,
@@ -182,6 +185,7 @@ def base_config(task: str, variant: str) -> ml_collections.ConfigDict:
         c.data.update(seq_len=32, batch_size=8, eval_batch_size=8, eval_batches=2, max_docs=6)
         c.data.tokenizer.update(vocab_size=256, max_train_chars=200_000)
         c.teacher.model.update(layers=2, hidden=32, heads=2, ffn=64, embed_size=16, dropout=0.0)
+        c.teacher.cache = False        # tests train (and resume) the teacher they ask for
         c.teacher.train = train_config(steps=20, lr=3e-3, batch_log_every=5, eval_every=10,
                                        checkpoint_every=10)
         c.supernet.train = train_config(steps=12, lr=3e-3, batch_log_every=4, eval_every=6,

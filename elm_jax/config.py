@@ -226,6 +226,7 @@ def validate(cfg: ml_collections.ConfigDict, stages: Sequence[str] | None = None
             if not os.path.isdir(arg):
                 _fail("teacher.source", f"teacher directory {arg} does not exist", source)
         else:
+            _bool(cfg, "teacher.cache")
             m = "teacher.model"
             _choice(cfg, f"{m}.family", ("bert", "mobilebert", "gpt2"))
             _int(cfg, f"{m}.layers", 1)

@@ -80,3 +80,22 @@ def maybe_initialize(dist_cfg: Any = None) -> bool:
 def is_main_process() -> bool:
     """True on process 0, the one that writes logs, summaries and reports."""
     return jax.process_index() == 0
+
+
+def agreed(flag: bool) -> bool:
+    """Process 0's ``flag`` on every process (a broadcast when there are several), so a choice
+    that only process 0 can make (e.g. from files on its disk) is followed by all."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return bool(int(multihost_utils.broadcast_one_to_all(np.asarray(bool(flag), np.int32))))
+
+
+def sync(name: str) -> None:
+    """Waits until every process reaches this point (nothing to wait for with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

@@ -125,8 +125,6 @@ def configure_compile_cache(cfg: Any) -> str | None:
 def _workdir_guard(cfg: Any, workdir: str, stages: Sequence[str], allow_change: bool, command: str):
     """Process 0 holds the work-directory lock and checks inputs and config fingerprints; with
     several processes every one learns whether that succeeded (so none hangs in a collective)."""
-    import jax
-
     with contextlib.ExitStack() as stack:
         error = None
         if distributed.is_main_process():
@@ -139,14 +137,9 @@ def _workdir_guard(cfg: Any, workdir: str, stages: Sequence[str], allow_change: 
                           f"{', '.join(removed)} in {workdir}; they are redone")
             except workdir_lib.WorkdirError as e:
                 error = e
-        if jax.process_count() > 1:
-            import numpy as np
-            from jax.experimental import multihost_utils
-
-            ok = multihost_utils.broadcast_one_to_all(np.asarray(error is None, np.int32))
-            if not int(ok) and error is None:
-                error = workdir_lib.WorkdirError(f"--workdir={workdir}: process 0 refused the work "
-                                                 f"directory (see its error message)")
+        if not distributed.agreed(error is None) and error is None:
+            error = workdir_lib.WorkdirError(f"--workdir={workdir}: process 0 refused the work "
+                                             f"directory (see its error message)")
         if error is not None:
             raise error
         yield

@@ -17,7 +17,8 @@ deletes the invalidated stages' outputs (and everything downstream) so they are 
 Fields that do not change results never trigger it: logging/evaluation/checkpoint intervals,
 ``keep_checkpoints``, ``nan_policy`` (switching to ``skip`` after a NaN stop is the intended
 recovery), ``supernet.remat`` (the same math with less memory), ``mesh.*`` and
-``distributed.*`` (how devices are used), cache directories, ``compile_cache_dir``, and the
+``distributed.*`` (how devices are used), cache directories, ``teacher.cache``,
+``compile_cache_dir``, and the
 latency measurement's ``repeats`` / ``warmup`` (timing noise only).
 """
 
@@ -49,6 +50,7 @@ IGNORED_FIELDS: tuple[str, ...] = (
     "finetune.teacher_train.checkpoint_every", "finetune.teacher_train.keep_checkpoints",
     "finetune.teacher_train.nan_policy",
     "supernet.remat",
+    "teacher.cache",
     "finetune.tfds_data_dir",
 )
 
@@ -131,15 +133,17 @@ def _ignored(field: str) -> bool:
 def stage_fields(cfg: Any, stage: Any) -> dict[str, Any]:
     """The values of the config fields ``stage``'s own results depend on (``stage`` a
     :class:`elm_jax.pipeline.Stage`)."""
-    flat = _flatten(cfg)
     prefixes = stage.config_fields
-    if stage.name == "teacher" and not str(flat.get("teacher.source", "train")).startswith("train"):
+    if stage.name == "teacher" and not str(_flatten(cfg).get("teacher.source", "train")).startswith("train"):
         prefixes = ("teacher.source", "precision")  # a pretrained teacher: its model/train unused
-    out = {}
-    for k, v in flat.items():
-        if any(k == p or k.startswith(p + ".") for p in prefixes) and not _ignored(k):
-            out[k] = v
-    return out
+    return fields_under(cfg, prefixes)
+
+
+def fields_under(cfg: Any, prefixes: Sequence[str]) -> dict[str, Any]:
+    """``{dotted.field: value}`` of the config fields at or under ``prefixes`` that change
+    results (not :data:`IGNORED_FIELDS`)."""
+    return {k: v for k, v in _flatten(cfg).items()
+            if any(k == p or k.startswith(p + ".") for p in prefixes) and not _ignored(k)}
 
 
 def _has_output(workdir: Path, stage: str) -> bool:

@@ -159,6 +159,8 @@ def prepare_data(cfg, workdir: str | os.PathLike | None = None, verbose: bool = 
         "seq_len": d.seq_len,
         "global_batch": d.batch_size,
         "max_predictions": masking.max_predictions,
+        # every document of every split, name and text: part of the teacher cache's key
+        "documents_key": _documents_key(docs),
         "steps_per_epoch": round(train.steps_per_epoch, 2),
         "eval_batches": len(evals),
         "search_batches": len(search),

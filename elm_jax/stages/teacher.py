@@ -13,6 +13,11 @@ with its validation loss and perplexity, the trivial answer of the same split (`
 ``gain_nats = trivial_loss - loss`` and ``learned = gain_nats > 0``; every validation line of the
 training carries the gain too, and a teacher without a positive gain is warned about in one
 line. A complete output is reused, not recomputed.
+
+With ``teacher.cache`` (the default but in the ``test`` variant) a teacher trained here is also
+stored in the data cache and a work directory with the same corpus, tokenizer, config, seed and
+code copies it instead of training (:mod:`elm_jax.teacher_cache`); ``result.json`` then says
+``cache: {key, reused}``.
 """
 
 from __future__ import annotations
@@ -24,11 +29,11 @@ from typing import Any
 
 from ml_collections import ConfigDict
 
-from elm_jax import engine
+from elm_jax import engine, teacher_cache
 from elm_jax.config import ConfigError
 from elm_jax.data import context_free
-from elm_jax.data.prepare import DataBundle
-from elm_jax.distributed import is_main_process
+from elm_jax.data.prepare import DataBundle, cache_dir_of
+from elm_jax.distributed import agreed, is_main_process, sync
 from elm_jax.engine import sharding
 from elm_jax.engine.losses import LM_RATIOS
 from elm_jax.fileio import atomic_write_json
@@ -70,9 +75,13 @@ def run(cfg, workdir: str | os.PathLike, data: DataBundle) -> dict[str, Any]:
         print(f"[teacher] complete already: {model_dir}")
         return summary
 
+    kind = cfg.teacher.source.partition(":")[0]
+    cache = _cache_plan(cfg, data) if kind == "train" else None
+    if cache is not None and cache["entry"] is not None:
+        return _reuse(cache, model_dir, summary_path)
+
     mesh = sharding.make_mesh(cfg.mesh)
     trivial = context_free.trivial_loss_of(data)
-    kind = cfg.teacher.source.partition(":")[0]
     if kind == "train":
         model = init_dense(dense_config_from(cfg, data.tokenizer.vocab_size), seed=cfg.seed)
         tc = ConfigDict(cfg.teacher.train.to_dict() | {"seed": cfg.seed})
@@ -99,17 +108,57 @@ def run(cfg, workdir: str | os.PathLike, data: DataBundle) -> dict[str, Any]:
     if is_main_process():
         save_model(model_dir, model, meta={"role": "teacher", "source": cfg.teacher.source,
                                                   "eval": eval_metrics})
+        if cache is not None and summary.get("gain_nats") is not None:  # a finite loss: worth keeping
+            entry = teacher_cache.store(cache["root"], cache["key"], cache["parts"], model_dir, summary)
+            print(f"[teacher] stored in the teacher cache ({entry}): a work directory with the same "
+                  f"corpus, tokenizer, config, seed and code reuses it")
+            summary["cache"] = {"key": cache["key"], "reused": False}
         atomic_write_json(summary_path, summary)
     if eval_metrics:
         nan = float("nan")  # a non-finite loss (e.g. after skipped steps) has no perplexity
         print(f"[teacher] validation loss {eval_metrics.get('loss', nan):.4f}, perplexity "
               f"{eval_metrics.get('perplexity', nan):.2f}, accuracy {eval_metrics.get('correct', nan):.4f}")
+    _warn_if_not_learned(summary)
+    return summary
+
+
+def _warn_if_not_learned(summary: dict[str, Any]) -> None:
     if summary.get("learned") is False:
         g = summary["gain_nats"]
         print(f"[teacher] warning: no gain over the trivial answer "
               f"({'non-finite loss' if g is None else f'{g:+.4f} nats'} against "
               f"{summary['trivial_loss']:.4f}): the teacher learnt nothing beyond word "
               f"frequencies and its students will not either; see the README's 'Training recipe'")
+
+
+def _cache_plan(cfg, data: DataBundle) -> dict[str, Any] | None:
+    """With ``teacher.cache``: the cache root, the key and its parts, and the complete entry of
+    that key (None on a miss). Process 0 looks; every process follows its answer."""
+    if not cfg.teacher.cache:
+        return None
+    root = cache_dir_of(cfg.data)
+    parts = teacher_cache.key_parts(cfg, data)
+    key = teacher_cache.key_of(parts)
+    found = teacher_cache.lookup(root, key) if is_main_process() else None
+    if agreed(found is not None) and found is None:  # process 0 has it; the work dir is shared
+        found = teacher_cache.entry_dir(root, key)
+    return {"root": root, "key": key, "parts": parts, "entry": found}
+
+
+def _reuse(cache: dict[str, Any], model_dir, summary_path) -> dict[str, Any]:
+    """Copies the cached teacher into the work directory; its summary says where it came from."""
+    entry = cache["entry"]
+    if is_main_process():
+        summary = teacher_cache.restore(entry, model_dir)
+        atomic_write_json(summary_path, summary | {"cache": {"key": cache["key"], "reused": True}})
+    sync("teacher_cache_restore")
+    summary = json.loads(summary_path.read_text())  # the work directory is shared by all processes
+    gain = summary.get("gain_nats")
+    print(f"[teacher] reused the teacher trained for the same corpus, tokenizer, config, seed and "
+          f"code ({entry}; validation loss {summary['eval'].get('loss', float('nan')):.4f}"
+          + (f", gain {gain:+.4f} nats" if gain is not None else "")
+          + "); --config.teacher.cache=False trains anew")
+    _warn_if_not_learned(summary)
     return summary
 
 
