@@ -15,8 +15,11 @@ lines (``data``: from the start of the process, interpreter and JAX start-up inc
 
 Appends one JSON line per measurement to ``bench/results/make_run_cost.jsonl`` (commit, config,
 machine, per run: total and per-stage seconds, whether the teacher was reused, the teacher's gain)
-and rewrites from the last line of each config the README block between
-``<!-- make-run-cost -->`` and ``<!-- /make-run-cost -->`` and BENCHMARKS.md's "Cost of make run".
+(and the cold run's teacher and evaluation results), and rewrites from the last line of each
+config the README blocks between ``<!-- make-run-cost -->`` and ``<!-- /make-run-cost -->`` (the
+cost) and ``<!-- demo-results -->`` and ``<!-- /demo-results -->`` (the results section: the
+teacher's gain and the final models' beside the trivial answer) and BENCHMARKS.md's "Cost of
+make run".
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from elm_jax.pipeline import STAGE_NAMES
 REPO = Path(__file__).resolve().parent.parent
 LOG = REPO / "bench" / "results" / "make_run_cost.jsonl"
 BEGIN, END = "<!-- make-run-cost -->", "<!-- /make-run-cost -->"
+RESULTS_BEGIN, RESULTS_END = "<!-- demo-results -->", "<!-- /demo-results -->"
 TITLE = "Cost of make run"
 _STAGE = re.compile(r"^\[elm-jax\] stage (\w+)")
 
@@ -66,10 +70,21 @@ def timed_run(config: str, workdir: Path, cache: Path, log_path: Path) -> dict:
         raise SystemExit(f"{' '.join(cmd)} exited with {rc}; see {log_path}")
     ends = [t for _, t in marks[1:]] + [total]
     stages = {name: round(end - start, 1) for (name, start), end in zip(marks, ends)}
+    return {"total_s": round(total, 1), "stages": stages, **run_results(workdir)}
+
+
+def run_results(workdir: Path) -> dict:
+    """The teacher's and the final models' figures of a finished work directory."""
     teacher = json.loads((workdir / "teacher" / "result.json").read_text())
-    return {"total_s": round(total, 1), "stages": stages,
-            "teacher_reused": bool(teacher.get("cache", {}).get("reused", False)),
-            "teacher_gain_nats": teacher.get("gain_nats")}
+    evaluation = json.loads((workdir / "evaluate" / "result.json").read_text())
+    return {"teacher_reused": bool(teacher.get("cache", {}).get("reused", False)),
+            "teacher_gain_nats": teacher.get("gain_nats"),
+            "teacher": {k: teacher.get(k) for k in ("trivial_loss", "gain_nats", "learned")}
+            | {"loss": teacher["eval"].get("loss"), "accuracy": teacher["eval"].get("correct"),
+               "steps": teacher.get("train", {}).get("final_step")},
+            "evaluate": {"split": evaluation.get("split"), "baselines": evaluation.get("baselines"),
+                         "models": {name: {k: m.get(k) for k in ("loss", "accuracy", "gain_nats", "params")}
+                                    for name, m in evaluation.get("models", {}).items()}}}
 
 
 def measure(config: str, keep: Path | None) -> dict:
@@ -99,15 +114,40 @@ def readme_text(rows: list[dict]) -> str:
     return "\n\n".join(lines)
 
 
+def _params(model: dict) -> str:
+    return "" if model.get("params") is None else f" ({model['params']:,} parameters)"
+
+
+def results_text(rows: list[dict]) -> str:
+    """The README results block: each config's teacher and final models beside the trivial answer
+    of the validation split, from the cold run of its latest measurement."""
+    lines = []
+    for r in rows:
+        t, ev = r["cold"]["teacher"], r["cold"]["evaluate"]
+        models = ", ".join(f"`{name}`{_params(m)} {m['loss']:.3f} ({m['gain_nats']:+.3f})"
+                           for name, m in ev["models"].items())
+        lines.append(
+            f"From `make run` with `{r['config']}` ({r['date']}, commit {r['commit']}; "
+            f"`bench/results/make_run_cost.jsonl`): the teacher ends at validation loss "
+            f"{t['loss']:.3f} against the trivial answer {t['trivial_loss']:.3f} of the same split, "
+            f"a gain of **{t['gain_nats']:+.3f} nats** (accuracy {t['accuracy']:.3f}) after {t['steps']} steps. "
+            f"The final models, loss (gain in nats) on the {ev['split']} split: {models}.")
+    return "\n\n".join(lines)
+
+
+def _replace_block(path: Path, begin: str, end: str, text: str) -> None:
+    doc = path.read_text()
+    i, j = doc.find(begin), doc.find(end)
+    if i < 0 or j < i:
+        raise SystemExit(f"{path} has no {begin} ... {end} block")
+    path.write_text(doc[: i + len(begin)] + "\n" + text + "\n" + doc[j:])
+
+
 def report(out_readme: Path, out_bench: Path) -> None:
     rows = [json.loads(x) for x in LOG.read_text().splitlines() if x.strip()]
     last = {r["config"]: r for r in rows}  # the latest measurement of each config
-    text = readme_text(list(last.values()))
-    readme = out_readme.read_text()
-    i, j = readme.find(BEGIN), readme.find(END)
-    if i < 0 or j < i:
-        raise SystemExit(f"{out_readme} has no {BEGIN} ... {END} block")
-    out_readme.write_text(readme[: i + len(BEGIN)] + "\n" + text + "\n" + readme[j:])
+    _replace_block(out_readme, BEGIN, END, readme_text(list(last.values())))
+    _replace_block(out_readme, RESULTS_BEGIN, RESULTS_END, results_text(list(last.values())))
     seen = {s for r in last.values() for run in ("cold", "cached_teacher") for s in r[run]["stages"]}
     stages = [s for s in STAGE_NAMES if s in seen]
     table_rows = []

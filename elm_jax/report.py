@@ -329,18 +329,21 @@ def build_report(workdir: str | os.PathLike, plots: bool = True) -> str:
         if bow is not None:
             lines += [f"Bag-of-words logistic regression, fine-tuning test accuracy: {fmt(bow)}."]
         lines += [""]
+    reused = (teacher or {}).get("cache", {}).get("reused")
+    origin = (f" Reused from the teacher cache (key {teacher['cache'].get('key')}): trained once for "
+              f"this corpus, tokenizer, config, seed and code." if reused else "")
     if "teacher" in evaluate:
         t = evaluate["teacher"]
         g = t.get("gain_nats")
         gain = "" if g is None else f" (gain {fmt(g)} nats{'' if g > 0 else ': no gain'})"
         lines += [(f"Teacher: {fmt(t.get('params'))} parameters, validation loss {fmt(t.get('loss'))}{gain}, "
-                   f"perplexity {fmt(t.get('perplexity'))}."), ""]
+                   f"perplexity {fmt(t.get('perplexity'))}.{origin}"), ""]
     elif teacher:
         ev = teacher.get("eval", {})
         g = teacher.get("gain_nats")
         gain = "" if g is None else f" (gain {fmt(g)} nats{'' if g > 0 else ': no gain'})"
         lines += [(f"Teacher: {fmt(teacher.get('num_params'))} parameters, validation loss "
-                   f"{fmt(ev.get('loss'))}{gain}, perplexity {fmt(ev.get('perplexity'))}."), ""]
+                   f"{fmt(ev.get('loss'))}{gain}, perplexity {fmt(ev.get('perplexity'))}.{origin}"), ""]
     rows = model_rows(wd)
     if rows:
         lines += markdown_table(MODEL_HEADER, rows)

@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from elm_jax.fileio import atomic_directory
+from elm_jax.fileio import atomic_directory, atomic_write_bytes
 from elm_jax.models.io import is_model_dir
 from elm_jax.workdir import fields_under
 
@@ -53,6 +53,7 @@ CODE_FILES: tuple[str, ...] = (
 SUMMARY_FILE = "result.json"
 KEY_FILE = "key.json"
 MODEL_DIR = "model"
+LOG_FILES = ("metrics.jsonl",)  # the training curve (the report plots it)
 
 
 def code_version(root: str | os.PathLike | None = None) -> str:
@@ -110,25 +111,34 @@ def _key_lock(cache_root: str | os.PathLike, key: str) -> Iterator[None]:
         os.close(fd)
 
 
-def store(cache_root: str | os.PathLike, key: str, parts: dict[str, Any], model_dir: str | os.PathLike,
+def store(cache_root: str | os.PathLike, key: str, parts: dict[str, Any], stage_dir: str | os.PathLike,
           summary: dict[str, Any]) -> Path:
-    """Copies a trained teacher (``model_dir`` and its summary) into the cache under ``key``;
-    an entry that is already complete is kept as it is. Returns the entry directory."""
+    """Copies a trained teacher (``stage_dir/model``, its training log :data:`LOG_FILES` and its
+    summary) into the cache under ``key``; an entry that is already complete is kept as it is.
+    Returns the entry directory."""
+    stage_dir = Path(stage_dir)
     with _key_lock(cache_root, key):
         found = lookup(cache_root, key)
         if found is not None:
             return found
         d = entry_dir(cache_root, key)
         with atomic_directory(d) as tmp:
-            shutil.copytree(model_dir, tmp / MODEL_DIR)
+            shutil.copytree(stage_dir / MODEL_DIR, tmp / MODEL_DIR)
+            for name in LOG_FILES:
+                if (stage_dir / name).is_file():
+                    shutil.copy(stage_dir / name, tmp / name)
             (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
             (tmp / KEY_FILE).write_text(json.dumps({"key": key, **parts}, indent=2, sort_keys=True) + "\n")
         return d
 
 
-def restore(entry: str | os.PathLike, model_dir: str | os.PathLike) -> dict[str, Any]:
-    """Copies the cached model into ``model_dir`` (atomically) and returns its summary."""
-    entry = Path(entry)
-    with atomic_directory(model_dir) as tmp:
+def restore(entry: str | os.PathLike, stage_dir: str | os.PathLike) -> dict[str, Any]:
+    """Copies the cached model into ``stage_dir/model`` (atomically) and its training log beside
+    it (so the report still plots the teacher's curve); returns the cached summary."""
+    entry, stage_dir = Path(entry), Path(stage_dir)
+    with atomic_directory(stage_dir / MODEL_DIR) as tmp:
         shutil.copytree(entry / MODEL_DIR, tmp, dirs_exist_ok=True)
+    for name in LOG_FILES:
+        if (entry / name).is_file():
+            atomic_write_bytes(stage_dir / name, (entry / name).read_bytes())
     return json.loads((entry / SUMMARY_FILE).read_text())

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from ml_collections import ConfigDict
 
-from elm_jax import engine, teacher_cache
+from elm_jax import engine, report, teacher_cache
 from elm_jax.config import ConfigError, load_config, validate
 from elm_jax.data.prepare import prepare_data
 from elm_jax.models.io import CONFIG_FILE, PARAMS_FILE
@@ -83,6 +83,13 @@ def test_trained_once_then_reused_bit_for_bit(cfg, data, cache_root, tmp_path, m
         a = (tmp_path / "w1" / "teacher" / "model" / f).read_bytes()
         assert (tmp_path / "w2" / "teacher" / "model" / f).read_bytes() == a
     assert json.loads((tmp_path / "w2" / "teacher" / "result.json").read_text()) == second
+    # the training curve comes along, and the report says where the teacher came from
+    log = (tmp_path / "w1" / "teacher" / "metrics.jsonl").read_bytes()
+    assert log and (tmp_path / "w2" / "teacher" / "metrics.jsonl").read_bytes() == log
+    assert report.main([f"--workdir={tmp_path / 'w2'}"]) == 0
+    assert f"Reused from the teacher cache (key {key})" in capsys.readouterr().out
+    assert report.main([f"--workdir={tmp_path / 'w1'}"]) == 0
+    assert "Reused from the teacher cache" not in capsys.readouterr().out
     # the reused teacher still says it learnt nothing (the tiny test teacher does not)
     assert second["learned"] is False and "warning: no gain over the trivial answer" in out
 
@@ -145,9 +152,9 @@ def test_incomplete_entry_is_a_miss_and_store_keeps_the_first(tmp_path):
     src.mkdir()
     (src / CONFIG_FILE).write_text("{}")
     (src / PARAMS_FILE).write_bytes(b"x")
-    entry = teacher_cache.store(tmp_path / "c", "k", {"code": "1"}, src, {"eval": {"loss": 1.0}})
+    entry = teacher_cache.store(tmp_path / "c", "k", {"code": "1"}, tmp_path, {"eval": {"loss": 1.0}})
     assert teacher_cache.lookup(tmp_path / "c", "k") == entry
-    again = teacher_cache.store(tmp_path / "c", "k", {"code": "1"}, src, {"eval": {"loss": 2.0}})
+    again = teacher_cache.store(tmp_path / "c", "k", {"code": "1"}, tmp_path, {"eval": {"loss": 2.0}})
     assert again == entry and json.loads((entry / "result.json").read_text())["eval"]["loss"] == 1.0
     (entry / teacher_cache.KEY_FILE).unlink()  # e.g. damaged by hand: no longer complete
     assert teacher_cache.lookup(tmp_path / "c", "k") is None

@@ -78,7 +78,7 @@ def run(cfg, workdir: str | os.PathLike, data: DataBundle) -> dict[str, Any]:
     kind = cfg.teacher.source.partition(":")[0]
     cache = _cache_plan(cfg, data) if kind == "train" else None
     if cache is not None and cache["entry"] is not None:
-        return _reuse(cache, model_dir, summary_path)
+        return _reuse(cache, out_dir, summary_path)
 
     mesh = sharding.make_mesh(cfg.mesh)
     trivial = context_free.trivial_loss_of(data)
@@ -109,7 +109,7 @@ def run(cfg, workdir: str | os.PathLike, data: DataBundle) -> dict[str, Any]:
         save_model(model_dir, model, meta={"role": "teacher", "source": cfg.teacher.source,
                                                   "eval": eval_metrics})
         if cache is not None and summary.get("gain_nats") is not None:  # a finite loss: worth keeping
-            entry = teacher_cache.store(cache["root"], cache["key"], cache["parts"], model_dir, summary)
+            entry = teacher_cache.store(cache["root"], cache["key"], cache["parts"], out_dir, summary)
             print(f"[teacher] stored in the teacher cache ({entry}): a work directory with the same "
                   f"corpus, tokenizer, config, seed and code reuses it")
             summary["cache"] = {"key": cache["key"], "reused": False}
@@ -145,11 +145,11 @@ def _cache_plan(cfg, data: DataBundle) -> dict[str, Any] | None:
     return {"root": root, "key": key, "parts": parts, "entry": found}
 
 
-def _reuse(cache: dict[str, Any], model_dir, summary_path) -> dict[str, Any]:
+def _reuse(cache: dict[str, Any], out_dir, summary_path) -> dict[str, Any]:
     """Copies the cached teacher into the work directory; its summary says where it came from."""
     entry = cache["entry"]
     if is_main_process():
-        summary = teacher_cache.restore(entry, model_dir)
+        summary = teacher_cache.restore(entry, out_dir)
         atomic_write_json(summary_path, summary | {"cache": {"key": cache["key"], "reused": True}})
     sync("teacher_cache_restore")
     summary = json.loads(summary_path.read_text())  # the work directory is shared by all processes
