@@ -2,8 +2,8 @@
 
 Training the demo teacher is most of what ``make run`` costs (minutes on a laptop), and it is the
 same teacher in every work directory made with the same inputs. So the teacher stage stores the
-teacher it trained under ``<data cache dir>/teachers/<key>/`` (its model directory and its
-``result.json``), and a later work directory with the same key copies it instead of training,
+teacher it trained under ``<data cache dir>/teachers/<key>/`` (its model directory, its
+``result.json``, its training log and ``key.json``, the parts of the key), and a later work directory with the same key copies it instead of training,
 saying so in one line. ``--config.teacher.cache=False`` trains anyway (and stores nothing).
 
 The key is ``sha256`` over the canonical JSON of four parts (:func:`key_parts`):

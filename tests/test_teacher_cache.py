@@ -167,3 +167,14 @@ def test_cache_field_is_not_a_config_change_and_must_be_a_bool(cfg):
     bad.teacher.cache = "yes"
     with pytest.raises(ConfigError, match="teacher.cache: must be True or False"):
         validate(bad, ["teacher"])
+
+
+def test_unwritable_cache_is_a_warning_not_a_lost_teacher(cfg, data, tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    monkeypatch.setattr(teacher_stage, "cache_dir_of", lambda data_cfg: blocker / "cache")
+    summary = teacher_stage.run(cfg, tmp_path / "w", data)
+    out = capsys.readouterr().out
+    assert "warning: could not store the teacher in the teacher cache" in out
+    assert "cache" not in summary and (tmp_path / "w" / "teacher" / "result.json").is_file()
+    assert summary["train"]["final_step"] == cfg.teacher.train.steps

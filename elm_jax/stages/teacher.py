@@ -109,10 +109,15 @@ def run(cfg, workdir: str | os.PathLike, data: DataBundle) -> dict[str, Any]:
         save_model(model_dir, model, meta={"role": "teacher", "source": cfg.teacher.source,
                                                   "eval": eval_metrics})
         if cache is not None and summary.get("gain_nats") is not None:  # a finite loss: worth keeping
-            entry = teacher_cache.store(cache["root"], cache["key"], cache["parts"], out_dir, summary)
-            print(f"[teacher] stored in the teacher cache ({entry}): a work directory with the same "
-                  f"corpus, tokenizer, config, seed and code reuses it")
-            summary["cache"] = {"key": cache["key"], "reused": False}
+            try:
+                entry = teacher_cache.store(cache["root"], cache["key"], cache["parts"], out_dir, summary)
+            except OSError as e:  # a full or read-only cache must not cost the teacher just trained
+                print(f"[teacher] warning: could not store the teacher in the teacher cache "
+                      f"({cache['root']}: {e}); this work directory is complete, later ones train anew")
+            else:
+                print(f"[teacher] stored in the teacher cache ({entry}): a work directory with the same "
+                      f"corpus, tokenizer, config, seed and code reuses it")
+                summary["cache"] = {"key": cache["key"], "reused": False}
         atomic_write_json(summary_path, summary)
     if eval_metrics:
         nan = float("nan")  # a non-finite loss (e.g. after skipped steps) has no perplexity
