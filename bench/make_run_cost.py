@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Sequence
 
 from report_util import machine, markdown_table, replace_section
 
@@ -51,10 +52,13 @@ def _commit() -> str:
                           text=True).stdout.strip()
 
 
-def timed_run(config: str, workdir: Path, cache: Path, log_path: Path) -> dict:
-    """One ``make run``-equivalent process: total seconds and seconds per stage."""
+def timed_run(config: str, workdir: Path, cache: Path | None, log_path: Path,
+              extra: Sequence[str] = ()) -> dict:
+    """One ``make run``-equivalent process (``extra``: more command-line flags, e.g. ``--stages=``
+    or ``--config.F=V``; ``cache=None``: the default data cache): total seconds, seconds per stage
+    and the run's figures (:func:`run_results`)."""
     cmd = [sys.executable, "-u", "-m", "elm_jax.main", f"--config={config}", f"--workdir={workdir}",
-           f"--config.data.cache_dir={cache}"]
+           *([f"--config.data.cache_dir={cache}"] if cache is not None else []), *extra]
     marks: list[tuple[str, float]] = [("data", 0.0)]
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
@@ -83,7 +87,7 @@ def run_results(workdir: Path) -> dict:
             | {"loss": teacher["eval"].get("loss"), "accuracy": teacher["eval"].get("correct"),
                "steps": teacher.get("train", {}).get("final_step")},
             "evaluate": {"split": evaluation.get("split"), "baselines": evaluation.get("baselines"),
-                         "models": {name: {k: m.get(k) for k in ("loss", "accuracy", "gain_nats", "params")}
+                         "models": {name: {k: m.get(k) for k in ("kind", "loss", "accuracy", "gain_nats", "params")}
                                     for name, m in evaluation.get("models", {}).items()}}}
 
 

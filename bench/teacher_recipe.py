@@ -92,8 +92,9 @@ RECIPE_FIELDS = ("task", "data.tokenizer.vocab_size", "data.mask_rate", "data.ba
                  "teacher.train.decay_start_frac")
 
 
-def resolved_recipe(config: str, overrides: list[str], commit: str | None = None) -> dict:
-    """The settings that make a recipe (:data:`RECIPE_FIELDS`) of ``config`` with ``overrides``
+def resolved_recipe(config: str, overrides: list[str], commit: str | None = None,
+                    fields: tuple[str, ...] = RECIPE_FIELDS) -> dict:
+    """The settings that make a recipe (``fields``, default :data:`RECIPE_FIELDS`) of ``config`` with ``overrides``
     applied, so runs group by what they trained with, whether a value came from the config's
     defaults or an override. ``commit``: resolve with the config files as they were at that
     commit (for lines logged before the recipe was recorded); a field that did not exist then is
@@ -110,7 +111,7 @@ def resolved_recipe(config: str, overrides: list[str], commit: str | None = None
     cfg = load_config(f"{path}:{variant}" if variant else path)
     apply_overrides(cfg, overrides)
     out = {}
-    for f in RECIPE_FIELDS:
+    for f in fields:
         node = cfg
         for part in f.split("."):
             node = node.get(part) if hasattr(node, "get") else None

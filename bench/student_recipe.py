@@ -1,0 +1,175 @@
+"""Student recipes, logged: run the pipeline after the teacher as a user would and record how far
+every student gets below the trivial answer (issue 29 part 1).
+
+    python bench/student_recipe.py [--config=configs/mlm.py:demo] [--seeds 0,1,2]
+        [--set supernet.train.steps=1500 retrain.train.steps=600 ...] [--tag NAME]
+    python bench/student_recipe.py --report-only
+
+Each seed runs every stage (``python -m elm_jax.main``, one process, as ``make run`` does) in a
+fresh work directory with the persistent compilation cache off, so every student stage's wall time
+includes a cold compile. The data and teacher stages reuse the tokenizer and the teacher cached
+for the same key (:mod:`elm_jax.teacher_cache`; the first run of a seed trains and stores it), so
+a recipe is timed on its student stages. ``--stages`` leaves out stages (e.g. ``finetune``).
+
+Appends one JSON line to ``bench/results/student_recipe.jsonl``: the commit, config, overrides,
+the resolved student recipe (:data:`RECIPE_FIELDS`), seed, seconds per stage, the supernet's
+validation curve (``[step, loss]``), the search's scored fitness (best, the spread of all scored
+candidates), the context-free answer ``cf`` of the validation split and every evaluated model's
+loss, ``gain = cf - loss`` (nats) and parameters, the fine-tuning test accuracies when run, and the
+1-minute load average before and after. The "Student recipes" section of BENCHMARKS.md is then
+rewritten from all the lines, grouped by recipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from make_run_cost import _commit, timed_run  # noqa: E402  (bench/ is the script directory)
+from report_util import markdown_table, replace_section  # noqa: E402
+from teacher_recipe import resolved_recipe  # noqa: E402
+
+TITLE = "Student recipes"
+LOG = REPO / "bench" / "results" / "student_recipe.jsonl"
+STUDENT_STAGES = "data,teacher,supernet,search,export,retrain,finetune,evaluate"
+
+RECIPE_FIELDS = ("task", "data.mask_rate", "teacher.train.steps",
+                 "supernet.train.steps", "supernet.train.lr", "supernet.train.decay_start_frac",
+                 "supernet.gt_weight", "supernet.kd_loss", "supernet.sample_per", "supernet.sandwich",
+                 "supernet.epoch_steps", "search.eval_batches",
+                 "retrain.train.steps", "retrain.train.lr", "retrain.train.decay_start_frac",
+                 "retrain.gt_weight", "finetune.train.steps", "finetune.train.lr")
+
+
+def curve_of(metrics: Path, key: str = "eval/loss") -> list[list[float]]:
+    """``[step, value]`` of every record of ``key`` in an engine ``metrics.jsonl``."""
+    out = []
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            rec = json.loads(line)
+            if key in rec:
+                out.append([int(rec["step"]), float(rec[key])])
+    return out
+
+
+def search_fitness(workdir: Path) -> dict:
+    """Per budget: the best fitness and the spread (max - min, sample sd) of every scored candidate
+    (the search's own score cache, ``search/state_<budget>.json``)."""
+    out = {}
+    for state in sorted((workdir / "search").glob("state_*.json")):
+        scores = [float(v) for v in json.loads(state.read_text())["cache"].values()]
+        out[state.stem.removeprefix("state_")] = {
+            "scored": len(scores), "best": min(scores), "range": max(scores) - min(scores),
+            "sd": statistics.stdev(scores) if len(scores) > 1 else 0.0}
+    return out
+
+
+def finetune_accuracies(workdir: Path) -> dict:
+    path = workdir / "finetune" / "result.json"
+    if not path.is_file():
+        return {}
+    res = json.loads(path.read_text())
+    return {name: {k: v.get(k) for k in ("test_accuracy", "scratch_test_accuracy")}
+            for name, v in res.items() if isinstance(v, dict) and "test_accuracy" in v}
+
+
+def run_seed(config: str, seed: int, overrides: list[str], stages: str, tag: str,
+             keep: Path | None) -> dict:
+    tmp = Path(tempfile.mkdtemp(prefix=f"student_recipe_{tag}_s{seed}_", dir=keep))
+    ov = [*overrides, f"seed={seed}"]
+    load0 = os.getloadavg()[0]
+    run = timed_run(config, tmp / "w", None, tmp / "run.log",
+                    [f"--stages={stages}", "--config.compile_cache_dir=none",
+                     *[f"--config.{o}" for o in ov]])
+    load1 = os.getloadavg()[0]
+    w = tmp / "w"
+    ev = run["evaluate"]
+    cf = next(float(v) for k, v in ev["baselines"].items() if k.endswith("_loss"))
+    return {"date": datetime.date.today().isoformat(), "commit": _commit(), "config": config,
+            "overrides": overrides, "recipe": resolved_recipe(config, overrides, fields=RECIPE_FIELDS),
+            "tag": tag, "seed": seed, "stages_s": run["stages"], "total_s": run["total_s"],
+            "teacher_reused": run["teacher_reused"], "teacher_gain": run["teacher_gain_nats"],
+            "cf": cf, "models": ev["models"],
+            "supernet_curve": curve_of(w / "supernet" / "metrics.jsonl"),
+            "search": search_fitness(w), "finetune": finetune_accuracies(w),
+            "load_1m": [load0, load1], "workdir": str(w)}
+
+
+def _recipe_key(rec: dict) -> tuple:
+    return tuple(sorted(rec["recipe"].items()))
+
+
+def render(records: list[dict]) -> str:
+    rows, curves = [], []
+    for r in records:
+        recipe = {k.removeprefix("supernet.train.").removeprefix("retrain.train."): v
+                  for k, v in r["recipe"].items()}
+        models = r["models"]
+        found = [m for m in models.values() if m.get("kind") == "found"]
+        others = ", ".join(f"{n} {m['gain_nats']:+.3f}" for n, m in models.items()
+                           if m.get("kind") not in ("found", "teacher"))
+        fit = ", ".join(f"{b}: best {s['best']:.3f}, range {s['range']:.3f} over {s['scored']}"
+                        for b, s in r["search"].items())
+        ft = ", ".join(f"{n} {v['test_accuracy']:.3f}" + (f" (scratch {v['scratch_test_accuracy']:.3f})"
+                                                          if v.get("scratch_test_accuracy") is not None else "")
+                       for n, v in r["finetune"].items() if v.get("test_accuracy") is not None)
+        rows.append([r["recipe"]["task"], " ".join(r["overrides"]) or "(defaults)", str(r["seed"]),
+                     f"{r['cf']:.3f}", ", ".join(f"{m['gain_nats']:+.3f}" for m in found) or "-",
+                     others or "-", fit or "-", ft or "-",
+                     " / ".join(f"{s} {t:.0f}" for s, t in r["stages_s"].items() if s not in ("data", "teacher")),
+                     f"{r['total_s']:.0f}", r["commit"]])
+        curves.append(f"- `{r['config']}` {' '.join(r['overrides']) or '(defaults)'}, seed {r['seed']}: supernet "
+                      + " / ".join(f"{loss:.3f}@{step}" for step, loss in r["supernet_curve"])
+                      + f" (cf {r['cf']:.3f}; recipe {', '.join(f'{k}={v}' for k, v in recipe.items())})")
+    body = markdown_table(["task", "overrides", "seed", "cf", "found gain (nats)", "baselines' gain",
+                           "search fitness", "polarity test accuracy", "student stages s", "total s",
+                           "commit"], rows)
+    return (f"\n### {TITLE} ({records[-1]['date']})\n\n"
+            f"Command: `python bench/student_recipe.py --config=CONFIG --seeds S --set OVERRIDES` "
+            f"(one JSON line per run in `bench/results/student_recipe.jsonl`; this section is written "
+            f"from all of them)  \nMachine: {os.uname().machine}, {os.cpu_count()} cores; all stages in one "
+            f"process with the compile cache off, the teacher reused from the teacher cache\n\n"
+            f"Gain = the context-free answer of the validation split minus the model's validation loss "
+            f"(nats; positive: it learnt more than word frequencies). Search fitness: the search split's "
+            f"loss of the best scored candidate and the range over all scored ones.\n\n{body}\n\n"
+            f"Supernet validation curves (loss@step):\n\n" + "\n".join(curves) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="configs/mlm.py:demo")
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--set", nargs="*", default=[], help="dotted config overrides (without --config.)")
+    ap.add_argument("--stages", default=STUDENT_STAGES)
+    ap.add_argument("--tag", default="run")
+    ap.add_argument("--keep", default=None, help="directory for the work directories (default: /tmp)")
+    ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
+    args = ap.parse_args()
+    if not args.report_only:
+        for seed in [int(s) for s in args.seeds.split(",") if s.strip()]:
+            rec = run_seed(args.config, seed, list(args.set), args.stages, args.tag,
+                           Path(args.keep) if args.keep else None)
+            LOG.parent.mkdir(parents=True, exist_ok=True)
+            with open(LOG, "a") as f:
+                f.write(json.dumps(rec, sort_keys=True) + "\n")
+            found = {n: m["gain_nats"] for n, m in rec["models"].items() if m.get("kind") == "found"}
+            print(f"[student_recipe] seed {seed}: cf {rec['cf']:.4f}, found gain {found}, "
+                  f"total {rec['total_s']:.0f} s", flush=True)
+    records = [json.loads(x) for x in LOG.read_text().splitlines() if x.strip()]
+    text = render(records)
+    print(text)
+    replace_section(args.out, (TITLE,), text)
+
+
+if __name__ == "__main__":
+    main()

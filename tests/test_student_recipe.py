@@ -1,0 +1,66 @@
+"""bench/student_recipe.py: the figures it logs are read from a run's own files, and the BENCHMARKS
+section is written from the logged lines, never typed."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+import student_recipe  # noqa: E402
+
+
+def test_search_fitness_is_the_spread_of_every_scored_candidate(tmp_path):
+    scores = {"a": 4.31, "b": 4.27, "c": 4.40, "d": 4.29}
+    (tmp_path / "search").mkdir()
+    (tmp_path / "search" / "state_small.json").write_text(json.dumps({"cache": scores, "history": []}))
+    fit = student_recipe.search_fitness(tmp_path)
+    assert set(fit) == {"small"}
+    assert fit["small"]["scored"] == 4 and fit["small"]["best"] == pytest.approx(4.27)
+    assert fit["small"]["range"] == pytest.approx(4.40 - 4.27)
+    assert fit["small"]["sd"] == pytest.approx(statistics.stdev(scores.values()))
+
+
+def test_curve_reads_only_evaluation_records(tmp_path):
+    m = tmp_path / "metrics.jsonl"
+    m.write_text("\n".join(json.dumps(r) for r in [{"step": 10, "train/loss": 6.0},
+                                                    {"step": 500, "eval/loss": 4.7},
+                                                    {"step": 1000, "eval/loss": 4.5, "eval/gain": 0.8}]))
+    assert student_recipe.curve_of(m) == [[500, 4.7], [1000, 4.5]]
+    assert student_recipe.curve_of(tmp_path / "missing.jsonl") == []
+
+
+def _record(seed: int, found_gain: float) -> dict:
+    return {"date": "2026-12-05", "commit": "abc1234", "config": "configs/mlm.py:demo",
+            "overrides": ["supernet.train.steps=1500"], "seed": seed,
+            "recipe": {"task": "mlm", "supernet.train.steps": 1500, "retrain.train.steps": 600},
+            "stages_s": {"data": 9.0, "teacher": 4.0, "supernet": 480.0, "retrain": 300.0},
+            "total_s": 900.0, "cf": 5.363,
+            "models": {"teacher": {"kind": "teacher", "gain_nats": 1.214},
+                       "found_small": {"kind": "found", "gain_nats": found_gain},
+                       "small_matched_bert": {"kind": "baseline_matched", "gain_nats": 1.131}},
+            "supernet_curve": [[500, 4.685], [1500, 4.4]],
+            "search": {"small": {"scored": 49, "best": 4.273, "range": 0.035, "sd": 0.01}},
+            "finetune": {"found_small": {"test_accuracy": 0.6125, "scratch_test_accuracy": None}}}
+
+
+def test_section_is_written_from_the_lines(tmp_path, monkeypatch):
+    log = tmp_path / "student_recipe.jsonl"
+    log.write_text("".join(json.dumps(_record(s, g)) + "\n" for s, g in ((0, 1.0873), (1, 0.9121))))
+    monkeypatch.setattr(student_recipe, "LOG", log)
+    out = tmp_path / "BENCHMARKS.md"
+    out.write_text("# Benchmarks\n\n### Other (2026-01-01)\n\nkept\n")
+    monkeypatch.setattr(sys, "argv", ["student_recipe.py", "--report-only", f"--out={out}"])
+    student_recipe.main()
+    text = out.read_text()
+    assert "### Other (2026-01-01)\n\nkept" in text and text.count("### Student recipes") == 1
+    section = text[text.index("### Student recipes"):]
+    for figure in ("+1.087", "+0.912", "small_matched_bert +1.131", "best 4.273, range 0.035 over 49",
+                   "found_small 0.613", "supernet 480 / retrain 300", "4.685@500 / 4.400@1500"):
+        assert figure in section, figure
+    student_recipe.main()  # rewritten in place, not appended
+    assert out.read_text().count("### Student recipes") == 1
