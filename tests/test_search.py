@@ -16,6 +16,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from elm_jax.engine import sharding
+from elm_jax.engine.losses import weighted_cross_entropy
 from elm_jax.arch import Arch, LayerChoice
 from elm_jax.accounting import count_flops, count_params
 from elm_jax.models.elastic import init_supernet
@@ -102,6 +103,33 @@ def test_population_scores_equal_extracted_dense_models(mlm):
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
     assert np.ptp(got) > 0.1 and len(set(np.round(got, 3))) > 5  # architectures really differ
     assert scorer.compilations() == 1
+
+
+def test_row_sums_are_each_rows_loss_under_the_dense_model(mlm):
+    """The per-row sums behind the fitness's standard error: each row's loss, token count and
+    correct count equal the extracted dense model's on that row alone, and they add up to the
+    fitness."""
+    from elm_jax.models.extract import extract
+
+    space, widths, scorer = mlm
+    rng = np.random.default_rng(5)
+    archs = [space.sample(rng) for _ in range(3)]
+    rows = scorer.rows_of(archs)
+    b = scorer._batches_np
+    assert rows.shape == (3, b["inputs"].shape[0] * b["inputs"].shape[1], 3)
+    for a, got in zip(archs, rows):
+        dense = extract(scorer.net, widths, a)
+        ref = []
+        for k in range(b["inputs"].shape[0]):
+            out = dense(b["inputs"][k], b["mask"][k], b["segment_ids"][k])
+            for r in range(b["inputs"].shape[1]):
+                s = weighted_cross_entropy(out.logits[r:r + 1], b["targets"][k][r:r + 1], b["weights"][k][r:r + 1])
+                ref.append([float(s["loss_sum"]), float(s["weight_sum"]), float(s["correct_sum"])])
+        np.testing.assert_allclose(got, np.array(ref), atol=2e-4, rtol=1e-5)
+    np.testing.assert_allclose(rows[:, :, 0].sum(1) / rows[:, :, 1].sum(1), scorer.scores(archs), rtol=1e-12)
+    calls = scorer.calls
+    np.testing.assert_array_equal(scorer.rows_of(archs[::-1]), rows[::-1])  # kept, not rescored
+    assert scorer.calls == calls
 
 
 def test_clm_scores_and_perplexity():
@@ -382,8 +410,15 @@ def test_search_stage_end_to_end(tmp_path, capsys):
     val = [lm_eval_fn(dense, data.eval.global_batch(k)) for k in range(2)]
     assert abs(anyb["score"] - sum(float(x["loss_sum"]) for x in val)
                / sum(float(x["weight_sum"]) for x in val)) > 1e-3
-    lines = [l for l in capsys.readouterr().out.splitlines() if " loss " in l and "FLOPs" in l]
+    out_text = capsys.readouterr().out
+    lines = [l for l in out_text.splitlines() if " loss " in l and "FLOPs" in l]
     assert len(lines) == 2
+    # the fitness noise of each budget's scored candidates, printed and kept
+    noise = anyb["noise"]
+    assert noise["candidates"] == anyb["scored"] and noise["rows"] > 0
+    assert noise["range"] == pytest.approx(max(e["score"] for e in result["scored"]) - anyb["score"], rel=1e-6)
+    assert 0 < noise["paired_se"] and noise["ratio"] == pytest.approx(noise["spread"] / noise["paired_se"])
+    assert sum("fitness spread" in l and "paired SE" in l for l in out_text.splitlines()) == 2
     # a complete result is reused, not recomputed
     assert run_search_stage(cfg, tmp_path, data, progress=False) == json.loads(
         (out / "result.json").read_text())

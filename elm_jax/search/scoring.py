@@ -142,6 +142,7 @@ class PopulationScorer:
         self._batches = {k: _global_array(v, rep) for k, v in device_batches.items()}
         self._fn = jax.jit(self._build())
         self.calls = 0
+        self._rows: dict[str, np.ndarray] = {}  # arch_id -> [R, 3] of every architecture scored
         self._fingerprint: str | None = None
 
     # ------------------------------------------------------------------ compiled function
@@ -152,21 +153,24 @@ class PopulationScorer:
         def per_device(state: Any, arrays: ArchArrays, batches: dict) -> jax.Array:
             model = nnx.merge(graphdef, state)
 
+            def per_row(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
+                s = weighted_cross_entropy(logits[None], targets[None], weights[None])
+                return jnp.stack([s["loss_sum"], s["weight_sum"], s["correct_sum"]])
+
             def one_arch(arch: ArchArrays) -> jax.Array:
                 def one_batch(b: dict) -> jax.Array:
                     if "positions" in b:  # LM head only at the scored positions
                         out = model(b["inputs"], arch, b["mask"], b["segment_ids"],
                                     head_positions_BxK=b["positions"])
-                        s = weighted_cross_entropy(out.logits, b["targets_k"], b["weights_k"])
-                    else:
-                        out = model(b["inputs"], arch, b["mask"], b["segment_ids"])
-                        s = weighted_cross_entropy(out.logits, b["targets"], b["weights"])
-                    return jnp.stack([s["loss_sum"], s["weight_sum"], s["correct_sum"]])
+                        return jax.vmap(per_row)(out.logits, b["targets_k"], b["weights_k"])
+                    out = model(b["inputs"], arch, b["mask"], b["segment_ids"])
+                    return jax.vmap(per_row)(out.logits, b["targets"], b["weights"])  # [B, 3]
 
-                return jax.lax.map(one_batch, batches).sum(axis=0)  # [3]
+                rows = jax.lax.map(one_batch, batches)  # [K, B, 3]
+                return rows.reshape(-1, 3)  # [K * B, 3]
 
-            local = jax.lax.map(one_arch, arrays)  # [C / devices, 3], one switch path per arch
-            return jax.lax.all_gather(local, axes, tiled=True)  # [C, 3] on every device
+            local = jax.lax.map(one_arch, arrays)  # [C / devices, R, 3], one switch path per arch
+            return jax.lax.all_gather(local, axes, tiled=True)  # [C, R, 3] on every device
 
         return jax.shard_map(per_device, mesh=self.mesh, in_specs=(P(), P(axes), P()),
                              out_specs=P(), check_vma=False)
@@ -186,12 +190,14 @@ class PopulationScorer:
 
     # ------------------------------------------------------------------ scoring
 
-    def sums(self, archs: Sequence[Arch]) -> np.ndarray:
-        """``float64 [P, 3]``: ``(loss_sum, weight_sum, correct_sum)`` of each architecture over
-        all batches, in the order given (padded slots dropped)."""
+    def row_sums(self, archs: Sequence[Arch]) -> np.ndarray:
+        """``float64 [P, R, 3]``: ``(loss_sum, weight_sum, correct_sum)`` of each architecture on
+        each of the ``R`` rows of the fixed batches (batch-major), in the order given (padded
+        slots dropped). Every result is also kept by ``arch_id`` (:meth:`rows_of`)."""
         archs = list(archs)
+        rows = self._batches_np["inputs"].shape[0] * self._batches_np["inputs"].shape[1]
         if not archs:
-            return np.zeros((0, 3), np.float64)
+            return np.zeros((0, rows, 3), np.float64)
         if self._capacity is None:
             self._capacity = self._round_up(len(archs))
         cap = self._capacity
@@ -204,7 +210,25 @@ class PopulationScorer:
             res = np.asarray(self._fn(self._state, arrays, self._batches), np.float64)
             self.calls += 1
             out.append(res[:len(chunk)])
-        return np.concatenate(out)
+        res = np.concatenate(out)
+        for a, r in zip(archs, res):
+            self._rows[a.arch_id] = r
+        return res
+
+    def rows_of(self, archs: Sequence[Arch]) -> np.ndarray:
+        """:meth:`row_sums` of ``archs``, scoring only those this scorer has not scored yet."""
+        archs = list(archs)
+        todo = list({a.arch_id: a for a in archs if a.arch_id not in self._rows}.values())
+        if todo:
+            self.row_sums(todo)
+        if not archs:
+            return self.row_sums([])
+        return np.stack([self._rows[a.arch_id] for a in archs])
+
+    def sums(self, archs: Sequence[Arch]) -> np.ndarray:
+        """``float64 [P, 3]``: ``(loss_sum, weight_sum, correct_sum)`` of each architecture over
+        all batches, in the order given (padded slots dropped)."""
+        return self.row_sums(archs).sum(axis=1)
 
     def evaluate(self, archs: Sequence[Arch]) -> dict[str, np.ndarray]:
         """``{loss, accuracy[, perplexity]}`` arrays ``[P]`` for a population."""

@@ -4,7 +4,9 @@ Loads ``WORKDIR/supernet/final``, the per-device latency table when latency is p
 scores candidates with :class:`~elm_jax.search.scoring.PopulationScorer` inside
 :func:`~elm_jax.search.evolution.evolutionary_search` for each budget of ``search.budgets``
 (:mod:`elm_jax.search.constraints`). Writes ``WORKDIR/search/result.json`` (per budget the best
-architecture, its score and measures, and the Pareto sets of :mod:`elm_jax.search.pareto`),
+architecture, its score and measures, ``noise``: the fitness spread of the scored candidates and
+its standard errors (:func:`~elm_jax.search.fitness_noise.population_noise`), also printed, and
+the Pareto sets of :mod:`elm_jax.search.pareto`),
 ``pareto.png`` and per-budget state files, so a restarted search resumes at the next generation.
 """
 
@@ -22,6 +24,7 @@ from elm_jax.arch import Arch
 from elm_jax.distributed import is_main_process
 from elm_jax.fileio import atomic_write_json
 from elm_jax.search.constraints import Constraints, SearchError, check_feasible, parse_budgets
+from elm_jax.search.fitness_noise import population_noise
 from elm_jax.search.evolution import ScoreCache, SearchResult, evolutionary_search
 from elm_jax.search.pareto import pareto_sets, plot_pareto
 from elm_jax.search.scoring import PopulationScorer
@@ -30,13 +33,24 @@ from elm_jax.search.scoring import PopulationScorer
 # The search stage
 # ----------------------------------------------------------------------------------
 
-def _budget_entry(res: SearchResult, task: str) -> dict[str, Any]:
+def _budget_entry(res: SearchResult, task: str, noise: Mapping[str, Any]) -> dict[str, Any]:
     e = {"arch": res.best.to_dict(), "arch_id": res.best.arch_id, "describe": res.best.describe(),
          "score": res.score, "params": res.params, "flops": res.flops,
-         "latency_ms": res.latency_ms, "history": res.history, "scored": len(res.scored)}
+         "latency_ms": res.latency_ms, "history": res.history, "scored": len(res.scored),
+         "noise": dict(noise)}
     if task == "clm":
         e["perplexity"] = math.exp(res.score)
     return e
+
+
+def _describe_noise(n: Mapping[str, Any]) -> str:
+    """One line: the fitness spread of the scored candidates beside its paired standard error."""
+    ratio = "n/a" if n["ratio"] is None else f"{n['ratio']:.1f}x"
+    verdict = ("" if n["ratio"] is None else "  (ranks signal)" if n["ratio"] >= 5
+               else "  RANKS MOSTLY NOISE: more search batches (search.eval_batches) sharpen it")
+    return (f"fitness spread (sd over {n['candidates']} scored) {n['spread']:.4f} nats, range "
+            f"{n['range']:.4f}; standard error on {n['rows']} rows: {n['se']:.4f} per candidate, "
+            f"{n['paired_se']:.4f} paired against the best; spread / paired SE = {ratio}{verdict}")
 
 
 def run(cfg: Any, workdir: str | os.PathLike, data: Any,
@@ -99,6 +113,7 @@ def run(cfg: Any, workdir: str | os.PathLike, data: Any,
     writer = is_main_process()
     cache = ScoreCache()
     results: dict[str, SearchResult] = {}
+    noise: dict[str, dict[str, Any]] = {}
     for c in constraints:
         def stop_if_preempted(generation: int, state: Mapping[str, Any], budget: str = c.name) -> None:
             if preemption.agreed():  # this generation's state is already written
@@ -110,10 +125,12 @@ def run(cfg: Any, workdir: str | os.PathLike, data: Any,
                                   out / f"state_{c.name}.json", progress=progress and writer,
                                   cache=cache, write_state=writer, callback=stop_if_preempted)
         results[c.name] = res
+        noise[c.name] = population_noise(scorer.rows_of([cache.archs[k] for k in res.scored]))
         ppl = f", perplexity {math.exp(res.score):.2f}" if space.task == "clm" else ""
         lat = f", {res.latency_ms:.3f} ms" if res.latency_ms is not None else ""
         print(f"[search] {c.describe()} -> {res.best.describe()}  loss {res.score:.4f}{ppl}, "
               f"{res.params:,} params, {res.flops:,} FLOPs{lat} ({len(res.scored)} scored)")
+        print(f"[search] {c.name}: {_describe_noise(noise[c.name])}")
 
     # every scored architecture of every budget, with its costs
     measure = Constraints.from_budget({"name": "all"}, space, widths, seq_len, latency_fn)
@@ -133,7 +150,7 @@ def run(cfg: Any, workdir: str | os.PathLike, data: Any,
     result = {"task": space.task, "complete": True, "seq_len": seq_len, "eval_batches": n_batches,
               "eval_split": data.search.split,
               "budget_names": names,
-              "budgets": {n: _budget_entry(r, space.task) for n, r in results.items()},
+              "budgets": {n: _budget_entry(r, space.task, noise[n]) for n, r in results.items()},
               "pareto": pareto, "scored": entries,
               "scorer": {"capacity": capacity, "devices": n_dev, "calls": scorer.calls,
                          "compilations": scorer.compilations()}}
