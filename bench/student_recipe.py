@@ -63,13 +63,20 @@ def curve_of(metrics: Path, key: str = "eval/loss") -> list[list[float]]:
 
 def search_fitness(workdir: Path) -> dict:
     """Per budget: the best fitness and the spread (max - min, sample sd) of every scored candidate
-    (the search's own score cache, ``search/state_<budget>.json``)."""
+    (the search's own score cache, ``search/state_<budget>.json``), and, where the search stage
+    wrote it, the spread's ratio to the paired standard error (``noise`` of ``search/result.json``,
+    :mod:`elm_jax.search.fitness_noise`)."""
     out = {}
+    result = workdir / "search" / "result.json"
+    budgets = json.loads(result.read_text()).get("budgets", {}) if result.is_file() else {}
     for state in sorted((workdir / "search").glob("state_*.json")):
         scores = [float(v) for v in json.loads(state.read_text())["cache"].values()]
-        out[state.stem.removeprefix("state_")] = {
-            "scored": len(scores), "best": min(scores), "range": max(scores) - min(scores),
-            "sd": statistics.stdev(scores) if len(scores) > 1 else 0.0}
+        name = state.stem.removeprefix("state_")
+        out[name] = {"scored": len(scores), "best": min(scores), "range": max(scores) - min(scores),
+                     "sd": statistics.stdev(scores) if len(scores) > 1 else 0.0}
+        noise = budgets.get(name, {}).get("noise")
+        if noise:
+            out[name].update(paired_se=noise["paired_se"], noise_ratio=noise["ratio"])
     return out
 
 
@@ -111,13 +118,13 @@ def _recipe_key(rec: dict) -> tuple:
 def render(records: list[dict]) -> str:
     rows, curves = [], []
     for r in records:
-        recipe = {k.removeprefix("supernet.train.").removeprefix("retrain.train."): v
-                  for k, v in r["recipe"].items()}
+        recipe = r["recipe"]
         models = r["models"]
         found = [m for m in models.values() if m.get("kind") == "found"]
         others = ", ".join(f"{n} {m['gain_nats']:+.3f}" for n, m in models.items()
                            if m.get("kind") not in ("found", "teacher"))
         fit = ", ".join(f"{b}: best {s['best']:.3f}, range {s['range']:.3f} over {s['scored']}"
+                        + (f", sd / paired SE {s['noise_ratio']:.1f}x" if s.get("noise_ratio") else "")
                         for b, s in r["search"].items())
         ft = ", ".join(f"{n} {v['test_accuracy']:.3f}" + (f" (scratch {v['scratch_test_accuracy']:.3f})"
                                                           if v.get("scratch_test_accuracy") is not None else "")
@@ -140,7 +147,9 @@ def render(records: list[dict]) -> str:
             f"process with the compile cache off, the teacher reused from the teacher cache\n\n"
             f"Gain = the context-free answer of the validation split minus the model's validation loss "
             f"(nats; positive: it learnt more than word frequencies). Search fitness: the search split's "
-            f"loss of the best scored candidate and the range over all scored ones.\n\n{body}\n\n"
+            f"loss of the best scored candidate, the range over all scored ones and, where recorded, "
+            f"their sd over the paired standard error of a fitness difference (at least 5x: the search "
+            f"ranks signal).\n\n{body}\n\n"
             f"Supernet validation curves (loss@step):\n\n" + "\n".join(curves) + "\n")
 
 

@@ -23,6 +23,11 @@ def test_search_fitness_is_the_spread_of_every_scored_candidate(tmp_path):
     assert fit["small"]["scored"] == 4 and fit["small"]["best"] == pytest.approx(4.27)
     assert fit["small"]["range"] == pytest.approx(4.40 - 4.27)
     assert fit["small"]["sd"] == pytest.approx(statistics.stdev(scores.values()))
+    assert "noise_ratio" not in fit["small"]  # no search/result.json: nothing claimed
+    noise = {"paired_se": 0.004, "ratio": 12.5}
+    (tmp_path / "search" / "result.json").write_text(json.dumps({"budgets": {"small": {"noise": noise}}}))
+    fit = student_recipe.search_fitness(tmp_path)
+    assert fit["small"]["paired_se"] == 0.004 and fit["small"]["noise_ratio"] == 12.5
 
 
 def test_curve_reads_only_evaluation_records(tmp_path):
@@ -44,7 +49,8 @@ def _record(seed: int, found_gain: float) -> dict:
                        "found_small": {"kind": "found", "gain_nats": found_gain},
                        "small_matched_bert": {"kind": "baseline_matched", "gain_nats": 1.131}},
             "supernet_curve": [[500, 4.685], [1500, 4.4]],
-            "search": {"small": {"scored": 49, "best": 4.273, "range": 0.035, "sd": 0.01}},
+            "search": {"small": {"scored": 49, "best": 4.273, "range": 0.035, "sd": 0.01,
+                                 **({"noise_ratio": 2.5} if seed else {})}},
             "finetune": {"found_small": {"test_accuracy": 0.6125, "scratch_test_accuracy": None}}}
 
 
@@ -60,6 +66,7 @@ def test_section_is_written_from_the_lines(tmp_path, monkeypatch):
     assert "### Other (2026-01-01)\n\nkept" in text and text.count("### Student recipes") == 1
     section = text[text.index("### Student recipes"):]
     for figure in ("+1.087", "+0.912", "small_matched_bert +1.131", "best 4.273, range 0.035 over 49",
+                   "range 0.035 over 49, sd / paired SE 2.5x", "retrain.train.steps=600",
                    "found_small 0.613", "supernet 480 / retrain 300", "4.685@500 / 4.400@1500"):
         assert figure in section, figure
     student_recipe.main()  # rewritten in place, not appended
