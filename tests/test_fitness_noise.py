@@ -67,3 +67,18 @@ def test_population_noise_summary():
     assert fn.population_noise(pop[:1])["ratio"] is None
     with pytest.raises(ValueError, match="rows"):
         fn.population_noise(pop[0])
+
+
+def test_population_noise_does_not_depend_on_the_candidates_order():
+    """A resumed search lists its scored candidates in another order (its cache comes back from
+    the saved state): the summary must be the same, bit for bit, so a resumed run's result.json
+    equals an uninterrupted one's."""
+    rng = np.random.default_rng(3)
+    weight = rng.integers(1, 9, size=(16, 1)).astype(np.float64)
+    rows = np.concatenate([np.abs(rng.normal(5.0, 1.0, size=(11, 16, 1))) * weight,
+                           np.broadcast_to(weight, (11, 16, 1)),
+                           np.zeros((11, 16, 1))], axis=-1)
+    ref = fn.population_noise(rows)
+    for seed in range(20):
+        perm = np.random.default_rng(seed).permutation(len(rows))
+        assert fn.population_noise(rows[perm]) == ref

@@ -68,6 +68,9 @@ def population_noise(rows_PxRx3: np.ndarray) -> dict[str, Any]:
     rows = np.asarray(rows_PxRx3, np.float64)
     if rows.ndim != 3 or rows.shape[-1] != 3 or rows.shape[0] < 1:
         raise ValueError(f"expected rows [P, R, 3], got shape {rows.shape}")
+    # a canonical order (lexicographic in the rows): the summary is a function of the *set* of
+    # candidates, bit for bit, whatever order a (resumed) search lists them in
+    rows = rows[np.lexsort(rows.reshape(rows.shape[0], -1).T[::-1])]
     fit = np.array([_residuals(r)[1] for r in rows])
     best = int(np.argmin(fit))
     se = [fitness_se(r) for r in rows]
