@@ -38,6 +38,8 @@ from make_run_cost import _commit, timed_run  # noqa: E402  (bench/ is the scrip
 from report_util import markdown_table, replace_section  # noqa: E402
 from teacher_recipe import resolved_recipe  # noqa: E402
 
+from elm_jax.evaluation import COMPARISONS, finetune_accuracy  # noqa: E402
+
 TITLE = "Student recipes"
 LOG = REPO / "bench" / "results" / "student_recipe.jsonl"
 STUDENT_STAGES = "data,teacher,supernet,search,export,retrain,finetune,evaluate"
@@ -81,12 +83,26 @@ def search_fitness(workdir: Path) -> dict:
 
 
 def finetune_accuracies(workdir: Path) -> dict:
+    """Per fine-tuned model: the first seed's and the reported (mean over seeds) test accuracy,
+    every seed's, the from-scratch mean, and each paired comparison's difference, interval and
+    verdict (``finetune/result.json``, :mod:`elm_jax.stages.finetune`)."""
     path = workdir / "finetune" / "result.json"
     if not path.is_file():
         return {}
     res = json.loads(path.read_text())
-    return {name: {k: v.get(k) for k in ("test_accuracy", "scratch_test_accuracy")}
-            for name, v in res.items() if isinstance(v, dict) and "test_accuracy" in v}
+    out = {}
+    for name, v in res.items():
+        if not (isinstance(v, dict) and "test_accuracy" in v):
+            continue
+        out[name] = {k: v.get(k) for k in ("test_accuracy", "scratch_test_accuracy")}
+        out[name]["mean_test_accuracy"] = finetune_accuracy(v)
+        for key, field in (("seeds", "seed_accuracies"), ("scratch", "scratch_accuracies")):
+            if v.get(key):
+                out[name][field] = v[key]["test_accuracy"]
+        if v.get("comparisons"):
+            out[name]["comparisons"] = {k: {f: c[f] for f in ("diff", "lo", "hi", "level", "verdict")}
+                                        for k, c in v["comparisons"].items()}
+    return out
 
 
 def run_seed(config: str, seed: int, overrides: list[str], stages: str, tag: str,
@@ -115,6 +131,19 @@ def _recipe_key(rec: dict) -> tuple:
     return tuple(sorted(rec["recipe"].items()))
 
 
+def _finetune_cell(name: str, v: dict) -> str:
+    """``name acc`` (the mean over seeds when several), the from-scratch mean and each paired
+    comparison's 90% interval."""
+    acc = v.get("mean_test_accuracy", v["test_accuracy"])
+    seeds = v.get("seed_accuracies")
+    cell = f"{name} {acc:.3f}" + (f" (mean of {len(seeds)} seeds)" if seeds else "")
+    if v.get("scratch_test_accuracy") is not None:
+        cell += f", scratch {v['scratch_test_accuracy']:.3f}"
+    for k, c in (v.get("comparisons") or {}).items():
+        cell += f"; {COMPARISONS.get(k, k)} {c['diff']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}]"
+    return cell
+
+
 def render(records: list[dict]) -> str:
     rows, curves = [], []
     for r in records:
@@ -126,9 +155,7 @@ def render(records: list[dict]) -> str:
         fit = ", ".join(f"{b}: best {s['best']:.3f}, range {s['range']:.3f} over {s['scored']}"
                         + (f", sd / paired SE {s['noise_ratio']:.1f}x" if s.get("noise_ratio") else "")
                         for b, s in r["search"].items())
-        ft = ", ".join(f"{n} {v['test_accuracy']:.3f}" + (f" (scratch {v['scratch_test_accuracy']:.3f})"
-                                                          if v.get("scratch_test_accuracy") is not None else "")
-                       for n, v in r["finetune"].items() if v.get("test_accuracy") is not None)
+        ft = ", ".join(_finetune_cell(n, v) for n, v in r["finetune"].items() if v.get("test_accuracy") is not None)
         rows.append([r["recipe"]["task"], " ".join(r["overrides"]) or "(defaults)", str(r["seed"]),
                      f"{r['cf']:.3f}", ", ".join(f"{m['gain_nats']:+.3f}" for m in found) or "-",
                      others or "-", fit or "-", ft or "-",

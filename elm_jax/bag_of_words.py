@@ -47,7 +47,9 @@ def metrics(pred: np.ndarray, labels: np.ndarray, names: Sequence[str], num_clas
 def fit_and_score(task: Any, vocab_size: int, specials: Sequence[int], seed: int = 0) -> dict[str, Any]:
     """Fits the bag-of-words regression on ``task.train`` (a :class:`~elm_jax.data.tasks.TaskData`),
     selects ``C`` on ``task.validation`` by ``task.metric_names[0]`` and scores every test split:
-    ``{C, holdout_score, holdout_by_C, validation_metrics, test_accuracy, test_metrics, tests}``."""
+    ``{C, holdout_score, holdout_by_C, validation_metrics, test_accuracy, test_metrics, tests,
+    test_correct}`` (``test_correct``: 1 / 0 per example of the first test split, in its order, for
+    the paired comparisons of :mod:`elm_jax.paired_bootstrap`)."""
     from sklearn.linear_model import LogisticRegression
 
     x = {k: features(v, vocab_size, specials) for k, v in
@@ -69,6 +71,7 @@ def fit_and_score(task: Any, vocab_size: int, specials: Sequence[int], seed: int
     holdout, c, clf = best
     tests = {k: score(clf, k) for k in task.tests}
     first = next(iter(task.tests))
+    correct = (clf.predict(x[first]) == np.asarray(y[first])).astype(int).tolist()
     return {"C": c, "selection_metric": metric, "holdout_score": holdout, "holdout_by_C": by_c,
             "validation_metrics": score(clf, "validation"), "test_accuracy": tests[first]["accuracy"],
-            "test_metrics": tests[first], "tests": tests}
+            "test_metrics": tests[first], "tests": tests, "test_correct": correct}

@@ -282,6 +282,8 @@ def validate(cfg: ml_collections.ConfigDict, stages: Sequence[str] | None = None
     if "finetune" in stages and cfg.task == "mlm":
         validate_train(cfg, "finetune.train")
         _int(cfg, "finetune.batch_size", 1)
+        _int(cfg, "finetune.seeds", 1)
+        _bool(cfg, "finetune.scratch")
         from elm_jax.data.corpus import DataError
         from elm_jax.data.glue import parse_task
 

@@ -1,6 +1,8 @@
 """The schema of ``evaluate/result.json`` (written by :mod:`elm_jax.stages.evaluate`, whose
 docstring lists its fields) and its readers, which also read the files written before it (schema
-1: a flat model name -> metrics map)."""
+1: a flat model name -> metrics map); and the readers of a fine-tuned model's entry of
+``finetune/result.json`` (:mod:`elm_jax.stages.finetune`) that the evaluate stage, the report and
+the finetune stage's own log share."""
 
 from __future__ import annotations
 
@@ -23,3 +25,35 @@ def baseline_loss(result: Mapping[str, Any]) -> float | None:
     """The trivial answer's loss of an ``evaluate/result.json`` (``None`` before schema 2)."""
     b = result.get("baselines", {}) if "schema_version" in result else {}
     return next((b[k] for k in KEY.values() if b.get(k) is not None), None)
+
+
+def finetune_accuracy(entry: Mapping[str, Any]) -> float | None:
+    """The test accuracy a fine-tuned model is reported with (an entry of
+    ``finetune/result.json``): the mean over its seeds when several were run, else its one run's."""
+    seeds = entry.get("seeds")
+    if isinstance(seeds, Mapping) and seeds.get("mean_test_accuracy") is not None:
+        return float(seeds["mean_test_accuracy"])
+    return entry.get("test_accuracy")
+
+
+#: What each of a fine-tuned entry's ``comparisons`` is (a minus b).
+COMPARISONS = {"minus_bag_of_words": "minus bag-of-words",
+               "pretrained_minus_scratch": "pre-trained minus from scratch"}
+
+
+def comparison_lines(entry: Mapping[str, Any]) -> list[str]:
+    """One line per seed summary (``seeds``, ``scratch``) and paired bootstrap comparison
+    (``comparisons``) of a fine-tuned model's entry (:mod:`elm_jax.stages.finetune`)."""
+    lines = []
+    for key, what in (("seeds", "pre-trained"), ("scratch", "from scratch")):
+        r = entry.get(key)
+        if r:
+            sd = "" if r["sd_test_accuracy"] is None else f" (sd {r['sd_test_accuracy']:.4f})"
+            accs = ", ".join(f"{a:.4f}" for a in r["test_accuracy"])
+            lines.append(f"{what}, seeds {r['seeds']}: test accuracy {accs}; mean "
+                         f"{r['mean_test_accuracy']:.4f}{sd}")
+    for key, c in (entry.get("comparisons") or {}).items():
+        lines.append(f"{COMPARISONS.get(key, key)}: {c['diff']:+.4f} accuracy, {round(c['level'] * 100)}% "
+                     f"paired bootstrap [{c['lo']:+.4f}, {c['hi']:+.4f}] over {c['examples']} test "
+                     f"examples x {c['runs_a']} / {c['runs_b']} runs: {c['verdict']}")
+    return lines

@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 from elm_jax.fileio import atomic_write_bytes
 from elm_jax.pipeline import STAGES
-from elm_jax.evaluation import baseline_loss, model_results
+from elm_jax.evaluation import baseline_loss, comparison_lines, finetune_accuracy, model_results
 
 # The file each stage writes last: the stage is complete when it exists (the pipeline's registry).
 STAGE_OUTPUTS = {s.name: s.outputs[-1] for s in STAGES}
@@ -268,7 +268,7 @@ def model_rows(workdir: str | os.PathLike) -> list[list[Any]]:
                      e.get("param_gap"), e.get("flops"), e.get("predicted_latency_ms"),
                      e.get("measured_latency_ms"),
                      rt.get("before", {}).get("loss"), ev.get("loss"), _gain(ev), ev.get("perplexity"),
-                     ft.get("test_accuracy")])
+                     finetune_accuracy(ft)])
     return rows
 
 
@@ -282,8 +282,9 @@ def _gain(entry: Mapping[str, Any]) -> str | None:
 
 def finetune_lines(finetune: Mapping[str, Any]) -> list[str]:
     """What the fine-tune column means: the task, its own test metrics per model (F1 for
-    MRPC/QQP, Matthews correlation for CoLA), the distillation setting and the fine-tuned
-    teacher's test metrics when KD was used."""
+    MRPC/QQP, Matthews correlation for CoLA), every seed's and the from-scratch runs' accuracies
+    with the paired comparisons (against bag-of-words; pre-trained minus scratch), the
+    distillation setting and the fine-tuned teacher's test metrics when KD was used."""
     models = {k: v for k, v in finetune.items() if k != "teacher" and isinstance(v, Mapping)}
     if not models:
         return []
@@ -298,6 +299,7 @@ def finetune_lines(finetune: Mapping[str, Any]) -> list[str]:
         if extra:
             tm = v.get("test_metrics", {})
             lines.append(f"- {name}: " + ", ".join(f"test {m} {fmt(tm.get(m))}" for m in extra))
+        lines += [f"- {name}: {line}" for line in comparison_lines(v)]
     t = finetune.get("teacher")
     if isinstance(t, Mapping):
         tm = t.get("test_metrics", {})

@@ -52,4 +52,6 @@ def test_bag_of_words_selects_c_on_the_holdout_and_scores_the_test_split():
     assert got["C"] == c and got["holdout_score"] == pytest.approx(best)
     clf = LogisticRegression(C=c, max_iter=2000).fit(x["train"], task.train["labels"])
     assert got["test_accuracy"] == pytest.approx(np.mean(clf.predict(x["test"]) == task.tests["test"]["labels"]))
+    # per test example, in order: what the paired comparisons with fine-tuned models resample
+    assert got["test_correct"] == (clf.predict(x["test"]) == task.tests["test"]["labels"]).astype(int).tolist()
     assert got["test_accuracy"] > 0.8  # the rule is a bag-of-words rule: the floor finds it

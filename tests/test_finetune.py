@@ -128,6 +128,7 @@ def test_missing_glue_dataset_says_how_to_prepare_it(tmp_path):
     ("finetune.temperature", 0.0, "must be >"),
     ("finetune.holdout_frac", 1.0, "must be < 1"),
     ("finetune.teacher_train.steps", 0, "must be >= 1"),
+    ("finetune.seeds", 0, "must be >= 1"),
 ])
 def test_bad_finetune_config_names_the_field(field, value, match):
     cfg = load_config("configs/mlm.py:test")
@@ -347,6 +348,53 @@ def test_finetune_stage_on_glue_with_dist_from_the_fine_tuned_teacher(tmp_path, 
         fine_tuned_teacher(cfg, wd, task, sharding.make_mesh(cfg.mesh))
 
 
+def test_found_model_with_seeds_and_from_scratch_beside_bag_of_words(tmp_path, tok, glue_dir, monkeypatch):
+    """finetune.seeds / finetune.scratch: a found model is fine-tuned with every seed, and from
+    random initialisation with the same seeds; a baseline with the first seed only; the paired
+    comparisons are those of the runs' own per-example scores."""
+    make_mesh = sharding.make_mesh
+    monkeypatch.setattr(sharding, "make_mesh", lambda cfg: make_mesh(cfg, devices=jax.devices()[:1]))
+    wd = tmp_path / "wd"
+    save_model(wd / "export" / "small", _tiny(STUDENT, seed=2))
+    save_model(wd / "export" / "small_matched_bert", _tiny(STUDENT, seed=3))
+    (wd / "export" / "result.json").write_text(json.dumps({
+        "small": {"path": str(wd / "export" / "small"), "kind": "found"},
+        "small_matched_bert": {"path": str(wd / "export" / "small_matched_bert"), "kind": "baseline_matched"}}))
+    cfg = load_config("configs/mlm.py:test")
+    cfg.data.seq_len = SEQ
+    cfg.finetune.update(task="glue/mrpc", tfds_data_dir=str(glue_dir), holdout_frac=0.2, seeds=2, scratch=True)
+    cfg.finetune.train.update(steps=4, eval_every=4, checkpoint_every=4, log_every=1)
+    validate(cfg, ["finetune"])
+    result = run_finetune_stage(cfg, wd, types.SimpleNamespace(tokenizer=tok))
+    root = wd / "finetune"
+    runs = sorted(p.name for p in root.glob("*_run"))
+    assert runs == ["small_glue_mrpc_run", "small_glue_mrpc_s1_run", "small_matched_bert_glue_mrpc_run",
+                    "small_scratch_glue_mrpc_s0_run", "small_scratch_glue_mrpc_s1_run"]
+
+    def first_loss(run):
+        rows = [json.loads(line) for line in (root / run / "metrics.jsonl").read_text().splitlines()]
+        return next(r["train/loss"] for r in rows if "train/loss" in r)
+
+    # from scratch is another starting point than the pre-trained encoder, with the same seed
+    assert first_loss("small_scratch_glue_mrpc_s0_run") != first_loss("small_glue_mrpc_run")
+    small, base = result["small"], result["small_matched_bert"]
+    bow = json.loads((root / "bag_of_words.json").read_text())
+    n = len(bow["test_correct"])
+    assert n == 12 and np.mean(bow["test_correct"]) == pytest.approx(bow["test_accuracy"])
+    acc, scratch = small["seeds"]["test_accuracy"], small["scratch"]["test_accuracy"]
+    assert small["seeds"]["seeds"] == small["scratch"]["seeds"] == [0, 1] and acc[0] == small["test_accuracy"]
+    assert small["scratch_test_accuracy"] == pytest.approx(np.mean(scratch))
+    c = small["comparisons"]
+    assert c["minus_bag_of_words"]["diff"] == pytest.approx(np.mean(acc) - bow["test_accuracy"])
+    assert c["pretrained_minus_scratch"]["diff"] == pytest.approx(np.mean(acc) - np.mean(scratch))
+    for comp in (*c.values(), base["comparisons"]["minus_bag_of_words"]):
+        assert comp["lo"] <= comp["diff"] <= comp["hi"] and comp["examples"] == n
+    assert c["pretrained_minus_scratch"]["runs_a"] == c["pretrained_minus_scratch"]["runs_b"] == 2
+    assert base["comparisons"]["minus_bag_of_words"]["diff"] == pytest.approx(
+        base["test_accuracy"] - bow["test_accuracy"])
+    assert "seeds" not in base and "scratch" not in base and set(base["comparisons"]) == {"minus_bag_of_words"}
+
+
 @pytest.mark.parametrize("kd", ["none", "dist"])
 def test_metric_ratios_derive_what_the_old_sum_rule_did(kd):
     """The declared ratios give the keys and values of the former implicit rule (every
@@ -437,6 +485,12 @@ def test_fine_tune_tests_the_best_holdout_step_not_the_last(tmp_path):
     assert [s for s, _ in entry["selection"]["holdout_evals"]] == [s for s, _ in logged]
     assert entry["selection"]["metric"] == "accuracy" and entry["steps"] == 24
     assert entry["test_metrics"]["accuracy"] == pytest.approx(entry["test_accuracy"])
+    # the per-example scores the paired comparisons use: the model's own predictions, padding dropped
+    test = data.tests["test"]
+    assert len(test["labels"]) % 8  # the last evaluation batch is padded
+    correct = finetune.example_correct(model, test, 8)
+    np.testing.assert_array_equal(correct, _forward(model, test).argmax(-1) == test["labels"])
+    assert correct.mean() == pytest.approx(entry["test_accuracy"])
     # the final step's scores, for transparency: those of the last checkpoint's model
     trainer = train_lib.Trainer(_classifier(), *make_loss_fns(2)[:2], _select_tc(seed=0, **_LEARNS), _mesh2(),
                                 ratios=metric_ratios())

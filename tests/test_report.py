@@ -197,3 +197,30 @@ def test_report_shows_each_gain_over_the_trivial_answer_and_marks_no_gain(tmp_pa
     rows = _table(text)
     assert rows["small"]["gain (nats)"] == "0.0062" and rows["small"]["val loss (retrained)"] == "5.524"
     assert rows["small_uniform_mobilebert"]["gain (nats)"] == "-0.01 (no gain)"
+
+
+def test_report_gives_the_mean_over_seeds_and_the_paired_comparisons(tmp_path):
+    """A model fine-tuned with several seeds is reported with their mean, every seed and the
+    from-scratch runs beside it, and each paired comparison with its interval and verdict."""
+    wd = tmp_path / "wd"
+    _complete_workdir(wd)
+    boot = {"lo": 0.01, "hi": 0.09, "level": 0.9, "n_boot": 4000, "examples": 400, "runs_b": 1}
+    _write(wd / "finetune" / "result.json", {
+        "small": {"test_accuracy": 0.6, "validation_accuracy": 0.61,
+                  "seeds": {"seeds": [0, 1, 2], "test_accuracy": [0.6, 0.64, 0.62], "mean_test_accuracy": 0.62,
+                            "sd_test_accuracy": 0.02},
+                  "scratch": {"seeds": [0, 1, 2], "test_accuracy": [0.55, 0.56, 0.57], "mean_test_accuracy": 0.56,
+                              "sd_test_accuracy": 0.01},
+                  "comparisons": {"pretrained_minus_scratch": boot | {"diff": 0.06, "runs_b": 3, "runs_a": 3,
+                                                                      "verdict": "higher"},
+                                  "minus_bag_of_words": boot | {"diff": -0.04, "lo": -0.08, "hi": 0.0,
+                                                                "runs_a": 3, "verdict": "unresolved"}}},
+        "small_uniform_mobilebert": {"test_accuracy": 0.5}})
+    text = report.build_report(wd, plots=False)
+    rows = _table(text)
+    assert rows["small"]["fine-tune test acc."] == "0.62" and rows["small_uniform_mobilebert"]["fine-tune test acc."] == "0.5"
+    assert "- small: pre-trained, seeds [0, 1, 2]: test accuracy 0.6000, 0.6400, 0.6200; mean 0.6200 (sd 0.0200)" in text
+    assert "- small: from scratch, seeds [0, 1, 2]: test accuracy 0.5500, 0.5600, 0.5700; mean 0.5600" in text
+    assert ("- small: pre-trained minus from scratch: +0.0600 accuracy, 90% paired bootstrap [+0.0100, +0.0900]"
+            " over 400 test examples x 3 / 3 runs: higher") in text
+    assert "- small: minus bag-of-words: -0.0400 accuracy" in text and "3 / 1 runs: unresolved" in text

@@ -51,7 +51,11 @@ def _record(seed: int, found_gain: float) -> dict:
             "supernet_curve": [[500, 4.685], [1500, 4.4]],
             "search": {"small": {"scored": 49, "best": 4.273, "range": 0.035, "sd": 0.01,
                                  **({"noise_ratio": 2.5} if seed else {})}},
-            "finetune": {"found_small": {"test_accuracy": 0.6125, "scratch_test_accuracy": None}}}
+            "finetune": {"found_small": {"test_accuracy": 0.6125, "scratch_test_accuracy": None} if not seed else
+                         {"test_accuracy": 0.6125, "mean_test_accuracy": 0.62, "scratch_test_accuracy": 0.55,
+                          "seed_accuracies": [0.6125, 0.63, 0.6175],
+                          "comparisons": {"pretrained_minus_scratch": {"diff": 0.07, "lo": 0.031, "hi": 0.11,
+                                                                       "level": 0.9, "verdict": "higher"}}}}}
 
 
 def test_section_is_written_from_the_lines(tmp_path, monkeypatch):
@@ -67,7 +71,29 @@ def test_section_is_written_from_the_lines(tmp_path, monkeypatch):
     section = text[text.index("### Student recipes"):]
     for figure in ("+1.087", "+0.912", "small_matched_bert +1.131", "best 4.273, range 0.035 over 49",
                    "range 0.035 over 49, sd / paired SE 2.5x", "retrain.train.steps=600",
-                   "found_small 0.613", "supernet 480 / retrain 300", "4.685@500 / 4.400@1500"):
+                   "found_small 0.613", "supernet 480 / retrain 300", "4.685@500 / 4.400@1500",
+                   "found_small 0.620 (mean of 3 seeds), scratch 0.550; pre-trained minus from scratch "
+                   "+0.070 [+0.031, +0.110]"):
         assert figure in section, figure
     student_recipe.main()  # rewritten in place, not appended
     assert out.read_text().count("### Student recipes") == 1
+
+
+def test_finetune_figures_read_seeds_scratch_and_comparisons(tmp_path):
+    ft = {"small": {"test_accuracy": 0.6, "validation_accuracy": 0.6,
+                    "seeds": {"test_accuracy": [0.6, 0.64], "mean_test_accuracy": 0.62},
+                    "scratch": {"test_accuracy": [0.5, 0.52], "mean_test_accuracy": 0.51},
+                    "scratch_test_accuracy": 0.51,
+                    "comparisons": {"minus_bag_of_words": {"diff": -0.04, "lo": -0.07, "hi": -0.01, "level": 0.9,
+                                                           "verdict": "lower", "n_boot": 4000}}},
+          "small_matched_bert": {"test_accuracy": 0.58}, "teacher": {"task": "polarity"}}
+    (tmp_path / "finetune").mkdir()
+    (tmp_path / "finetune" / "result.json").write_text(json.dumps(ft))
+    got = student_recipe.finetune_accuracies(tmp_path)
+    assert set(got) == {"small", "small_matched_bert"}
+    assert got["small"]["mean_test_accuracy"] == 0.62 and got["small"]["seed_accuracies"] == [0.6, 0.64]
+    assert got["small"]["scratch_test_accuracy"] == 0.51 and got["small"]["scratch_accuracies"] == [0.5, 0.52]
+    assert got["small"]["comparisons"] == {"minus_bag_of_words": {"diff": -0.04, "lo": -0.07, "hi": -0.01,
+                                                                  "level": 0.9, "verdict": "lower"}}
+    assert got["small_matched_bert"] == {"test_accuracy": 0.58, "scratch_test_accuracy": None,
+                                         "mean_test_accuracy": 0.58}

@@ -12,8 +12,9 @@ The file (``SCHEMA_VERSION`` 2; other tools read it):
   ``baseline_largest`` | ``baseline_matched``), ``params``, ``param_gap`` (baselines: params minus
   the found model's), ``loss``, ``perplexity``, ``accuracy`` (masked / next-token accuracy),
   ``gain_nats = baseline loss - loss`` (> 0: the model beats the trivial answer) and, for MLM,
-  ``finetune_test_accuracy`` and ``finetune_scratch_test_accuracy`` (found models: the same
-  architecture fine-tuned from random initialisation; ``None`` until recorded).
+  ``finetune_test_accuracy`` (the mean over fine-tuning seeds when several were run) and
+  ``finetune_scratch_test_accuracy`` (found models with ``finetune.scratch``: the same
+  architecture fine-tuned from random initialisation, mean over the seeds; ``None`` until recorded).
 
 The schema and its readers (files written before it too) are :mod:`elm_jax.evaluation`.
 """
@@ -29,7 +30,7 @@ from typing import Any
 from elm_jax.data import context_free
 from elm_jax.distributed import is_main_process
 from elm_jax.engine import sharding
-from elm_jax.evaluation import SCHEMA_VERSION
+from elm_jax.evaluation import SCHEMA_VERSION, finetune_accuracy
 from elm_jax.fileio import atomic_write_json
 from elm_jax.lm import evaluate_lm
 from elm_jax.models.io import final_models, flat_params, is_model_dir, load_model
@@ -67,7 +68,7 @@ def run(cfg, workdir: str | os.PathLike, data) -> dict[str, Any]:
                  "accuracy": m["correct"], "gain_nats": trivial - m["loss"]}
         if cfg.task == "mlm":
             ft = finetune.get(name, {}) if isinstance(finetune.get(name), Mapping) else {}
-            entry["finetune_test_accuracy"] = ft.get("test_accuracy")
+            entry["finetune_test_accuracy"] = finetune_accuracy(ft)
             entry["finetune_scratch_test_accuracy"] = ft.get("scratch_test_accuracy")
         result["models"][name] = entry
         flag = "" if entry["gain_nats"] > 0 else "  NOT BETTER THAN THE TRIVIAL ANSWER"

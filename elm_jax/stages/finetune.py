@@ -38,10 +38,24 @@ metrics: accuracy, F1 for MRPC/QQP, Matthews correlation for CoLA), ``test_split
 ``holdout_evals``: every holdout evaluation as ``[step, score]``), ``final`` (``step`` and the same
 validation / test keys for the last step's model), ``kd`` (the setting; its validation KD and
 agreement are the selected step's); with KD an entry ``teacher`` holds the fine-tuned teacher's
-results, selected the same way. ``WORKDIR/finetune/bag_of_words.json`` holds the floor: the
+results, selected the same way.
+
+Seeds, scratch and paired comparisons: a *found* model (``kind`` ``'found'`` in
+``WORKDIR/export/result.json``) is fine-tuned with ``finetune.seeds`` seeds ``seed, seed + 1, ...``
+(the seed of the head's initialisation, dropout and batch order); its entry's keys above are the
+first seed's, ``seeds`` holds every seed's ``test_accuracy`` / ``validation_accuracy`` and their
+mean and sd. With ``finetune.scratch`` the same architecture is also fine-tuned from random
+initialisation (:func:`~elm_jax.models.dense.init_dense`, the same seeds): ``scratch`` (the same
+summary) and ``scratch_test_accuracy`` (its mean). ``comparisons`` holds paired bootstrap
+intervals (:mod:`elm_jax.paired_bootstrap`, over the first test split's examples and the runs):
+``minus_bag_of_words`` (every model: its runs against the bag-of-words floor) and
+``pretrained_minus_scratch`` (does pre-training, i.e. the whole search pipeline, help this
+architecture?), each ``{diff, lo, hi, level, verdict, ...}``. Baselines are fine-tuned with the
+first seed only. ``WORKDIR/finetune/bag_of_words.json`` holds the floor: the
 bag-of-words logistic regression of :mod:`elm_jax.bag_of_words` on the same splits and pieces
 (written first, reused on a rerun). Training runs (metrics, checkpoints):
-``WORKDIR/finetune/<model>_<task>[_<kd>]_run`` and ``WORKDIR/finetune/teacher_<task>_run``.
+``WORKDIR/finetune/<model>_<task>[_<kd>]_run`` (further seeds ``..._s<seed>_run``; from scratch
+``<model>_scratch_<task>[_<kd>]_s<seed>_run``) and ``WORKDIR/finetune/teacher_<task>_run``.
 
 The classifier is :mod:`elm_jax.models.classifier`, its data :mod:`elm_jax.data.tasks`; the
 ``evaluate`` stage (language-model metrics of the same models) is :mod:`elm_jax.stages.evaluate`.
@@ -66,13 +80,16 @@ from elm_jax.data import glue
 from elm_jax.data.tasks import SentenceBatches, TaskData, load_task
 from elm_jax.distill import dist_logit_loss, soft_cross_entropy
 from elm_jax.distributed import is_main_process
+from elm_jax.evaluation import comparison_lines
 from elm_jax.engine import sharding
 from elm_jax.engine.checkpoint import Checkpointer
 from elm_jax.engine.losses import LM_RATIOS, weighted_cross_entropy
 from elm_jax.fields import get as get_field
 from elm_jax.fileio import atomic_write_json
 from elm_jax.models.classifier import Classifier, encoder_of, load_classifier, save_classifier
+from elm_jax.models.dense import init_dense
 from elm_jax.models.io import final_models, load_model
+from elm_jax.paired_bootstrap import paired_difference
 
 KD_KINDS = ("none", "dist", "soft_ce")
 KD_LOSSES: dict[str, Callable[..., jax.Array]] = {"dist": dist_logit_loss, "soft_ce": soft_cross_entropy}
@@ -366,6 +383,37 @@ def _describe(entry: Mapping[str, Any]) -> str:
             f"test ({entry['test_split']}) {', '.join(parts)}{chosen}")
 
 
+@nnx.jit
+def _predict(model: Classifier, inputs, mask, segment_ids) -> jax.Array:
+    return jnp.argmax(model(inputs, mask, segment_ids), -1)
+
+
+def example_correct(model: Classifier, split: Mapping[str, np.ndarray], batch_size: int) -> np.ndarray:
+    """``int8 [N]``: 1 where ``model`` classifies the example correctly, else 0, for every example of
+    ``split`` in its order (the evaluation batches of :class:`SentenceBatches`, padding dropped);
+    its mean is the split's accuracy. What :mod:`elm_jax.paired_bootstrap` pairs."""
+    preds = [np.asarray(_predict(model, b["inputs"], b["mask"], b["segment_ids"]))
+             for b in SentenceBatches(dict(split), batch_size, 0).batches()]
+    labels = np.asarray(split["labels"])
+    return (np.concatenate(preds)[:len(labels)] == labels).astype(np.int8)
+
+
+def model_kinds(workdir: str | os.PathLike) -> dict[str, str]:
+    """Final model -> its kind (``'found'`` or a baseline kind), from ``WORKDIR/export/result.json``
+    (a model it does not list counts as found)."""
+    p = Path(workdir) / "export" / "result.json"
+    entries = json.loads(p.read_text()) if p.is_file() else {}
+    return {k: str(v.get("kind", "found")) for k, v in entries.items() if isinstance(v, Mapping)}
+
+
+def _runs_summary(seeds: list[int], entries: list[Mapping[str, Any]]) -> dict[str, Any]:
+    acc = [float(e["test_accuracy"]) for e in entries]
+    return {"seeds": seeds, "test_accuracy": acc,
+            "validation_accuracy": [float(e["validation_accuracy"]) for e in entries],
+            "mean_test_accuracy": float(np.mean(acc)),
+            "sd_test_accuracy": float(np.std(acc, ddof=1)) if len(acc) > 1 else None}
+
+
 def fine_tuned_teacher(cfg, workdir: str | os.PathLike, data: TaskData, mesh) -> tuple[Classifier, dict]:
     """The teacher fine-tuned on the task with the students' head, from its cache
     ``WORKDIR/finetune/teacher_<task>`` or trained now (``finetune.teacher_train``; the training
@@ -419,9 +467,8 @@ def run(cfg, workdir: str | os.PathLike, data) -> dict[str, Any]:
         teacher, result["teacher"] = fine_tuned_teacher(cfg, workdir, task, mesh)
     # the floor every fine-tuned model stands beside (DESIGN 8), on the same splits and pieces
     bow_path = root / BAG_OF_WORDS_FILE
-    if bow_path.is_file():
-        bow = json.loads(bow_path.read_text())
-    else:
+    bow = json.loads(bow_path.read_text()) if bow_path.is_file() else {}
+    if "test_correct" not in bow:  # none yet, or written before per-example scores were kept
         bow = bag_of_words.fit_and_score(task, data.tokenizer.vocab_size, data.tokenizer.special.all(), cfg.seed)
         if is_main_process():
             atomic_write_json(bow_path, bow)
@@ -429,16 +476,49 @@ def run(cfg, workdir: str | os.PathLike, data) -> dict[str, Any]:
           f"{bow['test_accuracy']:.4f}")
     dtype = _compute_dtype(cfg)
     run_tag = glue.task_slug(fc.task) + ("" if fc.kd == "none" else f"_{fc.kd}")
+    kinds = model_kinds(workdir)
+    first_test = next(iter(task.tests))
+    # per-example scores need the classifier on this host; several processes skip the comparisons
+    paired = jax.process_count() == 1
+    floor = np.asarray(bow["test_correct"], np.float64)[None]
+
+    def tune(init: Callable[[int], Any], seed: int, run_name: str) -> tuple[dict[str, Any], np.ndarray | None]:
+        model = Classifier(encoder_of(init(seed), dtype), task.num_classes, seed)
+        clf, entry = fine_tune(model, task, fc.train, fc.batch_size, mesh, root, run_name, seed, kd=fc.kd,
+                               kd_weight=float(fc.kd_weight), temperature=float(fc.temperature),
+                               teacher=teacher)
+        return entry, (example_correct(clf, task.tests[first_test], fc.batch_size) if paired else None)
+
     for name, path in models.items():
         encoder, _ = load_model(path)
         if teacher is not None and encoder.cfg.vocab_size != teacher.encoder.cfg.vocab_size:
             raise ValueError(f"{name}: vocabulary {encoder.cfg.vocab_size} != the teacher's "
                              f"{teacher.encoder.cfg.vocab_size}; KD needs the same tokenizer")
-        model = Classifier(encoder_of(encoder, dtype), task.num_classes, cfg.seed)
-        _, result[name] = fine_tune(model, task, fc.train, fc.batch_size, mesh, root, f"{name}_{run_tag}_run",
-                                    cfg.seed, kd=fc.kd, kd_weight=float(fc.kd_weight),
-                                    temperature=float(fc.temperature), teacher=teacher)
-        print(f"[finetune] {name}: {_describe(result[name])}")
+        found = kinds.get(name, "found") == "found"
+        seeds = [int(cfg.seed) + k for k in range(int(fc.seeds) if found else 1)]
+        runs = [tune(lambda s: encoder, s, f"{name}_{run_tag}_run" if s == cfg.seed else
+                     f"{name}_{run_tag}_s{s}_run") for s in seeds]
+        entry = dict(runs[0][0])  # the first seed's run, as with one seed
+        comparisons: dict[str, Any] = {}
+        if len(seeds) > 1:
+            entry["seeds"] = _runs_summary(seeds, [e for e, _ in runs])
+        if paired:
+            mine = np.stack([c for _, c in runs]).astype(np.float64)
+            comparisons["minus_bag_of_words"] = paired_difference(mine, floor, seed=int(cfg.seed))
+        if found and fc.scratch:  # the same architecture from random initialisation, same seeds
+            scratch = [tune(lambda s: init_dense(encoder.cfg, s), s, f"{name}_scratch_{run_tag}_s{s}_run")
+                       for s in seeds]
+            entry["scratch"] = _runs_summary(seeds, [e for e, _ in scratch])
+            entry["scratch_test_accuracy"] = entry["scratch"]["mean_test_accuracy"]
+            if paired:
+                comparisons["pretrained_minus_scratch"] = paired_difference(
+                    mine, np.stack([c for _, c in scratch]).astype(np.float64), seed=int(cfg.seed))
+        if comparisons:
+            entry["comparisons"] = comparisons
+        result[name] = entry
+        print(f"[finetune] {name}: {_describe(entry)}")
+        for line in comparison_lines(entry):
+            print(f"[finetune] {name}: {line}")
     if is_main_process():
         atomic_write_json(done, result)
     return result
