@@ -4,7 +4,8 @@
   as engine loss and eval functions (sums over the batch), whose derived metrics are
   :data:`LM_RATIOS` (``loss = loss_sum / weight_sum``, the token mean over the whole evaluation
   set, and ``correct = correct_sum / weight_sum``, the accuracy; the engine's default).
-- :func:`evaluate_lm`: validation loss, accuracy and perplexity ``exp(loss)`` of a dense LM.
+- :func:`evaluate_lm`: validation loss, accuracy and perplexity ``exp(loss)`` of a dense LM;
+  :func:`lm_row_sums`: the same sums per evaluation row (for standard errors).
 - :func:`supernet_lm_fns`: the same loss for the supernet with the architecture in the batch.
 - :func:`dense_config_from` / :func:`load_teacher`: the teacher trained here, and the frozen
   teacher of a work directory (``WORKDIR/teacher/model``).
@@ -12,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from pathlib import Path
@@ -19,12 +21,14 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from elm_jax.config import ConfigError
 from elm_jax.data.arch_batches import local_arch
+from elm_jax.engine import sharding
 from elm_jax.engine import trainer as trainer_lib
 from elm_jax.engine.losses import LM_RATIOS, head_positions, scored_cross_entropy
 from elm_jax.engine.sharding import sharded_sums
@@ -85,6 +89,32 @@ def evaluate_lm(model: DenseLM, eval_source, mesh) -> dict[str, float]:
     trainer = trainer_lib.Trainer(model, lm_loss_fn, lm_eval_fn, ConfigDict({"steps": 1, "lr": 1.0}), mesh,
                                   ratios=LM_RATIOS)
     return with_perplexity(trainer_lib.evaluate(trainer, trainer.init_state(), eval_source))
+
+
+def lm_row_sums(model: DenseLM, eval_source, mesh: Mesh) -> np.ndarray:
+    """``float64 [R, 3]``: each evaluation row's ``(loss_sum, weight_sum, correct_sum)`` of the
+    token cross-entropy (no dropout), over every fixed batch of ``eval_source`` in order, rows in
+    global-batch order (each process passes its slice; the result is replicated on every one).
+    Column sums divided give :func:`evaluate_lm`'s ``loss`` / ``correct``; the rows are what the
+    standard errors of :mod:`elm_jax.search.fitness_noise` pair."""
+    graphdef, state = nnx.split(model)
+    rep = sharding.replicated(mesh)
+    state = jax.device_put(state, rep)
+
+    @functools.partial(jax.jit, out_shardings=rep)
+    def rows(state, batch):
+        out = nnx.merge(graphdef, state)(batch["inputs"], batch["mask"], batch["segment_ids"],
+                                         deterministic=True, head_positions_BxK=head_positions(batch))
+
+        def one(logits, row):
+            s = scored_cross_entropy(logits[None], jax.tree.map(lambda v: v[None], row))
+            return jnp.stack([s["loss_sum"], s["weight_sum"], s["correct_sum"]])
+
+        return jax.vmap(one)(out.logits, batch)
+
+    out = [np.asarray(rows(state, sharding.global_batch(local, mesh)), np.float64)
+           for local in eval_source.batches(jax.process_index(), jax.process_count())]
+    return np.concatenate(out) if out else np.zeros((0, 3))
 
 
 def load_teacher(workdir: str | os.PathLike) -> DenseLM:

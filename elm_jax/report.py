@@ -273,11 +273,29 @@ def model_rows(workdir: str | os.PathLike) -> list[list[Any]]:
 
 
 def _gain(entry: Mapping[str, Any]) -> str | None:
-    """The gain over the trivial answer, marked when the model does not beat it."""
+    """The gain over the trivial answer with its paired standard error where recorded, marked
+    when the model does not beat it (beyond the noise: ``within noise``)."""
     g = entry.get("gain_nats")
     if g is None:
         return None
-    return fmt(g) if g > 0 else f"{fmt(g)} (no gain)"
+    noise = entry.get("gain_noise") or {}
+    cell = fmt(g) + (f" ± {fmt(noise['se'], 2)}" if noise.get("se") is not None else "")
+    if g <= 0:
+        return f"{cell} (no gain)"
+    return f"{cell} (within noise)" if noise.get("verdict") == "within noise" else cell
+
+
+def versus_lines(evaluate: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Each found model against each baseline: the baseline's validation loss minus the found
+    model's, its paired interval and whether the difference is beyond the noise."""
+    lines = []
+    for name, e in evaluate.items():
+        for b, v in (e.get("versus") or {}).items():
+            what = {"lower": "the found model is better", "higher": "the baseline is better"}.get(
+                v["verdict"], "a difference inside the noise")
+            lines.append(f"- {name} vs {b}: {b}'s loss minus {name}'s {v['gain']:+.4f} nats, "
+                         f"{round(v['level'] * 100)}% paired interval [{v['lo']:+.4f}, {v['hi']:+.4f}]: {what}.")
+    return ["", "Found model vs baselines (validation loss, paired over the same rows):", *lines] if lines else []
 
 
 def finetune_lines(finetune: Mapping[str, Any]) -> list[str]:
@@ -326,7 +344,8 @@ def build_report(workdir: str | os.PathLike, plots: bool = True) -> str:
         what = ("context-free MLM predictor (sees only the input piece)" if evaluate_doc.get("task") == "mlm"
                 else "unigram model of the training split")
         lines += [f"Trivial answer on the validation split: {fmt(trivial)} nats, the {what}; "
-                  f"`gain (nats)` is its loss minus each model's (a model without gain learned nothing)."]
+                  f"`gain (nats)` is its loss minus each model's (a model without gain learned nothing), "
+                  f"± its standard error paired over the validation rows."]
         bow = evaluate_doc.get("baselines", {}).get("bag_of_words_test_accuracy")
         if bow is not None:
             lines += [f"Bag-of-words logistic regression, fine-tuning test accuracy: {fmt(bow)}."]
@@ -349,6 +368,7 @@ def build_report(workdir: str | os.PathLike, plots: bool = True) -> str:
     rows = model_rows(wd)
     if rows:
         lines += markdown_table(MODEL_HEADER, rows)
+        lines += versus_lines(evaluate)
         lines += finetune_lines(load_json(wd / STAGE_OUTPUTS["finetune"]))
     else:
         lines += ["No exported models yet (the export stage is missing)."]

@@ -77,13 +77,20 @@ def test_reference_loss_on_the_models_batches_equals_a_loop(kind):
     u = context_free.unigram(train.rows, kind, V, SPECIAL)
     post = _posterior_by_enumeration(u, pipeline.Masking()) if kind == "mlm" else None
     total = weight = 0.0
+    per_row = []
     for k in range(len(evals)):
         b = evals.global_batch(k)
+        per_row += [[0.0, 0.0] for _ in range(len(b["inputs"]))]
         for i, j in zip(*np.nonzero(b["weights"])):
             x, y = int(b["inputs"][i, j]), int(b["targets"][i, j])
-            total -= np.log(post[x, y] if kind == "mlm" else u[y])
+            nll = -np.log(post[x, y] if kind == "mlm" else u[y])
+            total += nll
             weight += 1
+            per_row[-len(b["inputs"]) + i][0] += nll
+            per_row[-len(b["inputs"]) + i][1] += 1
     assert got[context_free.KEY[kind]] == pytest.approx(total / weight, rel=1e-10)
     assert got["weight_sum"] == weight
+    # per row, in the batches' order: what a model's per-row sums are paired with
+    np.testing.assert_allclose(context_free.reference_rows(data, evals), per_row, rtol=1e-10)
     # better than the uniform predictor over the vocabulary
     assert 0 < got[context_free.KEY[kind]] < np.log(V)

@@ -82,3 +82,20 @@ def test_population_noise_does_not_depend_on_the_candidates_order():
     for seed in range(20):
         perm = np.random.default_rng(seed).permutation(len(rows))
         assert fn.population_noise(rows[perm]) == ref
+
+
+def test_loss_gain_is_the_paired_difference_with_its_normal_interval():
+    rng = np.random.default_rng(5)
+    w = rng.integers(5, 30, 64).astype(np.float64)
+    base = rng.gamma(4.0, 1.0, 64) * w  # a hard row is hard for both
+    a = np.stack([base * 0.97 + rng.normal(0, 0.3, 64), w, np.zeros(64)], -1)
+    b = np.stack([base, w], -1)  # [R, 2] rows (the trivial answer's) are accepted
+    g = fn.loss_gain(a, b, level=0.9)
+    assert g["gain"] == pytest.approx(b[:, 0].sum() / w.sum() - a[:, 0].sum() / w.sum(), rel=1e-12)
+    assert g["se"] == pytest.approx(fn.paired_se(a[:, :2], b), rel=1e-12)
+    assert g["lo"] == pytest.approx(g["gain"] - 1.6448536 * g["se"]) and g["hi"] == pytest.approx(g["gain"] + 1.6448536 * g["se"])
+    assert g["verdict"] == "lower"  # 3% lower loss on every row, little row noise: beyond the noise
+    back = fn.loss_gain(b, a, level=0.9)
+    assert back["gain"] == pytest.approx(-g["gain"]) and back["se"] == pytest.approx(g["se"])
+    assert back["verdict"] == "higher"
+    assert fn.loss_gain(a, a)["verdict"] == "within noise"

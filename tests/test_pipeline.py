@@ -88,6 +88,15 @@ def test_all_stages_end_to_end(task, tmp_path):
     assert ev["baselines"][key] == pytest.approx(context_free.reference_loss(data, data.eval)[key], rel=1e-12)
     for m in models.values():
         assert m["gain_nats"] == pytest.approx(ev["baselines"][key] - m["loss"], rel=1e-12)
+        # its standard error, paired over the same rows with the trivial answer
+        g = m["gain_noise"]
+        assert g["gain"] == pytest.approx(m["gain_nats"], rel=1e-9, abs=1e-12) and g["se"] > 0
+        assert g["lo"] < g["gain"] < g["hi"] and g["level"] == 0.9
+    found = models[budget]
+    assert found["versus"] and set(found["versus"]) == {n for n, m in models.items()
+                                                       if m["kind"] not in ("found", "teacher")}
+    for b, v in found["versus"].items():  # the baseline's loss minus the found model's
+        assert v["gain"] == pytest.approx(models[b]["loss"] - found["loss"], rel=1e-9, abs=1e-12)
     if task == "mlm":  # the fine-tuning floor and each model's accuracy beside it
         assert ev["baselines"]["bag_of_words_test_accuracy"] == bow["test_accuracy"]
         assert models[budget]["finetune_test_accuracy"] == entry["test_accuracy"]

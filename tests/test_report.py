@@ -224,3 +224,26 @@ def test_report_gives_the_mean_over_seeds_and_the_paired_comparisons(tmp_path):
     assert ("- small: pre-trained minus from scratch: +0.0600 accuracy, 90% paired bootstrap [+0.0100, +0.0900]"
             " over 400 test examples x 3 / 3 runs: higher") in text
     assert "- small: minus bag-of-words: -0.0400 accuracy" in text and "3 / 1 runs: unresolved" in text
+
+
+def test_report_gives_each_gain_its_standard_error_and_each_baseline_comparison(tmp_path):
+    wd = tmp_path / "wd"
+    _complete_workdir(wd)
+    noise = {"se": 0.0123, "level": 0.9}
+    _write(wd / "evaluate" / "result.json", {
+        "schema_version": 2, "task": "mlm", "split": "validation", "baselines": {"context_free_loss": 5.53},
+        "models": {
+            "small": {"kind": "found", "loss": 5.5, "gain_nats": 0.03, "params": 15104,
+                      "gain_noise": noise | {"gain": 0.03, "lo": 0.0098, "hi": 0.0502, "verdict": "lower"},
+                      "versus": {"small_uniform_mobilebert": {"gain": 0.004, "se": 0.003, "lo": -0.0009,
+                                                              "hi": 0.0089, "level": 0.9,
+                                                              "verdict": "within noise"}}},
+            "small_uniform_mobilebert": {"kind": "baseline_matched", "loss": 5.504, "gain_nats": 0.026,
+                                         "params": 15904, "gain_noise": noise | {
+                                             "gain": 0.026, "lo": -0.004, "hi": 0.046, "verdict": "within noise"}}}})
+    text = report.build_report(wd, plots=False)
+    rows = _table(text)
+    assert rows["small"]["gain (nats)"] == "0.03 ± 0.012"
+    assert rows["small_uniform_mobilebert"]["gain (nats)"] == "0.026 ± 0.012 (within noise)"
+    assert ("- small vs small_uniform_mobilebert: small_uniform_mobilebert's loss minus small's +0.0040 nats, "
+            "90% paired interval [-0.0009, +0.0089]: a difference inside the noise.") in text

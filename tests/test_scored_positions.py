@@ -18,7 +18,7 @@ from elm_jax.data import pipeline
 from elm_jax.data.arch_batches import arch_rows
 from elm_jax.data.prepare import max_predictions_of, prepare_data
 from elm_jax.data.tokenizer import SpecialIds
-from elm_jax.lm import dense_config_from, lm_eval_fn, lm_loss_fn, supernet_lm_fns
+from elm_jax.lm import dense_config_from, evaluate_lm, lm_eval_fn, lm_loss_fn, lm_row_sums, supernet_lm_fns
 from elm_jax.engine import sharding
 from elm_jax.models.dense import dense_config, init_dense
 from elm_jax.space import SearchSpace
@@ -144,3 +144,26 @@ def test_supernet_and_kd_objectives_equal_the_full_head(data):
     _, eval_fn = kd_fns(t_graphdef, t_rest, "pearson", 1.0)
     _close(eval_fn(ds, batch, t_params), eval_fn(ds, _full(batch), t_params),
            ("loss_sum", "weight_sum", "correct_sum", "kd_total"))
+
+
+def test_per_row_sums_are_each_rows_own_loss_and_add_up_to_the_evaluation(data):
+    """lm_row_sums (the rows the evaluate stage's standard errors pair): row i's sums are the
+    loss of row i alone, in the order of the evaluation batches, over an 8-device mesh; their
+    column sums are evaluate_lm's."""
+    cfg, bundle = data
+    model = init_dense(dense_config_from(cfg, bundle.tokenizer.vocab_size), seed=4)
+    mesh = sharding.make_mesh(cfg.mesh)
+    assert mesh.devices.size == 8
+    rows = lm_row_sums(model, bundle.eval, mesh)
+    batches = [bundle.eval.global_batch(k) for k in range(len(bundle.eval))]
+    assert rows.shape == (sum(len(b["inputs"]) for b in batches), 3)
+    i = 0
+    for b in batches[:2]:
+        for r in range(0, len(b["inputs"]), 5):  # every fifth row, alone (the full head)
+            one = lm_eval_fn(model, _full({k: v[r:r + 1] for k, v in b.items()}))
+            np.testing.assert_allclose(rows[i + r], [float(one[k]) for k in ("loss_sum", "weight_sum", "correct_sum")],
+                                       rtol=2e-5, atol=1e-4)
+        i += len(b["inputs"])
+    ref = evaluate_lm(model, bundle.eval, mesh)
+    assert rows[:, 0].sum() / rows[:, 1].sum() == pytest.approx(ref["loss"], rel=1e-5)
+    assert rows[:, 2].sum() / rows[:, 1].sum() == pytest.approx(ref["correct"], rel=1e-5)

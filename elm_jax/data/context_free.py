@@ -69,15 +69,24 @@ def token_log_probs(batch: Mapping[str, np.ndarray], u: np.ndarray, kind: str, s
     return np.where(x == special.mask, log_u[y], np.log(np.maximum(p, 1e-300)))
 
 
+def row_sums(batches: Iterable[Mapping[str, np.ndarray]], u: np.ndarray, kind: str, special: SpecialIds,
+             masking: Masking = Masking()) -> np.ndarray:
+    """``float64 [R, 2]``: each row's ``(loss_sum, weight_sum)`` of the context-free predictor,
+    ``(-sum_t w_t log P(y_t | x_t), sum_t w_t)``, over the rows of ``batches`` in order (what a
+    model's per-row sums are paired with)."""
+    out = []
+    for b in batches:
+        w = np.asarray(b["weights"], np.float64)
+        out.append(np.stack([-(w * token_log_probs(b, u, kind, special, masking)).sum(-1), w.sum(-1)], -1))
+    return np.concatenate(out) if out else np.zeros((0, 2))
+
+
 def loss(batches: Iterable[Mapping[str, np.ndarray]], u: np.ndarray, kind: str, special: SpecialIds,
          masking: Masking = Masking()) -> dict[str, float]:
     """``{loss, weight_sum}``: the token-mean negative log-likelihood of the context-free
     predictor over ``batches`` (the models' own evaluation batches), weighted by ``weights``."""
-    total, weight = 0.0, 0.0
-    for b in batches:
-        w = np.asarray(b["weights"], np.float64)
-        total -= float((w * token_log_probs(b, u, kind, special, masking)).sum())
-        weight += float(w.sum())
+    rows = row_sums(batches, u, kind, special, masking)
+    total, weight = float(rows[:, 0].sum()), float(rows[:, 1].sum())
     return {"loss": total / max(weight, 1.0), "weight_sum": weight}
 
 
@@ -91,6 +100,16 @@ def reference_loss(data, source, num_batches: int | None = None) -> dict[str, fl
     n = len(source) if num_batches is None else min(int(num_batches), len(source))
     r = loss((source.global_batch(k) for k in range(n)), u, train.kind, train.special, train.masking)
     return {KEY[train.kind]: r["loss"], "weight_sum": r["weight_sum"]}
+
+
+def reference_rows(data, source) -> np.ndarray:
+    """:func:`row_sums` of the trivial answer on every fixed batch of an evaluation source of a
+    :class:`~elm_jax.data.prepare.DataBundle` (the unigram fitted on ``data.train``'s rows, as in
+    :func:`reference_loss`)."""
+    train = data.train
+    u = unigram(train.rows, train.kind, train.vocab_size, train.special)
+    return row_sums((source.global_batch(k) for k in range(len(source))), u, train.kind, train.special,
+                    train.masking)
 
 
 #: The name of the trivial answer's loss per task (the field other tools read).

@@ -16,12 +16,15 @@ the same ``w_i`` for both)::
 :func:`population_noise` summarises a set of scored candidates: ``spread`` (the sample sd of
 their fitness), ``se`` (the median of ``se(L)``), ``paired_se`` (the median over the others of
 ``se(L_p - L_best)``) and ``ratio = spread / paired_se``: a search whose candidates differ by
-many paired standard errors ranks signal; at a ratio near 1 it ranks noise. Neighbouring rows of
+many paired standard errors ranks signal; at a ratio near 1 it ranks noise. :func:`loss_gain`
+gives one model's loss below another's (or below the trivial answer's, rows ``[R, 2]``) with
+the paired error and its normal interval, for the evaluate stage and the report. Neighbouring rows of
 one long document are not quite independent, so these errors are, if anything, a little small.
 """
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 import numpy as np
@@ -60,6 +63,23 @@ def paired_se(rows_a: np.ndarray, rows_b: np.ndarray) -> float:
     ea, _, total = _residuals(rows_a)
     eb, _, _ = _residuals(rows_b)
     return _se(ea - eb, np.asarray(rows_a)[:, 1], total)
+
+
+def loss_gain(rows_a: np.ndarray, rows_b: np.ndarray, level: float = 0.9) -> dict[str, Any]:
+    """How much lower ``a``'s loss is than ``b``'s on the same rows, with its paired error:
+    ``{gain, se, lo, hi, level, verdict}``, ``gain = L_b - L_a`` (``b`` a baseline or the trivial
+    answer), ``se`` = :func:`paired_se`, the normal interval ``gain -/+ z se`` at ``level`` and
+    ``verdict`` ``'lower'`` (``lo > 0``: ``a`` beats ``b`` beyond the noise), ``'higher'``
+    (``hi < 0``) or ``'within noise'``. Rows are ``[R, 3]`` (or ``[R, 2]``) sums
+    ``(loss_sum, weight_sum[, correct_sum])``."""
+    a, b = (np.asarray(r, np.float64)[:, :2] for r in (rows_a, rows_b))
+    gain = _residuals(b)[1] - _residuals(a)[1]
+    se = paired_se(a, b)
+    z = statistics.NormalDist().inv_cdf((1 + level) / 2)
+    lo, hi = gain - z * se, gain + z * se
+    verdict = "lower" if lo > 0 else "higher" if hi < 0 else "within noise"
+    return {"gain": float(gain), "se": float(se), "lo": float(lo), "hi": float(hi), "level": level,
+            "verdict": verdict}
 
 
 def population_noise(rows_PxRx3: np.ndarray) -> dict[str, Any]:

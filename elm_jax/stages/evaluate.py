@@ -11,7 +11,13 @@ The file (``SCHEMA_VERSION`` 2; other tools read it):
 - ``models``: model name (the teacher is ``teacher``) -> ``kind`` (``teacher`` | ``found`` |
   ``baseline_largest`` | ``baseline_matched``), ``params``, ``param_gap`` (baselines: params minus
   the found model's), ``loss``, ``perplexity``, ``accuracy`` (masked / next-token accuracy),
-  ``gain_nats = baseline loss - loss`` (> 0: the model beats the trivial answer) and, for MLM,
+  ``gain_nats = baseline loss - loss`` (> 0: the model beats the trivial answer), ``gain_noise``
+  (its standard error paired over the evaluation rows with the trivial answer's, and the 90%
+  normal interval: ``{gain, se, lo, hi, level, verdict}`` of
+  :func:`~elm_jax.search.fitness_noise.loss_gain`), found models ``versus`` (baseline name -> the
+  same figures of the baseline's loss minus the found model's, paired over the same rows;
+  ``verdict`` ``lower`` / ``higher`` / ``within noise``: is the found model's loss lower beyond the
+  noise?) and, for MLM,
   ``finetune_test_accuracy`` (the mean over fine-tuning seeds when several were run) and
   ``finetune_scratch_test_accuracy`` (found models with ``finetune.scratch``: the same
   architecture fine-tuned from random initialisation, mean over the seeds; ``None`` until recorded).
@@ -22,18 +28,27 @@ The schema and its readers (files written before it too) are :mod:`elm_jax.evalu
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from elm_jax.data import context_free
 from elm_jax.distributed import is_main_process
 from elm_jax.engine import sharding
 from elm_jax.evaluation import SCHEMA_VERSION, finetune_accuracy
 from elm_jax.fileio import atomic_write_json
-from elm_jax.lm import evaluate_lm
+from elm_jax.lm import lm_row_sums
 from elm_jax.models.io import final_models, flat_params, is_model_dir, load_model
+from elm_jax.search.fitness_noise import loss_gain
+
+def _noise(g: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`~elm_jax.search.fitness_noise.loss_gain` as stored: its figures, JSON-safe."""
+    return {k: (v if isinstance(v, str) else float(v)) for k, v in g.items()}
+
 
 def _load(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
@@ -57,23 +72,37 @@ def run(cfg, workdir: str | os.PathLike, data) -> dict[str, Any]:
               "baselines": {key: trivial, "bag_of_words_test_accuracy": bow.get("test_accuracy")},
               "models": {}}
     print(f"[evaluate] trivial answer ({key.removesuffix('_loss').replace('_', '-')}): {trivial:.4f}")
+    cf_rows = context_free.reference_rows(data, data.eval)
+    rows: dict[str, np.ndarray] = {}
     for name, model in models.items():
         if model.cfg.head == "none":
             continue
-        m = evaluate_lm(model, data.eval, mesh)
+        rows[name] = r = lm_row_sums(model, data.eval, mesh)
+        loss = float(r[:, 0].sum() / r[:, 1].sum())
         e = exported.get(name, {})
         entry = {"kind": "teacher" if name == "teacher" else e.get("kind", "found"),
                  "params": sum(v.size for v in flat_params(model).values()),
-                 "param_gap": e.get("param_gap"), "loss": m["loss"], "perplexity": m["perplexity"],
-                 "accuracy": m["correct"], "gain_nats": trivial - m["loss"]}
+                 "param_gap": e.get("param_gap"), "loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+                 "accuracy": float(r[:, 2].sum() / r[:, 1].sum()), "gain_nats": trivial - loss,
+                 "gain_noise": _noise(loss_gain(r, cf_rows))}
         if cfg.task == "mlm":
             ft = finetune.get(name, {}) if isinstance(finetune.get(name), Mapping) else {}
             entry["finetune_test_accuracy"] = finetune_accuracy(ft)
             entry["finetune_scratch_test_accuracy"] = ft.get("scratch_test_accuracy")
         result["models"][name] = entry
         flag = "" if entry["gain_nats"] > 0 else "  NOT BETTER THAN THE TRIVIAL ANSWER"
-        print(f"[evaluate] {name}: loss {m['loss']:.4f} (gain {entry['gain_nats']:+.4f} nats) perplexity "
-              f"{m['perplexity']:.2f} accuracy {m['correct']:.4f} ({entry['params']:,} params){flag}")
+        print(f"[evaluate] {name}: loss {loss:.4f} (gain {entry['gain_nats']:+.4f} "
+              f"+/- {entry['gain_noise']['se']:.4f} nats) perplexity {entry['perplexity']:.2f} accuracy "
+              f"{entry['accuracy']:.4f} ({entry['params']:,} params){flag}")
+    # each found model against every baseline, paired over the same rows
+    kinds = {n: e["kind"] for n, e in result["models"].items()}
+    for name in [n for n, k in kinds.items() if k == "found"]:
+        versus = {b: _noise(loss_gain(rows[name], rows[b])) for b, k in kinds.items()
+                  if k not in ("found", "teacher")}
+        result["models"][name]["versus"] = versus
+        for b, v in versus.items():
+            print(f"[evaluate] {name} vs {b}: {v['gain']:+.4f} nats lower loss, {round(v['level'] * 100)}% "
+                  f"[{v['lo']:+.4f}, {v['hi']:+.4f}]: {v['verdict']}")
     if is_main_process():  # the CLI then writes and prints the report (elm_jax.report)
         atomic_write_json(wd / "evaluate" / "result.json", result)
     return result
