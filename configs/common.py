@@ -36,6 +36,12 @@ def train_config(steps: int, lr: float, *, batch_log_every: int = 10, eval_every
     ))
 
 
+def _decay_from_half(tc: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``tc`` with its learning rate held at the peak to half-way, then decayed linearly."""
+    tc.decay_start_frac = 0.5
+    return tc
+
+
 def base_config(task: str, variant: str) -> ml_collections.ConfigDict:
     if variant not in VARIANTS:
         raise ValueError(f"unknown config variant {variant!r}; choose one of {VARIANTS}")
@@ -104,8 +110,12 @@ def base_config(task: str, variant: str) -> ml_collections.ConfigDict:
     ))
 
     # Supernet pre-training (DESIGN §1.2-1.5).
+    # The demo's student schedule (supernet, search, retraining) is the measured one of
+    # BENCHMARKS.md "Student recipes" (bench/results/student_recipe.jsonl): 1,200 supernet and 500
+    # retraining steps, each at its peak rate to half-way, put every MLM student over a nat below
+    # the context-free answer within the make-run budget; 100 / 60 steps left them above it.
     c.supernet = ml_collections.ConfigDict(dict(
-        train=train_config(steps=100, lr=1e-3, eval_every=100, checkpoint_every=50),
+        train=_decay_from_half(train_config(steps=1200, lr=1e-3, eval_every=600, checkpoint_every=600)),
         sample_per="step",             # 'step': one architecture per step; 'device': one per device
         sandwich=False,                # with sample_per='device': largest, smallest, random others
         kd_loss="pearson",             # 'pearson' (ELM's relational loss) | 'mse'
@@ -114,7 +124,7 @@ def base_config(task: str, variant: str) -> ml_collections.ConfigDict:
         # trains it), so the default keeps it on; 0.0 = features-only distillation.
         gt_weight=1.0,
         grow=True,                     # PCA width growth (False: fixed initial widths)
-        calc_every=5,                  # PCA statistic / CKA logging interval (steps)
+        calc_every=10,                 # PCA statistic / CKA logging interval (steps)
         epoch_steps=25,                # widths grow at every epoch end; 0 = one pass over the data
         num_add=2,                     # candidates widened per epoch
         upper_params=0,                # skip growth when the mean params of 1000 random archs exceed it (0 = never)
@@ -132,7 +142,8 @@ def base_config(task: str, variant: str) -> ml_collections.ConfigDict:
         mutations=6,                   # children by mutation per generation
         crossovers=4,                  # children by uniform crossover per generation
         mutation_prob=0.2,             # each gene resampled with this probability
-        eval_batches=2,                # fixed search-split batches scoring every candidate
+        eval_batches=8,                # fixed search-split batches scoring every candidate (8: the
+                                       # candidates' spread is several paired standard errors)
         budgets=[{"name": "small", "max_params": 450_000}],
     ))
     # Export: the CKA head module (DESIGN §1.3) re-splits each layer into fewer, wider heads.
@@ -145,7 +156,7 @@ def base_config(task: str, variant: str) -> ml_collections.ConfigDict:
                                               measure_latency=True))
     # KD re-training of each exported model from its inherited weights (DESIGN §1.7).
     c.retrain = ml_collections.ConfigDict(dict(
-        train=train_config(steps=60, lr=1e-3, eval_every=60, checkpoint_every=30),
+        train=_decay_from_half(train_config(steps=500, lr=1e-3, eval_every=250, checkpoint_every=250)),
         kd_loss="pearson", gt_weight=1.0,
     ))
     # Fine-tuning of the final MLM models (pooled [CLS] classifier) on a sentence(-pair) task.
