@@ -9,7 +9,9 @@ Each seed runs every stage (``python -m elm_jax.main``, one process, as ``make r
 fresh work directory with the persistent compilation cache off, so every student stage's wall time
 includes a cold compile. The data and teacher stages reuse the tokenizer and the teacher cached
 for the same key (:mod:`elm_jax.teacher_cache`; the first run of a seed trains and stores it), so
-a recipe is timed on its student stages. ``--stages`` leaves out stages (e.g. ``finetune``).
+a recipe is timed on its student stages. ``--stages`` leaves out stages (e.g. ``finetune``);
+with ``--reuse DIR`` (a finished work directory) only ``--stages`` run, on a copy of ``DIR``
+(e.g. ``--stages finetune,evaluate`` to try a fine-tuning recipe on the same models).
 
 Appends one JSON line to ``bench/results/student_recipe.jsonl``: the commit, config, overrides,
 the resolved student recipe (:data:`RECIPE_FIELDS`), seed, seconds per stage, the supernet's
@@ -26,6 +28,7 @@ import argparse
 import datetime
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -105,9 +108,25 @@ def finetune_accuracies(workdir: Path) -> dict:
     return out
 
 
+def reuse_workdir(source: Path, dest: Path, stages: str) -> None:
+    """``dest``: a copy of the finished work directory ``source`` without the outputs of the
+    ``stages`` to be run again (their directories and the report), so a recipe of the later
+    stages (e.g. ``finetune,evaluate``) is run on the very models the earlier ones made."""
+    if not (source / "evaluate" / "result.json").is_file():
+        raise SystemExit(f"--reuse {source}: not a finished work directory (no evaluate/result.json)")
+    shutil.copytree(source, dest, symlinks=True)
+    for s in stages.split(","):
+        shutil.rmtree(dest / s.strip(), ignore_errors=True)
+    for stale in ("report.md", "report"):
+        p = dest / stale
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
 def run_seed(config: str, seed: int, overrides: list[str], stages: str, tag: str,
-             keep: Path | None) -> dict:
+             keep: Path | None, reuse: Path | None = None) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix=f"student_recipe_{tag}_s{seed}_", dir=keep))
+    if reuse is not None:
+        reuse_workdir(reuse, tmp / "w", stages)
     ov = [*overrides, f"seed={seed}"]
     load0 = os.getloadavg()[0]
     run = timed_run(config, tmp / "w", None, tmp / "run.log",
@@ -124,7 +143,8 @@ def run_seed(config: str, seed: int, overrides: list[str], stages: str, tag: str
             "cf": cf, "models": ev["models"],
             "supernet_curve": curve_of(w / "supernet" / "metrics.jsonl"),
             "search": search_fitness(w), "finetune": finetune_accuracies(w),
-            "load_1m": [load0, load1], "workdir": str(w)}
+            "load_1m": [load0, load1], "workdir": str(w),
+            **({"reused": str(reuse), "stages": stages} if reuse is not None else {})}
 
 
 def _recipe_key(rec: dict) -> tuple:
@@ -156,7 +176,10 @@ def render(records: list[dict]) -> str:
                         + (f", sd / paired SE {s['noise_ratio']:.1f}x" if s.get("noise_ratio") else "")
                         for b, s in r["search"].items())
         ft = ", ".join(_finetune_cell(n, v) for n, v in r["finetune"].items() if v.get("test_accuracy") is not None)
-        rows.append([r["recipe"]["task"], " ".join(r["overrides"]) or "(defaults)", str(r["seed"]),
+        ov = " ".join(r["overrides"]) or "(defaults)"
+        if r.get("reused"):
+            ov += f" (only {r['stages']}, on the models of a finished run)"
+        rows.append([r["recipe"]["task"], ov, str(r["seed"]),
                      f"{r['cf']:.3f}", ", ".join(f"{m['gain_nats']:+.3f}" for m in found) or "-",
                      others or "-", fit or "-", ft or "-",
                      " / ".join(f"{s} {t:.0f}" for s, t in r["stages_s"].items() if s not in ("data", "teacher")),
@@ -188,13 +211,15 @@ def main() -> None:
     ap.add_argument("--stages", default=STUDENT_STAGES)
     ap.add_argument("--tag", default="run")
     ap.add_argument("--keep", default=None, help="directory for the work directories (default: /tmp)")
+    ap.add_argument("--reuse", default=None,
+                    help="a finished work directory (one seed): copy it and run only --stages on it")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
     args = ap.parse_args()
     if not args.report_only:
         for seed in [int(s) for s in args.seeds.split(",") if s.strip()]:
             rec = run_seed(args.config, seed, list(args.set), args.stages, args.tag,
-                           Path(args.keep) if args.keep else None)
+                           Path(args.keep) if args.keep else None, Path(args.reuse) if args.reuse else None)
             LOG.parent.mkdir(parents=True, exist_ok=True)
             with open(LOG, "a") as f:
                 f.write(json.dumps(rec, sort_keys=True) + "\n")

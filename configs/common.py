@@ -174,6 +174,7 @@ def base_config(task: str, variant: str) -> ml_collections.ConfigDict:
         # as is every model against bag-of-words. Baselines are fine-tuned with the first seed.
         seeds=1,
         scratch=False,
+        pooling="cls",                 # the head reads 'cls' (the [CLS] state) | 'mean' (mean over tokens)
         kd="none",                     # 'none' | 'dist' (ELM's DIST) | 'soft_ce': KD from the tuned teacher
         kd_weight=1.0,                 # loss = CE + kd_weight * KD(student logits, teacher logits)
         temperature=1.0,

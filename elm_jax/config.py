@@ -284,6 +284,7 @@ def validate(cfg: ml_collections.ConfigDict, stages: Sequence[str] | None = None
         _int(cfg, "finetune.batch_size", 1)
         _int(cfg, "finetune.seeds", 1)
         _bool(cfg, "finetune.scratch")
+        _choice(cfg, "finetune.pooling", ("cls", "mean"))
         from elm_jax.data.corpus import DataError
         from elm_jax.data.glue import parse_task
 

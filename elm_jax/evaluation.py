@@ -57,3 +57,11 @@ def comparison_lines(entry: Mapping[str, Any]) -> list[str]:
                      f"paired bootstrap [{c['lo']:+.4f}, {c['hi']:+.4f}] over {c['examples']} test "
                      f"examples x {c['runs_a']} / {c['runs_b']} runs: {c['verdict']}")
     return lines
+
+
+def versus_line(name: str, baseline: str, v: Mapping[str, Any]) -> str:
+    """One found-vs-baseline comparison of ``evaluate/result.json`` (``versus``) in words."""
+    what = {"lower": "the found model is better", "higher": "the baseline is better"}.get(
+        v["verdict"], "a difference inside the noise")
+    return (f"{name} vs {baseline}: {baseline}'s loss minus {name}'s {v['gain']:+.4f} nats, "
+            f"{round(v['level'] * 100)}% paired interval [{v['lo']:+.4f}, {v['hi']:+.4f}]: {what}")

@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 from elm_jax.fileio import atomic_write_bytes
 from elm_jax.pipeline import STAGES
-from elm_jax.evaluation import baseline_loss, comparison_lines, finetune_accuracy, model_results
+from elm_jax.evaluation import baseline_loss, comparison_lines, finetune_accuracy, model_results, versus_line
 
 # The file each stage writes last: the stage is complete when it exists (the pipeline's registry).
 STAGE_OUTPUTS = {s.name: s.outputs[-1] for s in STAGES}
@@ -288,13 +288,8 @@ def _gain(entry: Mapping[str, Any]) -> str | None:
 def versus_lines(evaluate: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """Each found model against each baseline: the baseline's validation loss minus the found
     model's, its paired interval and whether the difference is beyond the noise."""
-    lines = []
-    for name, e in evaluate.items():
-        for b, v in (e.get("versus") or {}).items():
-            what = {"lower": "the found model is better", "higher": "the baseline is better"}.get(
-                v["verdict"], "a difference inside the noise")
-            lines.append(f"- {name} vs {b}: {b}'s loss minus {name}'s {v['gain']:+.4f} nats, "
-                         f"{round(v['level'] * 100)}% paired interval [{v['lo']:+.4f}, {v['hi']:+.4f}]: {what}.")
+    lines = [f"- {versus_line(name, b, v)}." for name, e in evaluate.items()
+             for b, v in (e.get("versus") or {}).items()]
     return ["", "Found model vs baselines (validation loss, paired over the same rows):", *lines] if lines else []
 
 

@@ -129,6 +129,7 @@ def test_missing_glue_dataset_says_how_to_prepare_it(tmp_path):
     ("finetune.holdout_frac", 1.0, "must be < 1"),
     ("finetune.teacher_train.steps", 0, "must be >= 1"),
     ("finetune.seeds", 0, "must be >= 1"),
+    ("finetune.pooling", "max", "must be one of"),
 ])
 def test_bad_finetune_config_names_the_field(field, value, match):
     cfg = load_config("configs/mlm.py:test")
@@ -346,6 +347,32 @@ def test_finetune_stage_on_glue_with_dist_from_the_fine_tuned_teacher(tmp_path, 
     cfg.finetune.teacher_train.lr = 0.5  # a cache made with other settings is refused, not reused
     with pytest.raises(ValueError, match="other settings"):
         fine_tuned_teacher(cfg, wd, task, sharding.make_mesh(cfg.mesh))
+
+
+def test_mean_pooling_reads_the_mean_of_the_real_tokens():
+    """finetune.pooling='mean': the head reads sum_t m_t h_t / sum_t m_t of the encoder's final
+    states (numpy), 'cls' the state at position 0; an unknown pooling is refused."""
+    from elm_jax.models.classifier import pool
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(5, VOCAB, (3, SEQ)).astype(np.int32)
+    ids[:, 0] = 2
+    mask = np.ones_like(ids)
+    mask[0, 5:], mask[1, 9:] = 0, 0
+    ids[mask == 0] = 0
+    enc = encoder_of(_tiny(STUDENT, seed=5))
+    h = np.asarray(enc(ids, mask, None).last_hidden)
+    want = (h * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(pool(h, mask, "mean")), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(pool(h, mask, "cls")), h[:, 0])
+    model = Classifier(enc, 2, 0, pooling="mean")
+    pooler, head = model.pooler, model.classifier
+    pooled = np.tanh(want @ np.asarray(pooler.kernel.value) + np.asarray(pooler.bias.value))
+    np.testing.assert_allclose(_forward(model, {"inputs": ids, "mask": mask, "segment_ids": np.zeros_like(ids)}),
+                               pooled @ np.asarray(head.kernel.value) + np.asarray(head.bias.value),
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="pooling"):
+        Classifier(enc, 2, 0, pooling="max")
 
 
 def test_found_model_with_seeds_and_from_scratch_beside_bag_of_words(tmp_path, tok, glue_dir, monkeypatch):

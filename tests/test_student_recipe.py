@@ -97,3 +97,19 @@ def test_finetune_figures_read_seeds_scratch_and_comparisons(tmp_path):
                                                                   "level": 0.9, "verdict": "lower"}}
     assert got["small_matched_bert"] == {"test_accuracy": 0.58, "scratch_test_accuracy": None,
                                          "mean_test_accuracy": 0.58}
+
+
+def test_reuse_copies_a_finished_workdir_without_the_stages_to_run(tmp_path):
+    src = tmp_path / "src"
+    for rel in ("supernet/final/x.safetensors", "finetune/result.json", "evaluate/result.json",
+                "report/curves.png", "report.md"):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_text("{}")
+    dest = tmp_path / "dest"
+    student_recipe.reuse_workdir(src, dest, "finetune,evaluate")
+    assert (dest / "supernet/final/x.safetensors").is_file()
+    assert not any((dest / p).exists() for p in ("finetune", "evaluate", "report", "report.md"))
+    assert (src / "finetune/result.json").is_file()  # the source is untouched
+    (src / "evaluate/result.json").unlink()
+    with pytest.raises(SystemExit, match="not a finished work directory"):
+        student_recipe.reuse_workdir(src, tmp_path / "dest2", "finetune")

@@ -25,19 +25,39 @@ def encoder_of(model: DenseLM, dtype: Any = None) -> DenseLM:
     return model_from_flat(cfg, flat)
 
 
-class Classifier(nnx.Module):
-    """A dense encoder with a pooled ``[CLS]`` classification head."""
+POOLINGS = ("cls", "mean")
 
-    def __init__(self, encoder: DenseLM, num_classes: int, seed: int):
+
+def pool(hidden_BxLxH: jnp.ndarray, mask_BxL: jnp.ndarray, pooling: str) -> jnp.ndarray:
+    """The sentence vector ``[B, H]`` the head reads: ``cls``, the final state at position 0
+    (BERT's ``[CLS]``); ``mean``, ``sum_t m_t h_t / max(sum_t m_t, 1)`` over the real
+    (``mask = 1``) positions. An encoder pre-trained by MLM alone never trains its ``[CLS]`` state
+    to summarise the sentence (BERT's next-sentence task did that); the mean is the usual remedy."""
+    if pooling == "cls":
+        return hidden_BxLxH[:, 0]
+    if pooling == "mean":
+        m = mask_BxL.astype(hidden_BxLxH.dtype)[..., None]
+        return (hidden_BxLxH * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
+    raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+
+
+class Classifier(nnx.Module):
+    """A dense encoder with a pooled classification head ``W_c tanh(W_p pool(h) + b_p)``
+    (:func:`pool`: the ``[CLS]`` state or the mean over real positions)."""
+
+    def __init__(self, encoder: DenseLM, num_classes: int, seed: int, pooling: str = "cls"):
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         rngs = nnx.Rngs(params=seed)
         h = encoder.cfg.hidden
+        self.pooling = pooling
         self.encoder = encoder
         self.pooler = layers.dense(h, h, encoder.cfg.dtype, rngs)
         self.classifier = layers.dense(h, num_classes, encoder.cfg.dtype, rngs)
 
     def __call__(self, inputs, mask, segment_ids=None, *, deterministic=True, rngs=None):
         out = self.encoder(inputs, mask, segment_ids, deterministic=deterministic, rngs=rngs)
-        pooled = jnp.tanh(self.pooler(out.last_hidden[:, 0]))
+        pooled = jnp.tanh(self.pooler(pool(out.last_hidden, mask, self.pooling)))
         return self.classifier(pooled)
 
 
@@ -50,9 +70,10 @@ def save_classifier(path: Path, model: Classifier, meta: Mapping[str, Any]) -> N
     os.replace(tmp, path / "head.safetensors")
 
 
-def load_classifier(path: Path, num_classes: int, dtype: Any = None) -> Classifier:
-    """The classifier :func:`save_classifier` wrote (computing in ``dtype``)."""
+def load_classifier(path: Path, num_classes: int, dtype: Any = None, pooling: str = "cls") -> Classifier:
+    """The classifier :func:`save_classifier` wrote (computing in ``dtype``; ``pooling`` as it
+    was trained)."""
     encoder = encoder_of(load_model(path / "encoder")[0], dtype)
-    model = Classifier(encoder, num_classes, 0)
+    model = Classifier(encoder, num_classes, 0, pooling)
     return fill_params(model, load_file(os.fspath(path / "head.safetensors")),
                        f"{path / 'head.safetensors'} ({num_classes} classes)", skip_prefix="encoder.")

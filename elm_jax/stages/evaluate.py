@@ -39,7 +39,7 @@ import numpy as np
 from elm_jax.data import context_free
 from elm_jax.distributed import is_main_process
 from elm_jax.engine import sharding
-from elm_jax.evaluation import SCHEMA_VERSION, finetune_accuracy
+from elm_jax.evaluation import SCHEMA_VERSION, finetune_accuracy, versus_line
 from elm_jax.fileio import atomic_write_json
 from elm_jax.lm import lm_row_sums
 from elm_jax.models.io import final_models, flat_params, is_model_dir, load_model
@@ -101,8 +101,7 @@ def run(cfg, workdir: str | os.PathLike, data) -> dict[str, Any]:
                   if k not in ("found", "teacher")}
         result["models"][name]["versus"] = versus
         for b, v in versus.items():
-            print(f"[evaluate] {name} vs {b}: {v['gain']:+.4f} nats lower loss, {round(v['level'] * 100)}% "
-                  f"[{v['lo']:+.4f}, {v['hi']:+.4f}]: {v['verdict']}")
+            print(f"[evaluate] {versus_line(name, b, v)}")
     if is_main_process():  # the CLI then writes and prints the report (elm_jax.report)
         atomic_write_json(wd / "evaluate" / "result.json", result)
     return result

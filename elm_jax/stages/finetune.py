@@ -1,6 +1,7 @@
 """The ``finetune`` stage (MLM): each final model (``WORKDIR/retrain/<budget>``, or without a retrain stage
 ``WORKDIR/export/<budget>``) becomes a sentence(-pair) classifier: its encoder (the LM head is
-dropped) with a pooled ``[CLS]`` head ``W_c tanh(W_p h_CLS + b_p)``, fine-tuned on
+dropped) with a pooled head ``W_c tanh(W_p pool(h) + b_p)`` (``finetune.pooling``: ``cls``, the
+``[CLS]`` state, or ``mean``, the mean over the real tokens), fine-tuned on
 ``finetune.task``:
 
 * ``polarity`` (default): Pang & Lee sentence polarity (the source sentences of SST-2), a fixed
@@ -426,15 +427,17 @@ def fine_tuned_teacher(cfg, workdir: str | os.PathLike, data: TaskData, mesh) ->
     done = cache / "result.json"
     settings = {"seed": cfg.seed, "seq_len": cfg.data.seq_len, "batch_size": fc.batch_size,
                 "holdout_frac": fc.holdout_frac, "train": fc.teacher_train.to_dict()}
+    if fc.pooling != "cls":  # (a cache written before pooling was a setting is the cls one)
+        settings["pooling"] = fc.pooling
     if done.is_file():
         entry = json.loads(done.read_text())
         if entry.get("settings") != json.loads(json.dumps(settings)):
             raise ValueError(f"the teacher in {cache} was fine-tuned with other settings "
                              f"({entry.get('settings')}); delete that directory to fine-tune it again")
         print(f"[finetune] teacher fine-tuned on {fc.task} already: {cache}")
-        return load_classifier(cache, data.num_classes, _compute_dtype(cfg)), entry
+        return load_classifier(cache, data.num_classes, _compute_dtype(cfg), fc.pooling), entry
     encoder = encoder_of(load_teacher(workdir), _compute_dtype(cfg))
-    model, entry = fine_tune(Classifier(encoder, data.num_classes, cfg.seed), data, fc.teacher_train,
+    model, entry = fine_tune(Classifier(encoder, data.num_classes, cfg.seed, fc.pooling), data, fc.teacher_train,
                              fc.batch_size, mesh, cache.parent, f"{cache.name}_run", cfg.seed)
     entry |= {"path": os.fspath(cache), "settings": settings}
     if is_main_process():
@@ -483,7 +486,7 @@ def run(cfg, workdir: str | os.PathLike, data) -> dict[str, Any]:
     floor = np.asarray(bow["test_correct"], np.float64)[None]
 
     def tune(init: Callable[[int], Any], seed: int, run_name: str) -> tuple[dict[str, Any], np.ndarray | None]:
-        model = Classifier(encoder_of(init(seed), dtype), task.num_classes, seed)
+        model = Classifier(encoder_of(init(seed), dtype), task.num_classes, seed, fc.pooling)
         clf, entry = fine_tune(model, task, fc.train, fc.batch_size, mesh, root, run_name, seed, kd=fc.kd,
                                kd_weight=float(fc.kd_weight), temperature=float(fc.temperature),
                                teacher=teacher)
