@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from absl import flags, logging
 from ml_collections import config_flags
 
-from elm_jax import distributed, pipeline, report
+from elm_jax import distributed, pipeline, preemption, report
 from elm_jax.pipeline import EXIT_BAD_INPUT, EXIT_OK
 
 _ALLOW_CHANGE_HELP = (
@@ -96,7 +96,8 @@ def cli(argv: Sequence[str]) -> int:
     rc = pipeline.run(cfg, workdir.value, names, allow_config_change=allow_change.value,
                       command=shlex.join(argv))
     if rc == EXIT_OK and "evaluate" in pipeline.parse_stages(names) and distributed.is_main_process():
-        print(report.build_report(workdir.value))
+        with preemption.watch():  # a notice now comes after every stage finished: write the report, exit 0
+            print(report.build_report(workdir.value))
     return rc
 
 

@@ -592,3 +592,24 @@ def test_damaged_search_state_redoes_that_budget_with_a_warning(tmp_path):
         again = evolutionary_search(space, widths, Scorer(), budget, cfg.search, 3, path, progress=False)
     assert again.best == ref.best and again.score == ref.score and again.history == ref.history
     assert json.loads(path.read_text())["generation"] == cfg.search.generations - 1
+
+
+_NOTICE_DURING_REPORT = """
+import os, signal, sys
+from elm_jax import main, pipeline, report
+pipeline.run = lambda *a, **k: 0  # every stage complete
+def build(workdir):
+    os.kill(os.getpid(), signal.SIGTERM)  # the notice arrives while the report is written
+    return "report of " + workdir
+report.build_report = build
+sys.exit(main.cli(["elm_jax.main", "--config=configs/mlm.py:test", "--workdir=" + sys.argv[1]]))
+"""
+
+
+def test_preemption_notice_while_the_report_is_written_finishes_the_run(tmp_path):
+    """Every stage has finished when the report is written: a SIGTERM then is a notice like any
+    other (never the default handler's kill, exit -15); the run prints its report and exits 0."""
+    proc = subprocess.run([sys.executable, "-c", _NOTICE_DURING_REPORT, str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    assert f"report of {tmp_path}" in proc.stdout

@@ -367,9 +367,9 @@ def test_mean_pooling_reads_the_mean_of_the_real_tokens():
     np.testing.assert_allclose(np.asarray(pool(h, mask, "cls")), h[:, 0])
     model = Classifier(enc, 2, 0, pooling="mean")
     pooler, head = model.pooler, model.classifier
-    pooled = np.tanh(want @ np.asarray(pooler.kernel.value) + np.asarray(pooler.bias.value))
+    pooled = np.tanh(want @ np.asarray(pooler.kernel[...]) + np.asarray(pooler.bias[...]))
     np.testing.assert_allclose(_forward(model, {"inputs": ids, "mask": mask, "segment_ids": np.zeros_like(ids)}),
-                               pooled @ np.asarray(head.kernel.value) + np.asarray(head.bias.value),
+                               pooled @ np.asarray(head.kernel[...]) + np.asarray(head.bias[...]),
                                rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="pooling"):
         Classifier(enc, 2, 0, pooling="max")
