@@ -78,7 +78,7 @@ def loss_gain(rows_a: np.ndarray, rows_b: np.ndarray, level: float = 0.9) -> dic
     z = statistics.NormalDist().inv_cdf((1 + level) / 2)
     lo, hi = gain - z * se, gain + z * se
     verdict = "lower" if lo > 0 else "higher" if hi < 0 else "within noise"
-    return {"gain": float(gain), "se": float(se), "lo": float(lo), "hi": float(hi), "level": level,
+    return {"gain": float(gain), "se": float(se), "lo": float(lo), "hi": float(hi), "level": float(level),
             "verdict": verdict}
 
 

@@ -28,7 +28,6 @@ The schema and its readers (files written before it too) are :mod:`elm_jax.evalu
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -41,13 +40,9 @@ from elm_jax.distributed import is_main_process
 from elm_jax.engine import sharding
 from elm_jax.evaluation import SCHEMA_VERSION, finetune_accuracy, versus_line
 from elm_jax.fileio import atomic_write_json
-from elm_jax.lm import lm_row_sums
+from elm_jax.lm import lm_row_sums, with_perplexity
 from elm_jax.models.io import final_models, flat_params, is_model_dir, load_model
 from elm_jax.search.fitness_noise import loss_gain
-
-def _noise(g: Mapping[str, Any]) -> dict[str, Any]:
-    """:func:`~elm_jax.search.fitness_noise.loss_gain` as stored: its figures, JSON-safe."""
-    return {k: (v if isinstance(v, str) else float(v)) for k, v in g.items()}
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -82,9 +77,9 @@ def run(cfg, workdir: str | os.PathLike, data) -> dict[str, Any]:
         e = exported.get(name, {})
         entry = {"kind": "teacher" if name == "teacher" else e.get("kind", "found"),
                  "params": sum(v.size for v in flat_params(model).values()),
-                 "param_gap": e.get("param_gap"), "loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+                 "param_gap": e.get("param_gap"), "loss": loss, "perplexity": with_perplexity({"loss": loss})["perplexity"],
                  "accuracy": float(r[:, 2].sum() / r[:, 1].sum()), "gain_nats": trivial - loss,
-                 "gain_noise": _noise(loss_gain(r, cf_rows))}
+                 "gain_noise": loss_gain(r, cf_rows)}
         if cfg.task == "mlm":
             ft = finetune.get(name, {}) if isinstance(finetune.get(name), Mapping) else {}
             entry["finetune_test_accuracy"] = finetune_accuracy(ft)
@@ -97,7 +92,7 @@ def run(cfg, workdir: str | os.PathLike, data) -> dict[str, Any]:
     # each found model against every baseline, paired over the same rows
     kinds = {n: e["kind"] for n, e in result["models"].items()}
     for name in [n for n, k in kinds.items() if k == "found"]:
-        versus = {b: _noise(loss_gain(rows[name], rows[b])) for b, k in kinds.items()
+        versus = {b: loss_gain(rows[name], rows[b]) for b, k in kinds.items()
                   if k not in ("found", "teacher")}
         result["models"][name]["versus"] = versus
         for b, v in versus.items():
