@@ -41,6 +41,7 @@ from make_run_cost import _commit, timed_run  # noqa: E402  (bench/ is the scrip
 from report_util import markdown_table, replace_section  # noqa: E402
 from teacher_recipe import resolved_recipe  # noqa: E402
 
+from elm_jax import pipeline  # noqa: E402
 from elm_jax.evaluation import COMPARISONS, finetune_accuracy  # noqa: E402
 
 TITLE = "Student recipes"
@@ -52,7 +53,8 @@ RECIPE_FIELDS = ("task", "data.mask_rate", "teacher.train.steps",
                  "supernet.gt_weight", "supernet.kd_loss", "supernet.sample_per", "supernet.sandwich",
                  "supernet.epoch_steps", "search.eval_batches",
                  "retrain.train.steps", "retrain.train.lr", "retrain.train.decay_start_frac",
-                 "retrain.gt_weight", "finetune.train.steps", "finetune.train.lr")
+                 "retrain.gt_weight", "finetune.train.steps", "finetune.train.lr",
+                 "finetune.pooling")
 
 
 def curve_of(metrics: Path, key: str = "eval/loss") -> list[list[float]]:
@@ -114,9 +116,14 @@ def reuse_workdir(source: Path, dest: Path, stages: str) -> None:
     stages (e.g. ``finetune,evaluate``) is run on the very models the earlier ones made."""
     if not (source / "evaluate" / "result.json").is_file():
         raise SystemExit(f"--reuse {source}: not a finished work directory (no evaluate/result.json)")
+    names = pipeline.parse_stages(stages)
+    tail = list(pipeline.STAGE_NAMES[pipeline.STAGE_NAMES.index(names[0]):])
+    if names != tail:  # a changed stage invalidates every stage after it: the pipeline refuses
+        raise SystemExit(f"--reuse reruns the last stages of the pipeline: --stages={','.join(tail)}, "
+                         f"not {','.join(names)}")
     shutil.copytree(source, dest, symlinks=True)
-    for s in stages.split(","):
-        shutil.rmtree(dest / s.strip(), ignore_errors=True)
+    for s in names:
+        shutil.rmtree(dest / s, ignore_errors=True)
     for stale in ("report.md", "report"):
         p = dest / stale
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)

@@ -110,6 +110,8 @@ def test_reuse_copies_a_finished_workdir_without_the_stages_to_run(tmp_path):
     assert (dest / "supernet/final/x.safetensors").is_file()
     assert not any((dest / p).exists() for p in ("finetune", "evaluate", "report", "report.md"))
     assert (src / "finetune/result.json").is_file()  # the source is untouched
+    with pytest.raises(SystemExit, match="--stages=search,export,retrain,finetune,evaluate"):
+        student_recipe.reuse_workdir(src, tmp_path / "dest3", "search")  # export... would be stale
     (src / "evaluate/result.json").unlink()
     with pytest.raises(SystemExit, match="not a finished work directory"):
-        student_recipe.reuse_workdir(src, tmp_path / "dest2", "finetune")
+        student_recipe.reuse_workdir(src, tmp_path / "dest2", "finetune,evaluate")
