@@ -143,8 +143,10 @@ def base_config(task: str, variant: str) -> ml_collections.ConfigDict:
         mutations=6,                   # children by mutation per generation
         crossovers=4,                  # children by uniform crossover per generation
         mutation_prob=0.2,             # each gene resampled with this probability
-        eval_batches=16,               # fixed search-split batches scoring every candidate (16: the
-                                       # candidates' spread is about 4 paired standard errors)
+        eval_batches=32,               # fixed search-split batches scoring every candidate: the
+                                       # candidates' spread over the paired standard error of a
+                                       # difference grows ~ sqrt(batches); 32 put it past 5x
+                                       # (BENCHMARKS.md "Search fitness noise")
         budgets=[{"name": "small", "max_params": 450_000}],
     ))
     # Export: the CKA head module (DESIGN §1.3) re-splits each layer into fewer, wider heads.
