@@ -57,6 +57,19 @@ RECIPE_FIELDS = ("task", "data.mask_rate", "teacher.train.steps",
                  "finetune.pooling")
 
 
+def recipe_of_workdir(workdir: Path, fields: tuple[str, ...] = RECIPE_FIELDS) -> dict | None:
+    """The recipe a run actually used: ``fields`` from the per-stage config fields of its
+    ``fingerprints.json`` (so a config file edited while the run goes cannot be logged in its
+    place); None when the file lacks any of them."""
+    path = workdir / "fingerprints.json"
+    if not path.is_file():
+        return None
+    used: dict = {}
+    for stage in json.loads(path.read_text()).get("stages", {}).values():
+        used.update(stage.get("fields", {}))
+    return {f: used[f] for f in fields} if all(f in used for f in fields) else None
+
+
 def curve_of(metrics: Path, key: str = "eval/loss") -> list[list[float]]:
     """``[step, value]`` of every record of ``key`` in an engine ``metrics.jsonl``."""
     out = []
@@ -135,6 +148,7 @@ def run_seed(config: str, seed: int, overrides: list[str], stages: str, tag: str
     if reuse is not None:
         reuse_workdir(reuse, tmp / "w", stages)
     ov = [*overrides, f"seed={seed}"]
+    commit = _commit()  # the code the run starts from
     load0 = os.getloadavg()[0]
     run = timed_run(config, tmp / "w", None, tmp / "run.log",
                     [f"--stages={stages}", "--config.compile_cache_dir=none",
@@ -143,8 +157,9 @@ def run_seed(config: str, seed: int, overrides: list[str], stages: str, tag: str
     w = tmp / "w"
     ev = run["evaluate"]
     cf = next(float(v) for k, v in ev["baselines"].items() if k.endswith("_loss"))
-    return {"date": datetime.date.today().isoformat(), "commit": _commit(), "config": config,
-            "overrides": overrides, "recipe": resolved_recipe(config, overrides, fields=RECIPE_FIELDS),
+    return {"date": datetime.date.today().isoformat(), "commit": commit, "config": config,
+            "overrides": overrides,
+            "recipe": recipe_of_workdir(w) or resolved_recipe(config, overrides, fields=RECIPE_FIELDS),
             "tag": tag, "seed": seed, "stages_s": run["stages"], "total_s": run["total_s"],
             "teacher_reused": run["teacher_reused"], "teacher_gain": run["teacher_gain_nats"],
             "cf": cf, "models": ev["models"],

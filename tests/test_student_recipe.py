@@ -115,3 +115,18 @@ def test_reuse_copies_a_finished_workdir_without_the_stages_to_run(tmp_path):
     (src / "evaluate/result.json").unlink()
     with pytest.raises(SystemExit, match="not a finished work directory"):
         student_recipe.reuse_workdir(src, tmp_path / "dest2", "finetune,evaluate")
+
+
+def test_the_recipe_logged_is_the_one_the_run_used(tmp_path):
+    """The recipe comes from the run's own fingerprints.json, not from the config file as it is
+    when the run ends (edited meanwhile: the search's batches here)."""
+    fields = {f: i for i, f in enumerate(student_recipe.RECIPE_FIELDS)}
+    names = list(fields)
+    stages = {"supernet": {"fields": {k: fields[k] for k in names[:5]}},
+              "search": {"fields": {k: fields[k] for k in names[5:]}}}
+    (tmp_path / "fingerprints.json").write_text(json.dumps({"stages": stages, "version": 1}))
+    assert student_recipe.recipe_of_workdir(tmp_path) == fields
+    del stages["search"]["fields"][names[-1]]
+    (tmp_path / "fingerprints.json").write_text(json.dumps({"stages": stages, "version": 1}))
+    assert student_recipe.recipe_of_workdir(tmp_path) is None  # incomplete: the resolved config instead
+    assert student_recipe.recipe_of_workdir(tmp_path / "missing") is None
