@@ -162,7 +162,8 @@ def base_config(task: str, variant: str) -> ml_collections.ConfigDict:
         train=_decay_from_half(train_config(steps=400, lr=1e-3, eval_every=200, checkpoint_every=200)),
         kd_loss="pearson", gt_weight=1.0,
     ))
-    # Fine-tuning of the final MLM models (pooled [CLS] classifier) on a sentence(-pair) task.
+    # Fine-tuning of the final MLM models on a sentence(-pair) task: a classifier on their pooled
+    # final states (finetune.pooling).
     c.finetune = ml_collections.ConfigDict(dict(
         task="polarity",               # 'polarity' | 'glue/<cola|sst2|mrpc|qqp|mnli|qnli|rte|wnli>'
         tfds_data_dir="",              # glue: --data_dir of `tfds build glue/<name> --file_format=array_record`
