@@ -375,6 +375,30 @@ def test_mean_pooling_reads_the_mean_of_the_real_tokens():
         Classifier(enc, 2, 0, pooling="max")
 
 
+def test_a_saved_classifier_comes_back_with_the_pooling_it_was_trained_with(tmp_path):
+    """save_classifier records the pooling (head.json); load_classifier reads it, so the loaded
+    model's logits equal the saved one's; a different pooling asked for is refused; a classifier
+    saved before the pooling was recorded loads as 'cls' (found by the GLUE teacher test once the
+    demo default became 'mean': the reloaded teacher read [CLS] and scored otherwise)."""
+    from elm_jax.models.classifier import HEAD_CONFIG, save_classifier
+
+    rng = np.random.default_rng(1)
+    ids = rng.integers(5, VOCAB, (4, SEQ)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[1, 7:] = 0
+    batch = {"inputs": ids, "mask": mask, "segment_ids": np.zeros_like(ids)}
+    model = Classifier(encoder_of(_tiny(STUDENT, seed=3)), 2, 4, pooling="mean")
+    save_classifier(tmp_path / "c", model, {"role": "test"})
+    back = load_classifier(tmp_path / "c", 2)
+    assert back.pooling == "mean"
+    np.testing.assert_allclose(_forward(back, batch), _forward(model, batch), rtol=1e-6, atol=1e-6)
+    assert load_classifier(tmp_path / "c", 2, pooling="mean").pooling == "mean"
+    with pytest.raises(ValueError, match="trained with pooling='mean'"):
+        load_classifier(tmp_path / "c", 2, pooling="cls")
+    (tmp_path / "c" / HEAD_CONFIG).unlink()  # written before pooling was recorded
+    assert load_classifier(tmp_path / "c", 2).pooling == "cls"
+
+
 def test_found_model_with_seeds_and_from_scratch_beside_bag_of_words(tmp_path, tok, glue_dir, monkeypatch):
     """finetune.seeds / finetune.scratch: a found model is fine-tuned with every seed, and from
     random initialisation with the same seeds; a baseline with the first seed only; the paired

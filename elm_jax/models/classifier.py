@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -12,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
+from elm_jax.fileio import atomic_write_bytes
 from elm_jax.models import layers
 from elm_jax.models.dense import DenseLM
 from elm_jax.models.io import fill_params, flat_params, load_model, model_from_flat, save_model
@@ -61,19 +63,31 @@ class Classifier(nnx.Module):
         return self.classifier(pooled)
 
 
+HEAD_CONFIG = "head.json"  # beside head.safetensors: how the head reads the encoder (pooling)
+
+
 def save_classifier(path: Path, model: Classifier, meta: Mapping[str, Any]) -> None:
-    """``path/encoder/`` (a model directory) and ``path/head.safetensors`` (pooler, classifier)."""
+    """``path/encoder/`` (a model directory), ``path/head.safetensors`` (pooler, classifier) and
+    ``path/head.json`` (the pooling the head was trained with)."""
     save_model(path / "encoder", model.encoder, meta=dict(meta))
+    atomic_write_bytes(path / HEAD_CONFIG, json.dumps({"pooling": model.pooling}).encode())
     heads = {k: v for k, v in flat_params(model).items() if not k.startswith("encoder.")}
     tmp = path / "head.safetensors.tmp"
     save_file(heads, os.fspath(tmp))
     os.replace(tmp, path / "head.safetensors")
 
 
-def load_classifier(path: Path, num_classes: int, dtype: Any = None, pooling: str = "cls") -> Classifier:
-    """The classifier :func:`save_classifier` wrote (computing in ``dtype``; ``pooling`` as it
-    was trained)."""
+def load_classifier(path: Path, num_classes: int, dtype: Any = None, pooling: str | None = None) -> Classifier:
+    """The classifier :func:`save_classifier` wrote (computing in ``dtype``), pooling as it was
+    trained (``head.json``; ``'cls'`` for a classifier saved before the pooling was recorded).
+    A ``pooling`` given that differs from the recorded one is refused: the head would read
+    other features than it learnt on."""
+    head_cfg = path / HEAD_CONFIG
+    recorded = json.loads(head_cfg.read_text())["pooling"] if head_cfg.is_file() else None
+    if pooling is not None and recorded is not None and pooling != recorded:
+        raise ValueError(f"{path}: this classifier was trained with pooling={recorded!r}, "
+                         f"not {pooling!r}")
     encoder = encoder_of(load_model(path / "encoder")[0], dtype)
-    model = Classifier(encoder, num_classes, 0, pooling)
+    model = Classifier(encoder, num_classes, 0, pooling or recorded or "cls")
     return fill_params(model, load_file(os.fspath(path / "head.safetensors")),
                        f"{path / 'head.safetensors'} ({num_classes} classes)", skip_prefix="encoder.")
