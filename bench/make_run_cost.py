@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from report_util import machine, markdown_table, replace_section
+from report_util import append_jsonl, machine, markdown_table, read_jsonl, replace_section
 
 from elm_jax.pipeline import STAGE_NAMES
 
@@ -148,7 +148,7 @@ def _replace_block(path: Path, begin: str, end: str, text: str) -> None:
 
 
 def report(out_readme: Path, out_bench: Path) -> None:
-    rows = [json.loads(x) for x in LOG.read_text().splitlines() if x.strip()]
+    rows = read_jsonl(LOG)
     last = {r["config"]: r for r in rows}  # the latest measurement of each config
     _replace_block(out_readme, BEGIN, END, readme_text(list(last.values())))
     _replace_block(out_readme, RESULTS_BEGIN, RESULTS_END, results_text(list(last.values())))
@@ -181,9 +181,7 @@ def main() -> int:
     args = ap.parse_args()
     if not args.report_only:
         rec = measure(args.config, args.keep)
-        LOG.parent.mkdir(parents=True, exist_ok=True)
-        with open(LOG, "a") as f:
-            f.write(json.dumps(rec, sort_keys=True) + "\n")
+        append_jsonl(LOG, rec)
         print(json.dumps(rec, indent=2))
     report(REPO / "README.md", REPO / "BENCHMARKS.md")
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 from pathlib import Path
@@ -29,6 +30,18 @@ def append_section(path: str, title: str, command: str, body: str, extra: str = 
     with open(path, "a") as f:
         f.write(f"\n### {title} ({datetime.date.today().isoformat()})\n\nCommand: `{command}`  \n"
                 f"Machine: {machine()}" + (f"  \n{extra}" if extra else "") + f"\n\n{body}\n")
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    """Appends ``record`` as one sorted-key JSON line to the result log ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Every record of the result log ``path`` (blank lines skipped)."""
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
 def replace_section(path: str, titles: Sequence[str], text: str) -> None:

@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from make_run_cost import _commit  # noqa: E402  (bench/ is the script directory)
-from report_util import markdown_table, replace_section  # noqa: E402
+from report_util import append_jsonl, markdown_table, read_jsonl, replace_section  # noqa: E402
 
 TITLE = "Search fitness noise"
 LOG = REPO / "bench" / "results" / "search_noise.jsonl"
@@ -117,13 +117,11 @@ def main() -> None:
         for n in [int(b) for b in args.batches.split(",") if b.strip()]:
             rec = run_one(args.config, Path(args.workdir).resolve(), n, list(args.set),
                           Path(args.keep) if args.keep else None)
-            LOG.parent.mkdir(parents=True, exist_ok=True)
-            with open(LOG, "a") as f:
-                f.write(json.dumps(rec, sort_keys=True) + "\n")
+            append_jsonl(LOG, rec)
             print(f"[search_noise] {n} batches: " + ", ".join(
                 f"{k} sd / paired SE {b['ratio']:.2f}x" for k, b in rec["budgets"].items())
                 + f", {rec['process_s']:.0f} s", flush=True)
-    records = [json.loads(x) for x in LOG.read_text().splitlines() if x.strip()]
+    records = read_jsonl(LOG)
     text = render(records)
     print(text)
     replace_section(args.out, (TITLE,), text)

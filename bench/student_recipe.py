@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from make_run_cost import _commit, timed_run  # noqa: E402  (bench/ is the script directory)
-from report_util import markdown_table, replace_section  # noqa: E402
+from report_util import append_jsonl, markdown_table, read_jsonl, replace_section  # noqa: E402
 from teacher_recipe import resolved_recipe  # noqa: E402
 
 from elm_jax import pipeline  # noqa: E402
@@ -242,13 +242,11 @@ def main() -> None:
         for seed in [int(s) for s in args.seeds.split(",") if s.strip()]:
             rec = run_seed(args.config, seed, list(args.set), args.stages, args.tag,
                            Path(args.keep) if args.keep else None, Path(args.reuse) if args.reuse else None)
-            LOG.parent.mkdir(parents=True, exist_ok=True)
-            with open(LOG, "a") as f:
-                f.write(json.dumps(rec, sort_keys=True) + "\n")
+            append_jsonl(LOG, rec)
             found = {n: m["gain_nats"] for n, m in rec["models"].items() if m.get("kind") == "found"}
             print(f"[student_recipe] seed {seed}: cf {rec['cf']:.4f}, found gain {found}, "
                   f"total {rec['total_s']:.0f} s", flush=True)
-    records = [json.loads(x) for x in LOG.read_text().splitlines() if x.strip()]
+    records = read_jsonl(LOG)
     text = render(records)
     print(text)
     replace_section(args.out, (TITLE,), text)

@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from elm_jax.data import context_free  # noqa: E402
-from report_util import apply_overrides, markdown_table, replace_section  # noqa: E402  (bench/ is the script directory)
+from report_util import append_jsonl, apply_overrides, markdown_table, read_jsonl, replace_section  # noqa: E402  (bench/ is the script directory)
 
 TITLE = "Teacher recipes"
 LOG = REPO / "bench" / "results" / "teacher_recipe.jsonl"
@@ -171,12 +171,10 @@ def main() -> None:
         for seed in [int(s) for s in args.seeds.split(",") if s.strip()]:
             rec = run_seed(args.config, seed, list(args.set), args.tag,
                            Path(args.keep) if args.keep else None)
-            LOG.parent.mkdir(parents=True, exist_ok=True)
-            with open(LOG, "a") as f:
-                f.write(json.dumps(rec, sort_keys=True) + "\n")
+            append_jsonl(LOG, rec)
             print(f"[teacher_recipe] seed {seed}: loss {rec['loss']:.4f}, cf {rec['cf']:.4f}, "
                   f"gain {rec['gain']:+.4f}, teacher stage {rec['teacher_wall_s']:.0f} s", flush=True)
-    records = [json.loads(x) for x in LOG.read_text().splitlines() if x.strip()]
+    records = read_jsonl(LOG)
     for r in records:  # lines logged before "recipe" was recorded: resolved at their commit
         r.setdefault("recipe", resolved_recipe(r["config"], r["overrides"], r["commit"]))
     text = render(records)
