@@ -48,7 +48,7 @@ TITLE = "Student recipes"
 LOG = REPO / "bench" / "results" / "student_recipe.jsonl"
 STUDENT_STAGES = "data,teacher,supernet,search,export,retrain,finetune,evaluate"
 
-RECIPE_FIELDS = ("task", "data.mask_rate", "teacher.train.steps",
+RECIPE_FIELDS = ("task", "data.corpus", "data.mask_rate", "teacher.train.steps",
                  "supernet.train.steps", "supernet.train.lr", "supernet.train.decay_start_frac",
                  "supernet.gt_weight", "supernet.kd_loss", "supernet.sample_per", "supernet.sandwich",
                  "supernet.epoch_steps", "search.eval_batches",

@@ -51,13 +51,16 @@ def base_config(task: str, variant: str) -> ml_collections.ConfigDict:
     c.seed = 0
 
     c.data = ml_collections.ConfigDict(dict(
-        corpus="shakespeare",          # 'shakespeare' (embedded default) | 'files' | 'tfds'
+        corpus="shakespeare",          # 'shakespeare' (embedded default) | 'movie_reviews' (Pang & Lee
+                                       # reviews, the polarity task's domain) | 'files' | 'tfds'
         cache_dir="",                  # '' -> $ELM_JAX_CACHE or ~/.cache/elm_jax
         train_files="",                # corpus=files: comma-separated paths or globs
         validation_files="",           # corpus=files: held-out documents
         search_files="",               # corpus=files: search-split documents ('' -> held out from train)
         search_fraction=0.05,          # the share of training documents held out (by text hash) as the
-                                       # search split when none is given (corpus=files / tfds)
+                                       # search split when none is given (corpus=movie_reviews / files / tfds)
+        validation_fraction=0.1,       # corpus=movie_reviews: the share of reviews held out (by text
+                                       # hash) as the validation split
         tfds_name="",                  # corpus=tfds: e.g. 'wikipedia/20230601.en' prepared under tfds_data_dir
         tfds_data_dir="",
         tfds_train_split="train",

