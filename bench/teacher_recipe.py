@@ -65,13 +65,17 @@ def curve_of(workdir: Path) -> list[list[float]]:
     return out
 
 
-def run_seed(config: str, seed: int, overrides: list[str], tag: str, keep: Path | None) -> dict:
+def run_seed(config: str, seed: int, overrides: list[str], tag: str, keep: Path | None,
+             cache: bool = False) -> dict:
+    """One seed's line. ``cache``: the teacher stage uses the teacher cache (stores the teacher it
+    trains, so a student run of the same recipe reuses it; a teacher cached already is copied
+    instead of trained, and the line says ``reused``)."""
     tmp = Path(tempfile.mkdtemp(prefix=f"teacher_recipe_{tag}_s{seed}_", dir=keep))
     ov = [*overrides, f"seed={seed}"]
     data_s = _main(tmp, config, "data", ov)
     load0 = os.getloadavg()[0]
-    # timed cold: no compiled steps and no cached teacher to reuse
-    teacher_s = _main(tmp, config, "teacher", ov + ["compile_cache_dir=none", "teacher.cache=False"])
+    # timed cold: no compiled steps (and, without ``cache``, no cached teacher to reuse)
+    teacher_s = _main(tmp, config, "teacher", ov + ["compile_cache_dir=none", f"teacher.cache={cache}"])
     load1 = os.getloadavg()[0]
     stats = json.loads((tmp / "data" / "stats.json").read_text())
     result = json.loads((tmp / "teacher" / "result.json").read_text())
@@ -83,10 +87,11 @@ def run_seed(config: str, seed: int, overrides: list[str], tag: str, keep: Path 
             "loss": loss, "gain": cf - loss, "accuracy": float(result["eval"].get("correct", float("nan"))),
             "steps": int(result["train"].get("steps", 0)) if isinstance(result.get("train"), dict) else None,
             "teacher_wall_s": teacher_s, "data_wall_s": data_s,
+            "reused": bool((result.get("cache") or {}).get("reused", False)),
             "load_1m": [load0, load1], "workdir": str(tmp)}
 
 
-RECIPE_FIELDS = ("task", "data.tokenizer.vocab_size", "data.mask_rate", "data.batch_size", "data.seq_len",
+RECIPE_FIELDS = ("task", "data.corpus", "data.tokenizer.vocab_size", "data.mask_rate", "data.batch_size", "data.seq_len",
                  "teacher.model.layers", "teacher.model.hidden", "teacher.model.dropout",
                  "teacher.train.steps", "teacher.train.lr", "teacher.train.warmup_frac",
                  "teacher.train.decay_start_frac")
@@ -164,19 +169,25 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=[], help="dotted config overrides (without --config.)")
     ap.add_argument("--tag", default="run")
     ap.add_argument("--keep", default=None, help="directory for the work directories (default: /tmp)")
+    ap.add_argument("--cache", action="store_true",
+                    help="use the teacher cache: store the teacher trained (a cached one is reused)")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
     args = ap.parse_args()
     if not args.report_only:
         for seed in [int(s) for s in args.seeds.split(",") if s.strip()]:
             rec = run_seed(args.config, seed, list(args.set), args.tag,
-                           Path(args.keep) if args.keep else None)
+                           Path(args.keep) if args.keep else None, cache=args.cache)
             append_jsonl(LOG, rec)
             print(f"[teacher_recipe] seed {seed}: loss {rec['loss']:.4f}, cf {rec['cf']:.4f}, "
                   f"gain {rec['gain']:+.4f}, teacher stage {rec['teacher_wall_s']:.0f} s", flush=True)
     records = read_jsonl(LOG)
-    for r in records:  # lines logged before "recipe" was recorded: resolved at their commit
+    for r in records:  # lines logged before "recipe" (or one of its fields) was recorded: resolved at their commit
         r.setdefault("recipe", resolved_recipe(r["config"], r["overrides"], r["commit"]))
+        missing = tuple(f for f in RECIPE_FIELDS if f not in r["recipe"])
+        if missing:
+            r["recipe"].update(resolved_recipe(r["config"], r["overrides"], r["commit"], fields=missing))
+            r["recipe"] = {f: r["recipe"][f] for f in RECIPE_FIELDS}
     text = render(records)
     print(text)
     replace_section(args.out, (TITLE,), text)
