@@ -77,6 +77,12 @@ def run_seed(config: str, seed: int, overrides: list[str], tag: str, keep: Path 
     # timed cold: no compiled steps (and, without ``cache``, no cached teacher to reuse)
     teacher_s = _main(tmp, config, "teacher", ov + ["compile_cache_dir=none", f"teacher.cache={cache}"])
     load1 = os.getloadavg()[0]
+    return record_of(tmp, config, seed, overrides, tag, data_s, teacher_s, [load0, load1])
+
+
+def record_of(tmp: Path, config: str, seed: int, overrides: list[str], tag: str,
+              data_s: float | None, teacher_s: float, load: list[float] | None) -> dict:
+    """The line of a work directory whose data and teacher stages are done."""
     stats = json.loads((tmp / "data" / "stats.json").read_text())
     result = json.loads((tmp / "teacher" / "result.json").read_text())
     cf_rec = stats["baselines"]["validation"]
@@ -88,7 +94,7 @@ def run_seed(config: str, seed: int, overrides: list[str], tag: str, keep: Path 
             "steps": int(result["train"].get("steps", 0)) if isinstance(result.get("train"), dict) else None,
             "teacher_wall_s": teacher_s, "data_wall_s": data_s,
             "reused": bool((result.get("cache") or {}).get("reused", False)),
-            "load_1m": [load0, load1], "workdir": str(tmp)}
+            "load_1m": load, "workdir": str(tmp)}
 
 
 RECIPE_FIELDS = ("task", "data.corpus", "data.tokenizer.vocab_size", "data.mask_rate", "data.batch_size", "data.seq_len",
@@ -171,10 +177,20 @@ def main() -> None:
     ap.add_argument("--keep", default=None, help="directory for the work directories (default: /tmp)")
     ap.add_argument("--cache", action="store_true",
                     help="use the teacher cache: store the teacher trained (a cached one is reused)")
+    ap.add_argument("--from-workdir", default=None,
+                    help="log a finished run's teacher (e.g. of a killed student run; its config and "
+                         "overrides as given, one seed) instead of training one; the teacher's wall "
+                         "time is its training engine's")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
     args = ap.parse_args()
-    if not args.report_only:
+    if args.from_workdir:
+        wd = Path(args.from_workdir)
+        result = json.loads((wd / "teacher" / "result.json").read_text())
+        rec = record_of(wd, args.config, int(args.seeds), list(args.set), args.tag, None,
+                        float(result["train"]["wall_time_s"]), None) | {"from_workdir": True}
+        append_jsonl(LOG, rec)
+    elif not args.report_only:
         for seed in [int(s) for s in args.seeds.split(",") if s.strip()]:
             rec = run_seed(args.config, seed, list(args.set), args.tag,
                            Path(args.keep) if args.keep else None, cache=args.cache)
