@@ -52,7 +52,8 @@ def base_config(task: str, variant: str) -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict(dict(
         corpus="shakespeare",          # 'shakespeare' (embedded default) | 'movie_reviews' (Pang & Lee
-                                       # reviews, the polarity task's domain) | 'files' | 'tfds'
+                                       # reviews, the polarity task's domain) | both:
+                                       # 'shakespeare+movie_reviews' | 'files' | 'tfds'
         cache_dir="",                  # '' -> $ELM_JAX_CACHE or ~/.cache/elm_jax
         train_files="",                # corpus=files: comma-separated paths or globs
         validation_files="",           # corpus=files: held-out documents

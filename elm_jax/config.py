@@ -168,7 +168,8 @@ def validate(cfg: ml_collections.ConfigDict, stages: Sequence[str] | None = None
     _choice(cfg, "task", ("mlm", "clm"))
     _int(cfg, "seed", 0)
 
-    corpus = _choice(cfg, "data.corpus", ("shakespeare", "movie_reviews", "files", "tfds"))
+    corpus = _choice(cfg, "data.corpus", ("shakespeare", "movie_reviews", "shakespeare+movie_reviews",
+                                          "files", "tfds"))
     if corpus == "files" and not _str(cfg, "data.train_files").strip():
         _fail("data.train_files", "corpus=files needs training text files or globs", cfg.data.train_files)
     if corpus == "files" and not _str(cfg, "data.validation_files").strip():

@@ -274,6 +274,13 @@ def test_movie_reviews_corpus_is_the_reviews_without_the_task_sentences():
     # s of the documents left after validation (two successive cuts at h < v, h < s found one)
     assert abs(len(texts["search"]) - s * (1500 - n_val)) < 4 * np.sqrt(1350 * s * (1 - s))
     assert {d.text for d in load_documents(cfg.data)["search"]} == texts["search"]  # fixed
+    # both corpora: each split the union of the two corpora's splits
+    cfg.data.corpus = "shakespeare"
+    plays = load_documents(cfg.data)
+    cfg.data.corpus = "shakespeare+movie_reviews"
+    both = load_documents(cfg.data)
+    for split in texts:
+        assert {d.text for d in both[split]} == texts[split] | {d.text for d in plays[split]}
 
 def test_parse_polarity_handles_bom_and_rejects_bad_rows():
     texts, labels = corpus.parse_polarity_csv('\ufeff"1","good ."\n"-1","bad\n ."\n'.encode())

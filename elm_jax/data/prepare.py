@@ -48,6 +48,21 @@ def _documents_key(splits: dict[str, list[Document]]) -> str:
     return h.hexdigest()[:16]
 
 
+BUILTIN_CORPORA = ("shakespeare", "movie_reviews")
+
+
+def _builtin_splits(name: str, data_cfg, cache: Path
+                    ) -> tuple[list[Document], list[Document], list[Document]]:
+    """(train, search, validation) of a corpus shipped in a registry archive."""
+    if name == "shakespeare":
+        docs = corpus_lib.load_shakespeare(cache)
+        rest, val = corpus_lib.split_by_document(docs, corpus_lib.DEFAULT_VALIDATION_DOCS)
+        train, search = corpus_lib.split_by_document(rest, corpus_lib.DEFAULT_SEARCH_DOCS)
+        return train, search, val
+    return corpus_lib.three_way_split_by_hash(corpus_lib.load_movie_reviews(cache),
+                                              data_cfg.validation_fraction, data_cfg.search_fraction)
+
+
 def load_documents(data_cfg) -> dict[str, list[Document]]:
     """The ``train``, ``search`` and ``validation`` documents of the configured corpus, read
     through tfds; the three splits hold disjoint documents (DESIGN 5).
@@ -57,7 +72,7 @@ def load_documents(data_cfg) -> dict[str, list[Document]]:
     Default corpus: fixed held-out works (:data:`~elm_jax.data.corpus.DEFAULT_SEARCH_DOCS`,
     :data:`~elm_jax.data.corpus.DEFAULT_VALIDATION_DOCS`). ``movie_reviews``: ``data.validation_fraction``
     of the reviews held out by text hash for validation, then ``data.search_fraction`` of the rest
-    for the search. Otherwise ``data.search_files`` (files)
+    for the search; ``shakespeare+movie_reviews``: each split the union of both. Otherwise ``data.search_files`` (files)
     or ``data.tfds_search_split`` (tfds) when given, else ``data.search_fraction`` of the training
     documents held out by text hash (:func:`~elm_jax.data.corpus.hold_out_by_hash`). Every split
     is fixed here, before the tokenizer (trained on ``train`` only) or any model sees the text.
@@ -83,14 +98,11 @@ def load_documents(data_cfg) -> dict[str, list[Document]]:
             out["train"], out["search"] = corpus_lib.hold_out_by_hash(
                 out["train"], data_cfg.search_fraction, "search (--config.data.tfds_search_split=...)")
     else:
-        if data_cfg.corpus == "shakespeare":
-            docs = corpus_lib.load_shakespeare(cache)
-            rest, val = corpus_lib.split_by_document(docs, corpus_lib.DEFAULT_VALIDATION_DOCS)
-            train, search = corpus_lib.split_by_document(rest, corpus_lib.DEFAULT_SEARCH_DOCS)
-        elif data_cfg.corpus == "movie_reviews":
-            train, search, val = corpus_lib.three_way_split_by_hash(
-                corpus_lib.load_movie_reviews(cache), data_cfg.validation_fraction,
-                data_cfg.search_fraction)
+        if all(part in BUILTIN_CORPORA for part in data_cfg.corpus.split("+")):
+            train, search, val = [], [], []
+            for part in data_cfg.corpus.split("+"):
+                for split, docs in zip((train, search, val), _builtin_splits(part, data_cfg, cache)):
+                    split.extend(docs)
         elif data_cfg.corpus == "files":
             train = corpus_lib.read_text_files(data_cfg.train_files, "data.train_files")
             val = corpus_lib.read_text_files(data_cfg.validation_files, "data.validation_files")
@@ -100,8 +112,8 @@ def load_documents(data_cfg) -> dict[str, list[Document]]:
                 train, search = corpus_lib.hold_out_by_hash(train, data_cfg.search_fraction,
                                                             f"search ({held_out_search})")
         else:
-            raise DataError(f"config.data.corpus={data_cfg.corpus!r} is not 'shakespeare', 'movie_reviews', "
-                            "'files' or 'tfds'")
+            raise DataError(f"config.data.corpus={data_cfg.corpus!r} is not 'shakespeare', 'movie_reviews' "
+                            "(or both, 'shakespeare+movie_reviews'), 'files' or 'tfds'")
         splits = {"train": train, "search": search, "validation": val}
         data_dir = cache / "tfds" / _documents_key(splits)
         tfds_text.build_local_text(splits, data_dir)
