@@ -152,6 +152,9 @@ def base_config(task: str, variant: str) -> ml_collections.ConfigDict:
                                        # difference grows ~ sqrt(batches); 32 put it past 5x
                                        # (BENCHMARKS.md "Search fitness noise")
         budgets=[{"name": "small", "max_params": 450_000}],
+        random_control=False,          # also the best of as many random legal architectures (same
+                                       # scorer), exported and retrained as kind random_best: the
+                                       # control the evolution must beat
     ))
     # Export: the CKA head module (DESIGN §1.3) re-splits each layer into fewer, wider heads.
     # Hand-designed baselines per budget and family (elm_jax.search.baselines): the largest uniform

@@ -314,6 +314,7 @@ def validate_search(cfg) -> None:
     from elm_jax.search.evolution import SEARCH_PARAMS, check_search_params
 
     search = _get(cfg, "search")
+    _bool(cfg, "search.random_control")
     try:
         check_search_params(search, SEARCH_PARAMS)
         parse_budgets(_get(cfg, "search.budgets"))

@@ -70,6 +70,7 @@ BAD = [
     ("search.population", 5, "search.population"),
     ("search.mutation_prob", 1.5, "search.mutation_prob"),
     ("search.budgets", [], "search.budgets"),
+    ("search.random_control", 1, "search.random_control"),
     ("supernet.kd_loss", "kl", "supernet.kd_loss"),
     ("supernet.sandwich", True, "supernet.sandwich"),
     ("space.base_heads", 5, "space"),

@@ -76,3 +76,37 @@ def test_exported_model_reproduces_the_supernet(setup, tmp_path, cka):
         assert np.abs(other - sup).max() > 1e-3 * np.abs(sup).max()
     assert (wd / "export" / "small" / "orbax").is_dir()
     assert elm_jax.load_tokenizer(wd / "export" / "small").vocab_size == data.tokenizer.vocab_size
+
+
+def test_random_search_best_is_exported_like_the_found_model(setup, tmp_path):
+    cfg, data, space, net, widths, arch = setup
+    cfg.export.cka_heads = True
+    cfg.export.cka_threshold = 0.05
+    rnd = space.sample(np.random.default_rng(11))
+    rnd = Arch(tuple(dataclasses.replace(lc, heads=space.base_heads) for lc in rnd.layers))
+    assert space.canonical(rnd).arch_id != space.canonical(arch).arch_id
+    wd = _workdir(tmp_path, net, widths, arch)
+    search = json.loads((wd / "search" / "result.json").read_text())
+    search["budgets"]["small"]["random"] = {"arch": rnd.to_dict(), "score": 2.0, "latency_ms": None}
+    (wd / "search" / "result.json").write_text(json.dumps(search))
+    result = run_export_stage(cfg, wd, data)
+    assert set(result) == {"small", "small_random"}
+    r, f = result["small_random"], result["small"]
+    assert r["kind"] == "random_best" and r["arch_id"] == rnd.arch_id
+    assert r["param_gap"] == r["params"] - f["params"]
+    info = json.loads((wd / "export" / "small_random" / "arch.json").read_text())
+    assert info["search_score"] == 2.0 and info["cka_heads"] is not None  # the head module acted
+    model = elm_jax.load_model(r["path"])
+    assert info["params"] == sum(v.size for v in flat_params(model).values())
+    heads = iter(info["heads"])
+    exported = Arch(tuple(dataclasses.replace(lc, heads=next(heads)) if lc.active else lc
+                          for lc in rnd.layers))
+    b = data.eval.global_batch(0)
+    sup = np.asarray(net(b["inputs"], space.to_arrays(exported, widths), b["mask"]).logits)
+    got = np.asarray(model(b["inputs"], b["mask"]).logits)
+    np.testing.assert_allclose(got, sup, rtol=1e-4, atol=1e-4 * np.abs(sup).max())
+    # a random best that is the found model is not exported twice
+    wd2 = _workdir(tmp_path / "same", net, widths, arch)
+    search["budgets"]["small"]["random"]["arch"] = arch.to_dict()
+    (wd2 / "search" / "result.json").write_text(json.dumps(search))
+    assert set(run_export_stage(cfg, wd2, data)) == {"small"}

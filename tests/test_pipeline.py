@@ -54,7 +54,9 @@ def _selected_test_confusion(wd, budget, entry):
 
 @pytest.mark.parametrize("task", ["mlm", "clm"])
 def test_all_stages_end_to_end(task, tmp_path):
-    run = _main(f"--config=configs/{task}.py:test", f"--workdir={tmp_path}")
+    # CLM also runs the random-search control: its best is exported, retrained and evaluated
+    control = ["--config.search.random_control=True"] if task == "clm" else []
+    run = _main(f"--config=configs/{task}.py:test", f"--workdir={tmp_path}", *control)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     search = json.loads((tmp_path / "search" / "result.json").read_text())
     budget = next(iter(search["budgets"]))
@@ -95,10 +97,17 @@ def test_all_stages_end_to_end(task, tmp_path):
     found = models[budget]
     assert found["versus"] and set(found["versus"]) == {n for n, m in models.items()
                                                        if m["kind"] not in ("found", "teacher")}
+    if control:  # the random search's best, beside the found model like a baseline
+        rnd = search["budgets"][budget]["random"]
+        assert rnd["sampled"] == search["budgets"][budget]["evaluated"]
+        if rnd["arch_id"] != search["budgets"][budget]["arch_id"]:
+            assert models[f"{budget}_random"]["kind"] == "random_best"
+            assert f"{budget}_random" in found["versus"]
+            assert "random_best" in (tmp_path / "report.md").read_text()
     for b, v in found["versus"].items():  # the baseline's loss minus the found model's
         assert v["gain"] == pytest.approx(models[b]["loss"] - found["loss"], rel=1e-9, abs=1e-12)
     if task == "mlm":  # the fine-tuning floor and each model's accuracy beside it
         assert ev["baselines"]["bag_of_words_test_accuracy"] == bow["test_accuracy"]
         assert models[budget]["finetune_test_accuracy"] == entry["test_accuracy"]
-    again = _main(f"--config=configs/{task}.py:test", f"--workdir={tmp_path}")  # all complete: reused
+    again = _main(f"--config=configs/{task}.py:test", f"--workdir={tmp_path}", *control)  # all complete: reused
     assert again.returncode == 0 and "complete already" in again.stdout

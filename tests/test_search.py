@@ -22,7 +22,7 @@ from elm_jax.accounting import count_flops, count_params
 from elm_jax.models.elastic import init_supernet
 from elm_jax.search.constraints import Constraints, SearchError, check_feasible
 from elm_jax.search.scoring import PopulationScorer
-from elm_jax.search.evolution import ScoreCache, evolutionary_search
+from elm_jax.search.evolution import ScoreCache, evolutionary_search, random_search
 from elm_jax.search.pareto import pareto_front
 from elm_jax.search.pareto import plot_pareto
 from elm_jax.accounting import reachable_ranges
@@ -317,6 +317,47 @@ def test_resume_after_interrupt_gives_the_same_result(uninterrupted, mlm, budget
                             progress=False)
 
 
+def test_evolution_records_the_architectures_it_evaluated(uninterrupted, mlm):
+    space, _, _ = mlm
+    res, rec, pops, _ = uninterrupted
+    in_pops = {space.canonical(Arch.from_dict(d)).arch_id for pop in pops for d in pop}
+    assert set(res.evaluated) == in_pops and len(res.evaluated) == len(in_pops)
+    # on its own cache every population member was scored by this search
+    assert in_pops == {space.canonical(a).arch_id for a in rec.seen}
+
+
+def test_random_search_control_is_the_best_of_its_own_legal_draws(uninterrupted, mlm, budget):
+    space, widths, scorer = mlm
+    res = uninterrupted[0]
+    n = len(res.evaluated)
+    rec = Recording(scorer)
+    r = random_search(space, widths, rec, budget, n, seed=7)
+    assert len(r.sample) == n and len(set(r.sample)) == n
+    drawn = [space.canonical(a) for a in rec.seen]
+    assert {a.arch_id for a in drawn} == set(r.sample) and all(budget.ok(a) for a in drawn)
+    # its best is the minimum of its own sample, each score the extracted model's loss
+    assert r.score == min(r.sample.values()) and r.best.arch_id in r.sample
+    for a in drawn[:4]:
+        assert r.sample[a.arch_id] == pytest.approx(scorer.score_one(a), abs=1e-4)
+    assert r.params == count_params(space, r.best, widths) <= budget.bounds["max_params"]
+    # deterministic, its own stream (not the evolution's generation 0), seed-dependent
+    assert random_search(space, widths, scorer, budget, n, seed=7).to_dict() == r.to_dict()
+    gen0 = {space.canonical(Arch.from_dict(d)).arch_id for d in uninterrupted[2][0]}
+    assert set(r.sample) != gen0
+    assert set(random_search(space, widths, scorer, budget, n, seed=8).sample) != set(r.sample)
+    # the evolution's cache is read (same scores, nothing rescored), never written
+    cache = ScoreCache()
+    known = drawn[:3]
+    for a in known:
+        cache.add(a, r.sample[a.arch_id])
+    rec2 = Recording(scorer)
+    again = random_search(space, widths, rec2, budget, n, seed=7, cache=cache)
+    assert again.sample == r.sample and len(cache) == 3
+    assert {a.arch_id for a in rec2.seen} == set(r.sample) - {a.arch_id for a in known}
+    with pytest.raises(SearchError, match="n must be"):
+        random_search(space, widths, scorer, budget, 0, seed=7)
+
+
 def test_shared_cache_and_latency_budgets(mlm, budget):
     space, widths, scorer = mlm
     latency = lambda a: 0.01 * a.num_active + 1e-6 * count_params(space, a, widths)
@@ -385,6 +426,7 @@ def test_search_stage_end_to_end(tmp_path, capsys):
                       eval_batches=2)
     cfg.search.budgets = [{"name": "small", "max_params": int(lo + 0.4 * (hi - lo))},
                           {"name": "any"}]
+    cfg.search.random_control = True
     result = run_search_stage(cfg, tmp_path, data, progress=False)
     out = tmp_path / "search"
     assert json.loads((out / "result.json").read_text()) == json.loads(json.dumps(result))
@@ -419,10 +461,33 @@ def test_search_stage_end_to_end(tmp_path, capsys):
     assert noise["range"] == pytest.approx(max(e["score"] for e in result["scored"]) - anyb["score"], rel=1e-6)
     assert 0 < noise["paired_se"] and noise["ratio"] == pytest.approx(noise["spread"] / noise["paired_se"])
     assert sum("fitness spread" in l and "paired SE" in l for l in out_text.splitlines()) == 2
+    # the random-search control: as many random legal architectures as the evolution evaluated,
+    # scored on the same batches; its best is the minimum of its own sample
+    for b, bound in ((small, lo + 0.4 * (hi - lo)), (anyb, math.inf)):
+        rnd = b["random"]
+        assert rnd["sampled"] == len(rnd["sample"]) == b["evaluated"] >= SEARCH_CFG.population
+        assert rnd["score"] == min(rnd["sample"].values()) and rnd["params"] <= bound
+        assert rnd["score"] >= b["score"] or b is small  # 'any' searched everything scored
+    dense = extract(init_supernet(space, seed=0), widths, Arch.from_dict(small["random"]["arch"]))
+    sums = [lm_eval_fn(dense, data.search.global_batch(k)) for k in range(2)]
+    assert small["random"]["score"] == pytest.approx(
+        sum(float(x["loss_sum"]) for x in sums) / sum(float(x["weight_sum"]) for x in sums), rel=1e-5)
+    assert sum("random-search control" in l for l in out_text.splitlines()) == 2
     # a complete result is reused, not recomputed
     assert run_search_stage(cfg, tmp_path, data, progress=False) == json.loads(
         (out / "result.json").read_text())
     assert "complete already" in capsys.readouterr().out
+    # ... unless it lacks the random control now asked for: the evolution resumes (finished) from
+    # its state files and the control is added, the same figures
+    bare = json.loads((out / "result.json").read_text())
+    for b in bare["budgets"].values():
+        del b["random"]
+    (out / "result.json").write_text(json.dumps(bare))
+    again = run_search_stage(cfg, tmp_path, data, progress=False)
+    assert "complete already" not in capsys.readouterr().out
+    want = json.loads(json.dumps(result))
+    assert {k: v for k, v in again.items() if k != "scorer"} == {
+        k: v for k, v in want.items() if k != "scorer"}  # scorer: its calls differ
 
 
 BAD_BUDGETS = [

@@ -6,6 +6,9 @@
   architectures. All randomness comes from ``np.random.default_rng([seed, generation, salt])``
   and the state is written atomically after every generation, so a restarted search continues
   from the next generation and ends with exactly the result of an uninterrupted one.
+:func:`random_search`: the control it must beat (issue 31), as many distinct legal random
+  architectures as the evolution evaluated, scored by the same scorer; its best is exported and
+  retrained beside the found model (kind :data:`RANDOM_KIND`).
 """
 
 
@@ -73,13 +76,16 @@ class SearchResult:
     history: list[dict[str, Any]]
     generations_done: int
     complete: bool
+    #: canonical ids of the distinct architectures in this budget's populations (what this search
+    #: spent its scoring on; ``scored`` is the whole cache, shared across budgets)
+    evaluated: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {"budget": self.budget, "arch": self.best.to_dict(), "arch_id": self.best.arch_id,
                 "describe": self.best.describe(), "score": self.score, "params": self.params,
                 "flops": self.flops, "latency_ms": self.latency_ms, "scored": dict(self.scored),
                 "history": list(self.history), "generations_done": self.generations_done,
-                "complete": self.complete}
+                "complete": self.complete, "evaluated": list(self.evaluated)}
 
 
 #: The settings of ``cfg.search`` the evolution uses (and the state key hashes).
@@ -293,6 +299,7 @@ def evolutionary_search(space: SearchSpace, widths: Any, scorer: Any, constraint
     total = p["generations"] if max_generations is None else min(p["generations"], int(max_generations))
 
     history: list[dict[str, Any]] = []
+    evaluated: dict[str, None] = {}  # insertion-ordered set of canonical ids
     start, pop = 0, None
     path = Path(state_path) if state_path is not None else None
     state = None
@@ -315,12 +322,14 @@ def evolutionary_search(space: SearchSpace, widths: Any, scorer: Any, constraint
         cache.update_from_state(state["cache"], state["archs"])
         history = list(state["history"])
         pop = [Arch.from_dict(d) for d in state["population"]]
+        evaluated = dict.fromkeys(state.get("evaluated", [evo.key(a) for a in pop]))
         start = int(state["generation"]) + 1
 
     bar = tqdm(range(start, total), desc=f"search {constraints.name}", disable=not progress,
                leave=False, unit="gen")
     for g in bar:
         pop = evo.initial() if g == 0 else evo.next_population(_rank(pop, cache, evo.key), g)
+        evaluated.update(dict.fromkeys(evo.key(a) for a in pop))
         todo = [a for a in pop if evo.key(a) not in cache]
         if todo:
             for a, s in zip(todo, np.asarray(scorer.scores(todo), np.float64)):
@@ -336,7 +345,8 @@ def evolutionary_search(space: SearchSpace, widths: Any, scorer: Any, constraint
             "new_scored": len(todo), "cache_size": len(cache)})
         state = {"version": STATE_VERSION, "key": key, "budget": constraints.name, "generation": g,
                  "population": [a.to_dict() for a in pop], "cache": dict(cache.scores),
-                 "archs": {k: a.to_dict() for k, a in cache.archs.items()}, "history": history}
+                 "archs": {k: a.to_dict() for k, a in cache.archs.items()}, "history": history,
+                 "evaluated": list(evaluated)}
         if path is not None and write_state:
             atomic_write_json(path, state)
         bar.set_postfix(best=f"{history[-1]['best_so_far']:.4f}", scored=len(cache))
@@ -355,4 +365,76 @@ def evolutionary_search(space: SearchSpace, widths: Any, scorer: Any, constraint
     return SearchResult(budget=constraints.name, best=best, score=score, params=int(m["params"]),
                         flops=int(m["flops"]), latency_ms=m.get("latency_ms"),
                         scored=dict(cache.scores), history=history,
-                        generations_done=len(history), complete=len(history) >= p["generations"])
+                        generations_done=len(history), complete=len(history) >= p["generations"],
+                        evaluated=tuple(evaluated))
+
+
+# ----------------------------------------------------------------------------------
+# The random-search control
+# ----------------------------------------------------------------------------------
+
+#: The rng ``purpose`` of the random-search control's draws (0: generation 0, 1: children), so
+#: its sample is independent of the evolution's generation 0 under the same seed.
+RANDOM_PURPOSE = 2
+#: The kind of the random search's best in ``export/result.json`` and ``evaluate/result.json``.
+RANDOM_KIND = "random_best"
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomResult:
+    """The random-search control of one budget: ``sample`` ``{arch_id: score}`` of the distinct
+    legal architectures drawn, ``best`` the minimum-score one among them (and only them)."""
+
+    budget: str
+    best: Arch
+    score: float
+    params: int
+    flops: int
+    latency_ms: float | None
+    sample: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"arch": self.best.to_dict(), "arch_id": self.best.arch_id,
+                "describe": self.best.describe(), "score": self.score, "params": self.params,
+                "flops": self.flops, "latency_ms": self.latency_ms, "sampled": len(self.sample),
+                "sample": dict(self.sample)}
+
+
+def random_search(space: SearchSpace, widths: Any, scorer: Any, constraints: Constraints, n: int,
+                  seed: int, *, cache: ScoreCache | None = None, max_tries: int = 50) -> RandomResult:
+    """The control an evolutionary search must beat: ``n`` distinct legal architectures drawn
+    like the evolution's generation 0 (``space.sample`` with rejection by ``constraints``,
+    ``max_tries`` draws per member, distinct canonical ``arch_id``) from their own stream
+    ``np.random.default_rng([seed, 0, salt(budget), RANDOM_PURPOSE])``, scored by the same
+    ``scorer`` (one ``scorer.scores`` call), best = ``argmin`` over the sample only.
+
+    ``cache`` (the evolution's scores, same scorer and batches) is read, never written: an
+    architecture it holds keeps its score (scoring is deterministic, so the figure is the same),
+    and a random draw never becomes another budget's evolutionary best. Fewer than ``n`` legal
+    architectures (a narrow budget) warn; none raises :class:`SearchError`."""
+    space.validate_widths(widths)
+    if int(n) < 1:
+        raise SearchError(f"random search of budget {constraints.name!r}: n must be >= 1, got {n!r}")
+    evo = _Evolution(space, constraints, {}, seed, max_tries)
+    sample = evo.random_fill([], int(n), evo.rng(0, RANDOM_PURPOSE))
+    if not sample:
+        raise SearchError(f"budget {constraints.describe()}: no legal architecture in "
+                          f"{max_tries * int(n)} random draws (random search)")
+    if len(sample) < int(n):
+        warnings.warn(f"budget {constraints.describe()}: the random search found {len(sample)} "
+                      f"distinct legal architectures of the {n} asked for; the budget is narrow")
+    known = {} if cache is None else cache.scores
+    canon = [space.canonical(a) for a in sample]
+    todo = [a for a in canon if a.arch_id not in known]
+    new = dict(zip([a.arch_id for a in todo], np.asarray(scorer.scores(todo), np.float64).tolist())) \
+        if todo else {}
+    scores = {a.arch_id: float(known[a.arch_id] if a.arch_id in known else new[a.arch_id]) for a in canon}
+    finite = [(s, k) for k, s in scores.items() if math.isfinite(s)]
+    if not finite:
+        raise SearchError(f"budget {constraints.describe()}: every random architecture scored "
+                          f"non-finite")
+    score, best_id = min(finite)
+    best = next(a for a in canon if a.arch_id == best_id)
+    m = constraints.measures(best)
+    return RandomResult(budget=constraints.name, best=best, score=score, params=int(m["params"]),
+                        flops=int(m["flops"]), latency_ms=m.get("latency_ms"), sample=scores)

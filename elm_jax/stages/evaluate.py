@@ -9,8 +9,8 @@ The file (``SCHEMA_VERSION`` 2; other tools read it):
   ``bag_of_words_test_accuracy`` (MLM: the fine-tuning task's bag-of-words logistic regression,
   ``None`` until the fine-tuning stage records one);
 - ``models``: model name (the teacher is ``teacher``) -> ``kind`` (``teacher`` | ``found`` |
-  ``baseline_largest`` | ``baseline_matched``), ``params``, ``param_gap`` (baselines: params minus
-  the found model's), ``loss``, ``perplexity``, ``accuracy`` (masked / next-token accuracy),
+  ``baseline_largest`` | ``baseline_matched`` | ``random_best``, the random-search control's
+  best), ``params``, ``param_gap`` (baselines and ``random_best``: params minus the found model's), ``loss``, ``perplexity``, ``accuracy`` (masked / next-token accuracy),
   ``gain_nats = baseline loss - loss`` (> 0: the model beats the trivial answer), ``gain_noise``
   (its standard error paired over the evaluation rows with the trivial answer's, and the 90%
   normal interval: ``{gain, se, lo, hi, level, verdict}`` of

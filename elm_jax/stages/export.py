@@ -13,8 +13,11 @@ For each family of ``export.baselines`` the uniform baselines of :mod:`elm_jax.s
 chosen under every bound of the budget, go to ``WORKDIR/export/<budget>_largest_<family>/``
 (the largest that fits) and ``WORKDIR/export/<budget>_matched_<family>/`` (nearest in parameters
 to the found model; not exported again when it is the largest one), each with ``param_gap``
-(its parameters minus the found model's). ``export/result.json`` is written last; a rerun reuses
-every complete model directory.
+(its parameters minus the found model's). With the search's random-search control
+(``search.random_control``) its best goes to ``WORKDIR/export/<budget>_random/`` (kind
+``random_best``, CKA heads as for the found model, ``param_gap`` as for a baseline; not exported
+when it is the found model). ``export/result.json`` is written last; a rerun reuses every complete
+model directory.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from elm_jax.dynamic import cka_head_counts
 from elm_jax.fileio import atomic_write_json
 from elm_jax.models.extract import with_heads
 from elm_jax.models.io import flat_params, is_model_dir, save_model, save_orbax_params
+from elm_jax.search.evolution import RANDOM_KIND
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +47,7 @@ class _Item:
 
     out_name: str
     budget: str
-    kind: str                   # "found" | one of baselines.KINDS
+    kind: str                   # "found" | "random_best" | one of baselines.KINDS
     arch: Any
     widths: np.ndarray
     family: str | None = None   # baselines: the uniform family
@@ -79,6 +83,13 @@ def _items(cfg, space, widths, search: dict[str, Any], latency_for) -> list[_Ite
         found = arch_lib.Arch.from_dict(entry["arch"])
         items.append(_Item(name, name, "found", found, widths))
         target = count_params(space, found, widths)
+        if "random" in entry:  # the random-search control: exported like the found model
+            rnd = arch_lib.Arch.from_dict(entry["random"]["arch"])
+            if space.canonical(rnd).arch_id == space.canonical(found).arch_id:
+                print(f"[export] {name}: the random search's best is the found model")
+            else:
+                items.append(_Item(f"{name}_random", name, RANDOM_KIND, rnd, widths, None,
+                                   count_params(space, rnd, widths) - target))
         budget = next((dict(b) for b in cfg.search.budgets if b["name"] == name), {})
         for fam in (cfg.export.baselines if cfg.export.baselines else ()):
             largest = baselines.largest_uniform(space, widths, fam, budget, cfg.data.seq_len, latency_for)
@@ -158,10 +169,11 @@ def _export_one(cfg, data, net, batches, search, table, out: Path, item: _Item, 
 
     space = net.space
     name, arch, kind, widths = item.budget, item.arch, item.kind, item.widths
-    entry = search["budgets"][name] if kind == "found" else {}
+    entry = {"found": search["budgets"][name],
+             RANDOM_KIND: search["budgets"][name].get("random", {})}.get(kind, {})
     model = extract(net, widths, arch)
     heads_report = None
-    if cfg.export.cka_heads and kind == "found":
+    if cfg.export.cka_heads and kind in ("found", RANDOM_KIND):  # searched: the head module acts
         heads_report = cka_head_counts(model, batches, cfg.export.cka_threshold,
                                        tuple(space.head_choices))
         model = with_heads(model, [r["new_heads"] for r in heads_report])

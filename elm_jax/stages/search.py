@@ -5,8 +5,11 @@ scores candidates with :class:`~elm_jax.search.scoring.PopulationScorer` inside
 :func:`~elm_jax.search.evolution.evolutionary_search` for each budget of ``search.budgets``
 (:mod:`elm_jax.search.constraints`). Writes ``WORKDIR/search/result.json`` (per budget the best
 architecture, its score and measures, ``noise``: the fitness spread of the scored candidates and
-its standard errors (:func:`~elm_jax.search.fitness_noise.population_noise`), also printed, and
-the Pareto sets of :mod:`elm_jax.search.pareto`),
+its standard errors (:func:`~elm_jax.search.fitness_noise.population_noise`), also printed,
+``evaluated``: how many distinct architectures its populations held, with ``search.random_control``
+``random``: the random-search control's best of as many random legal architectures, scored by the
+same scorer (:func:`~elm_jax.search.evolution.random_search`; exported and retrained as kind
+``random_best``), and the Pareto sets of :mod:`elm_jax.search.pareto`),
 ``pareto.png`` and per-budget state files, so a restarted search resumes at the next generation.
 """
 
@@ -25,7 +28,8 @@ from elm_jax.distributed import is_main_process
 from elm_jax.fileio import atomic_write_json
 from elm_jax.search.constraints import Constraints, SearchError, check_feasible, parse_budgets
 from elm_jax.search.fitness_noise import population_noise
-from elm_jax.search.evolution import ScoreCache, SearchResult, evolutionary_search
+from elm_jax.search.evolution import (RandomResult, ScoreCache, SearchResult, evolutionary_search,
+                                      random_search)
 from elm_jax.search.pareto import pareto_sets, plot_pareto
 from elm_jax.search.scoring import PopulationScorer
 
@@ -33,13 +37,18 @@ from elm_jax.search.scoring import PopulationScorer
 # The search stage
 # ----------------------------------------------------------------------------------
 
-def _budget_entry(res: SearchResult, task: str, noise: Mapping[str, Any]) -> dict[str, Any]:
+def _budget_entry(res: SearchResult, task: str, noise: Mapping[str, Any],
+                  rnd: RandomResult | None = None) -> dict[str, Any]:
     e = {"arch": res.best.to_dict(), "arch_id": res.best.arch_id, "describe": res.best.describe(),
          "score": res.score, "params": res.params, "flops": res.flops,
          "latency_ms": res.latency_ms, "history": res.history, "scored": len(res.scored),
-         "noise": dict(noise)}
+         "evaluated": len(res.evaluated), "noise": dict(noise)}
+    if rnd is not None:
+        e["random"] = rnd.to_dict()
     if task == "clm":
         e["perplexity"] = math.exp(res.score)
+        if rnd is not None:
+            e["random"]["perplexity"] = math.exp(rnd.score)
     return e
 
 
@@ -81,7 +90,9 @@ def run(cfg: Any, workdir: str | os.PathLike, data: Any,
     names = [name for name, _ in parse_budgets(budgets)]  # the config's own check, repeated
     if result_path.is_file():
         done = json.loads(result_path.read_text())
-        if done.get("complete") and done.get("budget_names") == names:
+        controls = not cfg.search.random_control or all(
+            "random" in b for b in done.get("budgets", {}).values())
+        if done.get("complete") and done.get("budget_names") == names and controls:
             print(f"[search] complete already: {result_path}")
             return done
     final = Path(workdir) / "supernet" / "final"
@@ -114,6 +125,7 @@ def run(cfg: Any, workdir: str | os.PathLike, data: Any,
     cache = ScoreCache()
     results: dict[str, SearchResult] = {}
     noise: dict[str, dict[str, Any]] = {}
+    randoms: dict[str, RandomResult] = {}
     for c in constraints:
         def stop_if_preempted(generation: int, state: Mapping[str, Any], budget: str = c.name) -> None:
             if preemption.agreed():  # this generation's state is already written
@@ -131,6 +143,13 @@ def run(cfg: Any, workdir: str | os.PathLike, data: Any,
         print(f"[search] {c.describe()} -> {res.best.describe()}  loss {res.score:.4f}{ppl}, "
               f"{res.params:,} params, {res.flops:,} FLOPs{lat} ({len(res.scored)} scored)")
         print(f"[search] {c.name}: {_describe_noise(noise[c.name])}")
+        if cfg.search.random_control:  # as many random legal architectures, the same scorer
+            rnd = randoms[c.name] = random_search(space, widths, scorer, c, len(res.evaluated),
+                                                  int(cfg.seed), cache=cache)
+            print(f"[search] {c.name}: random-search control, best of {len(rnd.sample)} random "
+                  f"legal architectures: {rnd.best.describe()} loss {rnd.score:.4f} "
+                  f"({rnd.params:,} params); random minus evolution {rnd.score - res.score:+.4f} nats "
+                  f"on the search split")
 
     # every scored architecture of every budget, with its costs
     measure = Constraints.from_budget({"name": "all"}, space, widths, seq_len, latency_fn)
@@ -150,7 +169,8 @@ def run(cfg: Any, workdir: str | os.PathLike, data: Any,
     result = {"task": space.task, "complete": True, "seq_len": seq_len, "eval_batches": n_batches,
               "eval_split": data.search.split,
               "budget_names": names,
-              "budgets": {n: _budget_entry(r, space.task, noise[n]) for n, r in results.items()},
+              "budgets": {n: _budget_entry(r, space.task, noise[n], randoms.get(n))
+                          for n, r in results.items()},
               "pareto": pareto, "scored": entries,
               "scorer": {"capacity": capacity, "devices": n_dev, "calls": scorer.calls,
                          "compilations": scorer.compilations()}}
