@@ -129,7 +129,9 @@ def make_copy(source: Path, dest: Path, budget: str, chosen: list[dict]) -> None
     for name in UPSTREAM:
         shutil.copytree(source / name, dest / name, symlinks=True)
     fp = source / "fingerprints.json"
-    if fp.is_file():  # the upstream stages' fields only: the search result here is this script's
+    # the upstream stages' fields only (the search result here is this script's), checked without
+    # --allow_config_change: a config that differs upstream (forgotten --set) is refused, never redone
+    if fp.is_file():
         rec = json.loads(fp.read_text())
         rec["stages"] = {k: v for k, v in rec.get("stages", {}).items() if k in UPSTREAM}
         (dest / "fingerprints.json").write_text(json.dumps(rec, indent=1))
@@ -150,7 +152,7 @@ def run_one(config: str, source: Path, budget: str | None, n: int, near: int, ne
     w = tmp / "w"
     make_copy(source, w, name, chosen)
     cmd = [sys.executable, "-u", "-m", "elm_jax.main", f"--config={config}", f"--workdir={w}",
-           f"--stages={STAGES}", "--allow_config_change", "--config.compile_cache_dir=none",
+           f"--stages={STAGES}", "--config.compile_cache_dir=none",
            "--config.export.baselines=()", "--config.export.cka_heads=False",
            "--config.export.measure_latency=False", *[f"--config.{o}" for o in overrides]]
     t0 = time.perf_counter()
