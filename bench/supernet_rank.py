@@ -30,7 +30,6 @@ import argparse
 import datetime
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -46,10 +45,10 @@ sys.path.insert(0, str(REPO))
 
 from make_run_cost import _commit  # noqa: E402  (bench/ is the script directory)
 from report_util import append_jsonl, markdown_table, read_jsonl, replace_section  # noqa: E402
+from search_noise import UPSTREAM, copy_upstream  # noqa: E402  (what the search's successors read too)
 
 TITLE = "Does the supernet rank?"
 LOG = REPO / "bench" / "results" / "supernet_rank.jsonl"
-UPSTREAM = ("data", "teacher", "supernet")  # what export and retrain read besides the search
 STAGES = "export,retrain,evaluate"
 
 
@@ -125,16 +124,14 @@ def rank_stats(fitness, loss, params, boot: int, seed: int = 0) -> dict:
 def make_copy(source: Path, dest: Path, budget: str, chosen: list[dict]) -> None:
     """``dest``: the upstream stages of ``source`` and a search result whose budgets are the
     chosen architectures (``r00``, ``r01``, ...), nothing downstream."""
-    dest.mkdir(parents=True)
-    for name in UPSTREAM:
-        shutil.copytree(source / name, dest / name, symlinks=True)
-    fp = source / "fingerprints.json"
+    copy_upstream(source, dest)  # data, teacher, supernet and the fingerprints
+    fp = dest / "fingerprints.json"
     # the upstream stages' fields only (the search result here is this script's), checked without
     # --allow_config_change: a config that differs upstream (forgotten --set) is refused, never redone
     if fp.is_file():
         rec = json.loads(fp.read_text())
         rec["stages"] = {k: v for k, v in rec.get("stages", {}).items() if k in UPSTREAM}
-        (dest / "fingerprints.json").write_text(json.dumps(rec, indent=1))
+        fp.write_text(json.dumps(rec, indent=1))
     (dest / "search").mkdir()
     budgets = {f"r{i:02d}": {"arch": e["arch"], "arch_id": e["arch_id"], "score": e["score"],
                              "latency_ms": None, "params": e["params"]} for i, e in enumerate(chosen)}
