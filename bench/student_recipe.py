@@ -123,6 +123,15 @@ def finetune_accuracies(workdir: Path) -> dict:
     return out
 
 
+def versus_of(workdir: Path) -> dict:
+    """Per found model: each baseline's validation loss minus the found model's with its 90%
+    paired interval and verdict (``evaluate/result.json`` ``versus``, :mod:`elm_jax.stages.evaluate`)."""
+    path = workdir / "evaluate" / "result.json"
+    models = json.loads(path.read_text()).get("models", {}) if path.is_file() else {}
+    return {name: {b: {k: v.get(k) for k in ("gain", "lo", "hi", "verdict")} for b, v in m["versus"].items()}
+            for name, m in models.items() if m.get("versus")}
+
+
 def reuse_workdir(source: Path, dest: Path, stages: str) -> None:
     """``dest``: a copy of the finished work directory ``source`` without the outputs of the
     ``stages`` to be run again (their directories and the report), so a recipe of the later
@@ -164,7 +173,7 @@ def run_seed(config: str, seed: int, overrides: list[str], stages: str, tag: str
             "teacher_reused": run["teacher_reused"], "teacher_gain": run["teacher_gain_nats"],
             "cf": cf, "models": ev["models"],
             "supernet_curve": curve_of(w / "supernet" / "metrics.jsonl"),
-            "search": search_fitness(w), "finetune": finetune_accuracies(w),
+            "search": search_fitness(w), "finetune": finetune_accuracies(w), "versus": versus_of(w),
             "load_1m": [load0, load1], "workdir": str(w),
             **({"reused": str(reuse), "stages": stages} if reuse is not None else {})}
 

@@ -130,3 +130,14 @@ def test_the_recipe_logged_is_the_one_the_run_used(tmp_path):
     (tmp_path / "fingerprints.json").write_text(json.dumps({"stages": stages, "version": 1}))
     assert student_recipe.recipe_of_workdir(tmp_path) is None  # incomplete: the resolved config instead
     assert student_recipe.recipe_of_workdir(tmp_path / "missing") is None
+
+
+def test_versus_reads_each_found_model_against_its_baselines(tmp_path):
+    v = {"gain": 0.05, "se": 0.001, "lo": 0.048, "hi": 0.052, "level": 0.9, "verdict": "lower"}
+    ev = {"models": {"small": {"kind": "found", "versus": {"small_random": v}},
+                     "small_matched_bert": {"kind": "baseline_matched"}, "teacher": {"kind": "teacher"}}}
+    (tmp_path / "evaluate").mkdir()
+    (tmp_path / "evaluate" / "result.json").write_text(json.dumps(ev))
+    assert student_recipe.versus_of(tmp_path) == {
+        "small": {"small_random": {"gain": 0.05, "lo": 0.048, "hi": 0.052, "verdict": "lower"}}}
+    assert student_recipe.versus_of(tmp_path / "missing") == {}
