@@ -331,7 +331,7 @@ def test_random_search_control_is_the_best_of_its_own_legal_draws(uninterrupted,
     res = uninterrupted[0]
     n = len(res.evaluated)
     rec = Recording(scorer)
-    r = random_search(space, widths, rec, budget, n, seed=7)
+    r = random_search(space, rec, budget, n, seed=7)
     assert len(r.sample) == n and len(set(r.sample)) == n
     drawn = [space.canonical(a) for a in rec.seen]
     assert {a.arch_id for a in drawn} == set(r.sample) and all(budget.ok(a) for a in drawn)
@@ -341,21 +341,21 @@ def test_random_search_control_is_the_best_of_its_own_legal_draws(uninterrupted,
         assert r.sample[a.arch_id] == pytest.approx(scorer.score_one(a), abs=1e-4)
     assert r.params == count_params(space, r.best, widths) <= budget.bounds["max_params"]
     # deterministic, its own stream (not the evolution's generation 0), seed-dependent
-    assert random_search(space, widths, scorer, budget, n, seed=7).to_dict() == r.to_dict()
+    assert random_search(space, scorer, budget, n, seed=7).to_dict() == r.to_dict()
     gen0 = {space.canonical(Arch.from_dict(d)).arch_id for d in uninterrupted[2][0]}
     assert set(r.sample) != gen0
-    assert set(random_search(space, widths, scorer, budget, n, seed=8).sample) != set(r.sample)
+    assert set(random_search(space, scorer, budget, n, seed=8).sample) != set(r.sample)
     # the evolution's cache is read (same scores, nothing rescored), never written
     cache = ScoreCache()
     known = drawn[:3]
     for a in known:
         cache.add(a, r.sample[a.arch_id])
     rec2 = Recording(scorer)
-    again = random_search(space, widths, rec2, budget, n, seed=7, cache=cache)
+    again = random_search(space, rec2, budget, n, seed=7, cache=cache)
     assert again.sample == r.sample and len(cache) == 3
     assert {a.arch_id for a in rec2.seen} == set(r.sample) - {a.arch_id for a in known}
     with pytest.raises(SearchError, match="n must be"):
-        random_search(space, widths, scorer, budget, 0, seed=7)
+        random_search(space, scorer, budget, 0, seed=7)
 
 
 def test_shared_cache_and_latency_budgets(mlm, budget):

@@ -81,11 +81,15 @@ class SearchResult:
     evaluated: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"budget": self.budget, "arch": self.best.to_dict(), "arch_id": self.best.arch_id,
-                "describe": self.best.describe(), "score": self.score, "params": self.params,
-                "flops": self.flops, "latency_ms": self.latency_ms, "scored": dict(self.scored),
+        return {"budget": self.budget, **_best_fields(self), "scored": dict(self.scored),
                 "history": list(self.history), "generations_done": self.generations_done,
                 "complete": self.complete, "evaluated": list(self.evaluated)}
+
+
+def _best_fields(r: SearchResult | RandomResult) -> dict[str, Any]:
+    """A search's best architecture with its score and costs, as JSON."""
+    return {"arch": r.best.to_dict(), "arch_id": r.best.arch_id, "describe": r.best.describe(),
+            "score": r.score, "params": r.params, "flops": r.flops, "latency_ms": r.latency_ms}
 
 
 #: The settings of ``cfg.search`` the evolution uses (and the state key hashes).
@@ -394,14 +398,11 @@ class RandomResult:
     sample: dict[str, float]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"arch": self.best.to_dict(), "arch_id": self.best.arch_id,
-                "describe": self.best.describe(), "score": self.score, "params": self.params,
-                "flops": self.flops, "latency_ms": self.latency_ms, "sampled": len(self.sample),
-                "sample": dict(self.sample)}
+        return {**_best_fields(self), "sampled": len(self.sample), "sample": dict(self.sample)}
 
 
-def random_search(space: SearchSpace, widths: Any, scorer: Any, constraints: Constraints, n: int,
-                  seed: int, *, cache: ScoreCache | None = None, max_tries: int = 50) -> RandomResult:
+def random_search(space: SearchSpace, scorer: Any, constraints: Constraints, n: int, seed: int, *,
+                  cache: ScoreCache | None = None, max_tries: int = 50) -> RandomResult:
     """The control an evolutionary search must beat: ``n`` distinct legal architectures drawn
     like the evolution's generation 0 (``space.sample`` with rejection by ``constraints``,
     ``max_tries`` draws per member, distinct canonical ``arch_id``) from their own stream
@@ -410,9 +411,11 @@ def random_search(space: SearchSpace, widths: Any, scorer: Any, constraints: Con
 
     ``cache`` (the evolution's scores, same scorer and batches) is read, never written: an
     architecture it holds keeps its score (scoring is deterministic, so the figure is the same),
-    and a random draw never becomes another budget's evolutionary best. Fewer than ``n`` legal
-    architectures (a narrow budget) warn; none raises :class:`SearchError`."""
-    space.validate_widths(widths)
+    and a random draw never becomes another budget's evolutionary best. The widths state is the
+    constraints' own (``constraints.widths``). Fewer than ``n`` legal architectures (a narrow
+    budget) warn; none raises :class:`SearchError`."""
+    if space != constraints.space:
+        raise SearchError("the constraints were built for a different space")
     if int(n) < 1:
         raise SearchError(f"random search of budget {constraints.name!r}: n must be >= 1, got {n!r}")
     evo = _Evolution(space, constraints, {}, seed, max_tries)

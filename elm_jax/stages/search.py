@@ -144,8 +144,8 @@ def run(cfg: Any, workdir: str | os.PathLike, data: Any,
               f"{res.params:,} params, {res.flops:,} FLOPs{lat} ({len(res.scored)} scored)")
         print(f"[search] {c.name}: {_describe_noise(noise[c.name])}")
         if cfg.search.random_control:  # as many random legal architectures, the same scorer
-            rnd = randoms[c.name] = random_search(space, widths, scorer, c, len(res.evaluated),
-                                                  int(cfg.seed), cache=cache)
+            rnd = randoms[c.name] = random_search(space, scorer, c, len(res.evaluated), int(cfg.seed),
+                                                  cache=cache)
             print(f"[search] {c.name}: random-search control, best of {len(rnd.sample)} random "
                   f"legal architectures: {rnd.best.describe()} loss {rnd.score:.4f} "
                   f"({rnd.params:,} params); random minus evolution {rnd.score - res.score:+.4f} nats "
