@@ -132,6 +132,14 @@ def versus_of(workdir: Path) -> dict:
             for name, m in models.items() if m.get("versus")}
 
 
+def archs_of(workdir: Path) -> dict:
+    """Per exported model: its architecture as :meth:`Arch.describe` writes it
+    (``export/result.json``)."""
+    path = workdir / "export" / "result.json"
+    exported = json.loads(path.read_text()) if path.is_file() else {}
+    return {name: e["describe"] for name, e in exported.items() if isinstance(e, dict) and "describe" in e}
+
+
 def reuse_workdir(source: Path, dest: Path, stages: str) -> None:
     """``dest``: a copy of the finished work directory ``source`` without the outputs of the
     ``stages`` to be run again (their directories and the report), so a recipe of the later
@@ -174,6 +182,7 @@ def run_seed(config: str, seed: int, overrides: list[str], stages: str, tag: str
             "cf": cf, "models": ev["models"],
             "supernet_curve": curve_of(w / "supernet" / "metrics.jsonl"),
             "search": search_fitness(w), "finetune": finetune_accuracies(w), "versus": versus_of(w),
+            "archs": archs_of(w),
             "load_1m": [load0, load1], "workdir": str(w),
             **({"reused": str(reuse), "stages": stages} if reuse is not None else {})}
 

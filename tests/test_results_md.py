@@ -1,0 +1,90 @@
+"""bench/results_md.py: RESULTS.md is computed from the logged lines: which runs are the demo, the
+verdict of each paired comparison, and the counts its sentences state."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+import results_md  # noqa: E402
+import student_recipe  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _v(gain, half=0.002):
+    return {"gain": gain, "lo": gain - half, "hi": gain + half, "verdict": "x"}
+
+
+def _run(seed, found_gain, matched_vs, random_vs, ratio, commit="abc1234", recipe=None, pol=None):
+    models = {"small": {"kind": "found", "params": 300_000, "gain_nats": found_gain},
+              "small_matched_bert": {"kind": "baseline_matched", "params": 299_000, "gain_nats": found_gain - matched_vs["gain"]},
+              "small_largest_bert": {"kind": "baseline_largest", "params": 400_000, "gain_nats": found_gain + 0.01},
+              "small_random": {"kind": "random_best", "params": 300_000, "gain_nats": found_gain - random_vs["gain"]},
+              "teacher": {"kind": "teacher", "params": 2_000_000, "gain_nats": 1.3}}
+    ft = {"small": {"mean_test_accuracy": 0.65, "scratch_test_accuracy": 0.64,
+                    "comparisons": pol or {"pretrained_minus_scratch": {"diff": 0.01, "lo": -0.02, "hi": 0.04},
+                                           "minus_bag_of_words": {"diff": -0.02, "lo": -0.05, "hi": 0.01}}}}
+    return {"recipe": recipe or results_md.default_recipe("mlm"), "seed": seed, "commit": commit,
+            "teacher_gain": 1.3, "models": models, "finetune": ft,
+            "versus": {"small": {"small_matched_bert": matched_vs, "small_random": random_vs}},
+            "search": {"small": {"noise_ratio": ratio}}, "archs": {"small": "b0h1 - m2h1 -"}, "tag": "t"}
+
+
+def test_verdict_and_the_search_bar_follow_the_interval():
+    assert results_md.verdict(_v(0.01)) == "better"
+    assert results_md.verdict(_v(-0.01)) == "worse"
+    assert results_md.verdict(_v(0.001)) == "inside the noise"
+    assert results_md.verdict(None) == "-"
+    assert results_md.meets_search_target(_v(0.01))           # ahead beyond the noise
+    assert results_md.meets_search_target(_v(0.001))          # inside the noise, mean ahead
+    assert not results_md.meets_search_target(_v(-0.001))     # inside the noise, mean behind
+    assert not results_md.meets_search_target(_v(-0.01))
+
+
+def test_the_demo_is_the_latest_line_per_seed_at_the_defaults():
+    other_recipe = {**results_md.default_recipe("mlm"), "supernet.train.steps": 7}
+    old = _run(1, 0.9, _v(-0.01), _v(0.05), 4.0, commit="old0001")
+    new = _run(1, 1.1, _v(-0.01), _v(0.05), 4.0, commit="new0001")
+    lines = [_run(2, 1.0, _v(0.01), _v(0.05), 6.0), old, _run(0, 1.0, _v(0.0), _v(0.05), 5.0, recipe=other_recipe),
+             new, {**_run(0, 1.0, _v(0.0), _v(0.05), 5.0), "reused": "/x"}]
+    demo, other = results_md.split_runs(lines)
+    assert [r["seed"] for r in demo["mlm"]] == [1, 2] and demo["mlm"][0]["commit"] == "new0001"
+    assert len(other) == 2  # the changed recipe and the fine-tuning-only rerun
+    assert "supernet.train.steps=7" in results_md.other_table(other)
+
+
+def test_the_sentences_count_what_the_runs_show():
+    runs = [_run(0, 1.07, _v(0.01), _v(0.05), 5.7),     # ahead of matched
+            _run(1, 1.12, _v(-0.011), _v(0.058), 4.8),  # behind matched
+            _run(2, 0.40, _v(0.001), _v(-0.01), 6.0)]   # inside the noise, ahead; random better
+    text = "\n".join(results_md.demo_findings(runs, "mlm"))
+    assert "+0.400 to +1.120 nats" in text and "bar 0.5: met on 2 of 3" in text
+    assert "uniform BERT, the found model is better on 1, worse on 1 and inside the noise on 1 of the 3" in text
+    matched = next(s for s in text.splitlines() if "size-matched" in s)
+    assert "met on 2 of 3" in matched
+    random = next(s for s in text.splitlines() if "random search" in s)
+    assert "better on 2, worse on 1" in random and "met on 2 of 3" in random
+    assert "4.8x to 6.0x" in text and "met on 2 of 3" in text.splitlines()[-3]
+    table = results_md.demo_table(runs, "mlm")
+    assert "`b0h1 - m2h1 -` 300,000" in table and "-0.011 [-0.013, -0.009] worse" in table
+    assert "0.650 / 0.640 / 0.670" in table  # bag-of-words = found minus (found - BoW)
+
+
+def test_archs_are_read_from_the_export(tmp_path):
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "result.json").write_text(json.dumps(
+        {"small": {"describe": "b0h1 - m2h1 -", "params": 1}, "small_random": {"describe": "- m1h4 b1h2 -"}}))
+    assert student_recipe.archs_of(tmp_path) == {"small": "b0h1 - m2h1 -", "small_random": "- m1h4 b1h2 -"}
+    assert student_recipe.archs_of(tmp_path / "missing") == {}
+
+
+def test_the_committed_results_md_is_what_the_script_writes(tmp_path):
+    out = tmp_path / "R.md"
+    subprocess.run([sys.executable, os.path.join(REPO, "bench", "results_md.py"), f"--out={out}"],
+                   check=True, capture_output=True)
+    with open(os.path.join(REPO, "RESULTS.md")) as f:
+        assert out.read_text() == f.read(), "RESULTS.md is stale: run python bench/results_md.py"
