@@ -32,6 +32,7 @@ from student_recipe import RECIPE_FIELDS  # noqa: E402
 from teacher_recipe import resolved_recipe  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
+OUT = REPO / "RESULTS.md"
 DEMOS = {"mlm": "configs/mlm.py:demo", "clm": "configs/clm.py:demo"}
 BASELINES = (("matched", "baseline_matched", "bert"), ("largest", "baseline_largest", "bert"),
              ("random", "random_best", None))
@@ -283,16 +284,23 @@ def render(student: list[dict], rank: list[dict], noise: list[dict]) -> str:
     return "\n".join(parts)
 
 
+def write(results: Path | None = None, out: Path | None = None) -> str:
+    """Render RESULTS.md from the logs in ``results`` (default :data:`RESULTS`) into ``out``
+    (default :data:`OUT`); the text written. The bench scripts that append to these logs call it
+    after each new line, so RESULTS.md never lags them."""
+    results, out = Path(results or RESULTS), Path(out or OUT)
+    load = lambda name: read_jsonl(results / name) if (results / name).is_file() else []  # noqa: E731
+    text = render(load("student_recipe.jsonl"), load("supernet_rank.jsonl"), load("search_noise.jsonl"))
+    Path(out).write_text(text)
+    return text
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--results", default=str(RESULTS))
-    ap.add_argument("--out", default=str(REPO / "RESULTS.md"))
+    ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args()
-    root = Path(args.results)
-    load = lambda name: read_jsonl(root / name) if (root / name).is_file() else []  # noqa: E731
-    text = render(load("student_recipe.jsonl"), load("supernet_rank.jsonl"), load("search_noise.jsonl"))
-    Path(args.out).write_text(text)
-    print(text)
+    print(write(Path(args.results), Path(args.out)))
 
 
 if __name__ == "__main__":

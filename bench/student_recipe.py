@@ -268,6 +268,10 @@ def main() -> None:
     text = render(records)
     print(text)
     replace_section(args.out, (TITLE,), text)
+    if not args.report_only:  # a new line landed: RESULTS.md is written from it too
+        import results_md  # here: results_md reads this module's fields
+
+        results_md.write()
 
 
 if __name__ == "__main__":

@@ -88,3 +88,25 @@ def test_the_committed_results_md_is_what_the_script_writes(tmp_path):
                    check=True, capture_output=True)
     with open(os.path.join(REPO, "RESULTS.md")) as f:
         assert out.read_text() == f.read(), "RESULTS.md is stale: run python bench/results_md.py"
+
+
+def test_a_new_student_recipe_line_rewrites_results_md(tmp_path, monkeypatch):
+    """A run of bench/student_recipe.py appends its line and RESULTS.md is written from it at once
+    (the pipeline itself is replaced by the line it would log); --report-only leaves it alone."""
+    log, out = tmp_path / "student_recipe.jsonl", tmp_path / "RESULTS.md"
+    line = {**_run(3, 1.234, _v(0.02), _v(0.05), 6.0), "cf": 5.3, "total_s": 1.0, "config": "configs/mlm.py:demo",
+            "overrides": [], "date": "2026-12-07", "stages_s": {}, "supernet_curve": []}
+    monkeypatch.setattr(student_recipe, "LOG", log)
+    monkeypatch.setattr(student_recipe, "run_seed", lambda *a, **k: line)
+    monkeypatch.setattr(student_recipe, "render", lambda records: "\n### x\n")
+    monkeypatch.setattr(results_md, "RESULTS", tmp_path)
+    monkeypatch.setattr(results_md, "OUT", out)
+    monkeypatch.setattr(sys, "argv", ["student_recipe.py", "--seeds", "3", f"--out={tmp_path / 'B.md'}"])
+    student_recipe.main()
+    text = out.read_text()
+    assert "| 3 | abc1234 |" in text and "+1.234" in text
+    assert text == results_md.render([line], [], [])
+    out.unlink()
+    monkeypatch.setattr(sys, "argv", ["student_recipe.py", "--report-only", f"--out={tmp_path / 'B.md'}"])
+    student_recipe.main()
+    assert not out.exists()
