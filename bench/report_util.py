@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+
 import datetime
 import json
 import os
@@ -61,7 +63,8 @@ def replace_section(path: str, titles: Sequence[str], text: str) -> None:
 
 def apply_overrides(cfg, items: Sequence[str]) -> None:
     """Applies dotted ``key=value`` overrides (``data.mask_rate=0.4``) to ``cfg`` in place, each
-    value parsed as the type of the field it replaces (bool, int, float, else the text)."""
+    value parsed as the type of the field it replaces (bool, int, float, a tuple or list as a
+    Python literal, ``(4,)``, as the command line's ``--config.X`` reads it; else the text)."""
     with cfg.unlocked():
         for item in items:
             key, _, text = item.partition("=")
@@ -72,4 +75,5 @@ def apply_overrides(cfg, items: Sequence[str]) -> None:
             old = node[leaf]
             node[leaf] = (text.lower() in ("true", "1") if isinstance(old, bool) else
                           int(text) if isinstance(old, int) else
-                          float(text) if isinstance(old, float) else text)
+                          float(text) if isinstance(old, float) else
+                          type(old)(ast.literal_eval(text)) if isinstance(old, (tuple, list)) else text)

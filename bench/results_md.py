@@ -8,6 +8,8 @@ Every figure and every sentence that states a finding is computed here from the 
   are recipes tried on the way (what they changed is read from the recipe they logged).
 - ``supernet_rank.jsonl``: the supernet's fitness against the same architectures retrained.
 - ``search_noise.jsonl``: the search's fitness noise against its number of batches.
+- ``search_recipe.jsonl``: full runs that change one thing of the search or the supernet, each
+  read against the demo run of its seed (what makes the found model lose).
 
 Reading a comparison: ``found vs X`` is X's validation loss minus the found model's (nats; positive:
 the found model is better), with the 90% paired bootstrap interval over validation batches of
@@ -21,8 +23,10 @@ seeds is the table itself.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
+from typing import Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -53,8 +57,17 @@ def meets_search_target(v: dict | None) -> bool | None:
 
 
 def default_recipe(task: str) -> dict:
+    """The demo config's recipe (:data:`student_recipe.RECIPE_FIELDS`) as a logged line holds it
+    (JSON values: a tuple is a list)."""
     path, _, variant = DEMOS[task].partition(":")
-    return resolved_recipe(f"{REPO / path}:{variant}", [], fields=RECIPE_FIELDS)
+    return json.loads(json.dumps(resolved_recipe(f"{REPO / path}:{variant}", [], fields=RECIPE_FIELDS)))
+
+
+def changed_fields(recipe: dict, defaults: dict) -> dict:
+    """The fields of a logged ``recipe`` that differ from ``defaults``. A field the line lacks (it
+    was added to the recipe after the line was logged, when no run had changed it) counts as its
+    default."""
+    return {k: v for k, v in recipe.items() if defaults.get(k) != v}
 
 
 def split_runs(records: list[dict]) -> tuple[dict[str, list[dict]], list[dict]]:
@@ -65,7 +78,7 @@ def split_runs(records: list[dict]) -> tuple[dict[str, list[dict]], list[dict]]:
     defaults = {t: default_recipe(t) for t in DEMOS}
     for r in records:
         task = r["recipe"].get("task")
-        if task in defaults and r["recipe"] == defaults[task] and not r.get("reused"):
+        if task in defaults and not changed_fields(r["recipe"], defaults[task]) and not r.get("reused"):
             demo.setdefault(task, {})[int(r["seed"])] = r
         else:
             other.append(r)
@@ -192,7 +205,7 @@ def other_table(records: list[dict]) -> str:
     rows = []
     for r in records:
         task = r["recipe"].get("task")
-        changed = {k: v for k, v in r["recipe"].items() if defaults.get(task, {}).get(k) != v}
+        changed = changed_fields(r["recipe"], defaults.get(task, {}))
         what = ", ".join(f"{k}={v}" for k, v in changed.items()) or "(recipe at the defaults)"
         if r.get("reused"):
             what += f"; only {r.get('stages')}"
@@ -245,7 +258,36 @@ def noise_section(records: list[dict]) -> str:
     return markdown_table(["source run", "search batches", "budget", "sd / paired SE", "best", "commit"], rows) + "\n"
 
 
-def render(student: list[dict], rank: list[dict], noise: list[dict]) -> str:
+def search_recipe_table(records: list[dict], demo: dict[str, list[dict]]) -> str:
+    """One row per ``search_recipe.jsonl`` line: what it changed from the demo, its found model
+    against the size-matched BERT and the random search's best (paired), beside the same seed's
+    demo run (the latest at the defaults), so each change reads against the run it departs from."""
+    defaults = {t: default_recipe(t) for t in DEMOS}
+    rows = []
+    for r in records:
+        task = r["recipe"].get("task")
+        changed = changed_fields(r["recipe"], defaults.get(task, {}))
+        fname, f = _found(r)
+        cells = []
+        for kind, fam in (("baseline_matched", "bert"), ("random_best", None)):
+            b = _by_kind(r, kind, fam)
+            cells.append("-" if b is None else _vs_cell(_vs(r, fname, b[0]), f["gain_nats"] - b[1]["gain_nats"]))
+        base = next((d for d in demo.get(task, []) if d["seed"] == r["seed"]), None)
+        ref = "-"
+        if base is not None:
+            bname, bf = _found(base)
+            m = _by_kind(base, "baseline_matched", "bert")
+            ref = f"{_arch(base, bname)}{bf['gain_nats']:+.3f}; vs matched " + (
+                "-" if m is None else _vs_cell(_vs(base, bname, m[0]), bf["gain_nats"] - m[1]["gain_nats"]))
+        rows.append([r.get("tag", "-"), task, ", ".join(f"{k}={v}" for k, v in changed.items()) or "(none)",
+                     str(r["seed"]), r["commit"], f"{_arch(r, fname)}{f['params']:,}", f"{f['gain_nats']:+.3f}",
+                     *cells, ref])
+    return markdown_table(["tag", "task", "differs from today's demo", "seed", "commit", "found (params)",
+                           "found gain", "vs matched BERT", "vs random", "the demo at this seed: found gain"],
+                          rows)
+
+
+def render(student: list[dict], rank: list[dict], noise: list[dict], search: Sequence[dict] = ()) -> str:
     demo, other = split_runs(student)
     parts = ["# Results: does the search earn its keep?\n",
              "Written by `python bench/results_md.py` from the committed JSON lines in `bench/results/`; "
@@ -266,6 +308,12 @@ def render(student: list[dict], rank: list[dict], noise: list[dict]) -> str:
             continue
         parts.append(demo_table(runs, task) + "\n")
         parts.append("\n".join(f"- {s}" for s in demo_findings(runs, task)) + "\n")
+    parts.append("## What makes the found model lose?\n")
+    parts.append("Full runs (`python bench/student_recipe.py --log search_recipe --set ...`, lines in "
+                 "`bench/results/search_recipe.jsonl`) that change one thing of the search or the supernet "
+                 "(issue 31 part 3), each against its own size-matched BERT and random search, beside the "
+                 "demo run of the same seed.\n")
+    parts.append(search_recipe_table(list(search), demo) + "\n" if search else "None logged yet.\n")
     parts.append("## Does the supernet rank?\n")
     parts.append("The search's fitness (search-split loss with shared weights) of architectures it scored, "
                  "against their validation loss once retrained standalone, beside ranking by parameters "
@@ -290,7 +338,8 @@ def write(results: Path | None = None, out: Path | None = None) -> str:
     after each new line, so RESULTS.md never lags them."""
     results, out = Path(results or RESULTS), Path(out or OUT)
     load = lambda name: read_jsonl(results / name) if (results / name).is_file() else []  # noqa: E731
-    text = render(load("student_recipe.jsonl"), load("supernet_rank.jsonl"), load("search_noise.jsonl"))
+    text = render(load("student_recipe.jsonl"), load("supernet_rank.jsonl"), load("search_noise.jsonl"),
+                  load("search_recipe.jsonl"))
     Path(out).write_text(text)
     return text
 

@@ -13,7 +13,9 @@ a recipe is timed on its student stages. ``--stages`` leaves out stages (e.g. ``
 with ``--reuse DIR`` (a finished work directory) only ``--stages`` run, on a copy of ``DIR``
 (e.g. ``--stages finetune,evaluate`` to try a fine-tuning recipe on the same models).
 
-Appends one JSON line to ``bench/results/student_recipe.jsonl``: the commit, config, overrides,
+Appends one JSON line to ``bench/results/student_recipe.jsonl`` (``--log search_recipe``:
+``search_recipe.jsonl``, runs that change one thing of the search or the supernet, issue 31
+part 3; its own BENCHMARKS section, "Search recipes"): the commit, config, overrides,
 the resolved student recipe (:data:`RECIPE_FIELDS`), seed, seconds per stage, the supernet's
 validation curve (``[step, loss]``), the search's scored fitness (best, the spread of all scored
 candidates), the context-free answer ``cf`` of the validation split and every evaluated model's
@@ -46,6 +48,9 @@ from elm_jax.evaluation import COMPARISONS, finetune_accuracy  # noqa: E402
 
 TITLE = "Student recipes"
 LOG = REPO / "bench" / "results" / "student_recipe.jsonl"
+# --log search_recipe: runs that change one thing of the search or supernet (issue 31 part 3),
+# in their own log and BENCHMARKS section; RESULTS.md reads each against the demo of its seed
+LOGS = {"student_recipe": (TITLE, "student_recipe.jsonl"), "search_recipe": ("Search recipes", "search_recipe.jsonl")}
 STUDENT_STAGES = "data,teacher,supernet,search,export,retrain,finetune,evaluate"
 
 RECIPE_FIELDS = ("task", "data.corpus", "data.mask_rate", "teacher.train.steps",
@@ -54,7 +59,7 @@ RECIPE_FIELDS = ("task", "data.corpus", "data.mask_rate", "teacher.train.steps",
                  "supernet.epoch_steps", "search.eval_batches",
                  "retrain.train.steps", "retrain.train.lr", "retrain.train.decay_start_frac",
                  "retrain.gt_weight", "finetune.train.steps", "finetune.train.lr",
-                 "finetune.pooling")
+                 "finetune.pooling", "space.head_choices")
 
 
 def recipe_of_workdir(workdir: Path, fields: tuple[str, ...] = RECIPE_FIELDS) -> dict | None:
@@ -204,7 +209,7 @@ def _finetune_cell(name: str, v: dict) -> str:
     return cell
 
 
-def render(records: list[dict]) -> str:
+def render(records: list[dict], title: str = TITLE, log_name: str = "student_recipe.jsonl") -> str:
     rows, curves = [], []
     for r in records:
         recipe = r["recipe"]
@@ -230,9 +235,10 @@ def render(records: list[dict]) -> str:
     body = markdown_table(["task", "overrides", "seed", "cf", "found gain (nats)", "baselines' gain",
                            "search fitness", "polarity test accuracy", "student stages s", "total s",
                            "commit"], rows)
-    return (f"\n### {TITLE} ({records[-1]['date']})\n\n"
-            f"Command: `python bench/student_recipe.py --config=CONFIG --seeds S --set OVERRIDES` "
-            f"(one JSON line per run in `bench/results/student_recipe.jsonl`; this section is written "
+    log_flag = "" if log_name == "student_recipe.jsonl" else f" --log {log_name.removesuffix('.jsonl')}"
+    return (f"\n### {title} ({records[-1]['date']})\n\n"
+            f"Command: `python bench/student_recipe.py{log_flag} --config=CONFIG --seeds S --set OVERRIDES` "
+            f"(one JSON line per run in `bench/results/{log_name}`; this section is written "
             f"from all of them)  \nMachine: {os.uname().machine}, {os.cpu_count()} cores; all stages in one "
             f"process with the compile cache off, the teacher reused from the teacher cache\n\n"
             f"Gain = the context-free answer of the validation split minus the model's validation loss "
@@ -255,19 +261,25 @@ def main() -> None:
                     help="a finished work directory (one seed): copy it and run only --stages on it")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
+    ap.add_argument("--log", choices=sorted(LOGS), default="student_recipe",
+                    help="search_recipe: a run that changes one thing of the search or supernet (issue 31 part 3)")
     args = ap.parse_args()
+    title, log_name = LOGS[args.log]
+    log = LOG.with_name(log_name)  # beside LOG (tests move it)
     if not args.report_only:
         for seed in [int(s) for s in args.seeds.split(",") if s.strip()]:
             rec = run_seed(args.config, seed, list(args.set), args.stages, args.tag,
                            Path(args.keep) if args.keep else None, Path(args.reuse) if args.reuse else None)
-            append_jsonl(LOG, rec)
+            append_jsonl(log, rec)
             found = {n: m["gain_nats"] for n, m in rec["models"].items() if m.get("kind") == "found"}
             print(f"[student_recipe] seed {seed}: cf {rec['cf']:.4f}, found gain {found}, "
                   f"total {rec['total_s']:.0f} s", flush=True)
-    records = read_jsonl(LOG)
-    text = render(records)
+    records = read_jsonl(log) if log.is_file() else []
+    if not records:
+        raise SystemExit(f"{log} holds no line yet")
+    text = render(records, title, log_name)
     print(text)
-    replace_section(args.out, (TITLE,), text)
+    replace_section(args.out, (title,), text)
     if not args.report_only:  # a new line landed: RESULTS.md is written from it too
         import results_md  # here: results_md reads this module's fields
 

@@ -211,6 +211,9 @@ def base_config(task: str, variant: str) -> ml_collections.ConfigDict:
         max_ffn=ml_collections.ConfigDict(dict(bert=384, mobilebert=192)),
         base_heads=4, families=("bert", "mobilebert"),
         elastic_depth=True, min_layers=2,
+        head_choices=(),               # head counts the supernet samples (divisors of base_heads;
+                                       # () = all). (4,): the paper's fixed heads, which the CKA
+                                       # head module may then reduce at export
     ))
 
     if variant == "test":

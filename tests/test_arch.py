@@ -553,6 +553,19 @@ def test_from_config(task, variant):
     assert seg.type_vocab_size == 2
 
 
+def test_head_choices_from_the_config_restrict_sampling():
+    """``space.head_choices=(4,)`` in the config (the paper's fixed heads): every sampled, mutated
+    and largest / smallest architecture has 4 heads per layer."""
+    cfg = base_config("mlm", "demo")
+    assert cfg.space.head_choices == ()  # declared, so --config.space.head_choices=(4,) overrides it
+    cfg.space.head_choices = (4,)
+    space = SearchSpace.from_config(cfg.space, vocab_size=100, max_len=cfg.data.seq_len, task="mlm")
+    assert space.head_choices == (4,)
+    rng = np.random.default_rng(0)
+    archs = [space.sample(rng) for _ in range(50)] + [space.largest(), space.smallest()]
+    assert {lc.heads for a in archs for lc in a.layers} == {4}
+
+
 def test_from_config_missing_key():
     d = base_config("mlm", "test").space.to_dict()
     del d["f0"]

@@ -57,6 +57,19 @@ def test_the_demo_is_the_latest_line_per_seed_at_the_defaults():
     assert "supernet.train.steps=7" in results_md.other_table(other)
 
 
+def test_a_field_added_to_the_recipe_later_counts_as_its_default():
+    """A line logged before ``space.head_choices`` joined the recipe is still the demo; a line
+    that set it is not, and the table says what it changed."""
+    defaults = results_md.default_recipe("mlm")
+    assert defaults["space.head_choices"] == []  # as a JSON line holds ()
+    old = {k: v for k, v in defaults.items() if k != "space.head_choices"}
+    heads4 = {**defaults, "space.head_choices": [4]}
+    demo, other = results_md.split_runs([_run(0, 1.0, _v(0.0), _v(0.05), 5.0, recipe=old),
+                                         _run(1, 1.0, _v(0.0), _v(0.05), 5.0, recipe=heads4)])
+    assert [r["seed"] for r in demo["mlm"]] == [0] and [r["seed"] for r in other] == [1]
+    assert "space.head_choices=[4]" in results_md.other_table(other)
+
+
 def test_the_sentences_count_what_the_runs_show():
     runs = [_run(0, 1.07, _v(0.01), _v(0.05), 5.7),     # ahead of matched
             _run(1, 1.12, _v(-0.011), _v(0.058), 4.8),  # behind matched
@@ -98,7 +111,7 @@ def test_a_new_student_recipe_line_rewrites_results_md(tmp_path, monkeypatch):
             "overrides": [], "date": "2026-12-07", "stages_s": {}, "supernet_curve": []}
     monkeypatch.setattr(student_recipe, "LOG", log)
     monkeypatch.setattr(student_recipe, "run_seed", lambda *a, **k: line)
-    monkeypatch.setattr(student_recipe, "render", lambda records: "\n### x\n")
+    monkeypatch.setattr(student_recipe, "render", lambda records, *a: "\n### x\n")
     monkeypatch.setattr(results_md, "RESULTS", tmp_path)
     monkeypatch.setattr(results_md, "OUT", out)
     monkeypatch.setattr(sys, "argv", ["student_recipe.py", "--seeds", "3", f"--out={tmp_path / 'B.md'}"])
@@ -110,3 +123,36 @@ def test_a_new_student_recipe_line_rewrites_results_md(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["student_recipe.py", "--report-only", f"--out={tmp_path / 'B.md'}"])
     student_recipe.main()
     assert not out.exists()
+
+
+def test_a_search_recipe_reads_against_the_demo_of_its_seed():
+    defaults = results_md.default_recipe("mlm")
+    demo = {"mlm": [_run(2, 1.038, _v(-0.066), _v(-0.059), 6.8), _run(1, 1.12, _v(-0.011), _v(0.058), 4.8)]}
+    heads4 = _run(2, 1.101, _v(0.004), _v(0.03), 6.0, recipe={**defaults, "space.head_choices": [4]})
+    table = results_md.search_recipe_table([heads4], demo)
+    row = [line for line in table.splitlines() if "space.head_choices=[4]" in line]
+    assert len(row) == 1
+    cells = [c.strip() for c in row[0].strip("|").split("|")]
+    assert cells[3] == "2" and cells[6] == "+1.101"
+    assert cells[7] == "+0.004 [+0.002, +0.006] better" and cells[8].endswith("better")
+    assert cells[9] == "`b0h1 - m2h1 -` +1.038; vs matched -0.066 [-0.068, -0.064] worse"  # seed 2's demo
+    text = results_md.render(demo["mlm"], [], [], [heads4])
+    assert "## What makes the found model lose?" in text and "space.head_choices=[4]" in text
+
+
+def test_student_recipe_log_search_recipe_writes_its_own_log_and_section(tmp_path, monkeypatch):
+    log = tmp_path / "student_recipe.jsonl"
+    line = {**_run(2, 1.1, _v(0.004), _v(0.03), 6.0), "cf": 5.3, "total_s": 1.0, "config": "configs/mlm.py:demo",
+            "overrides": ["space.head_choices=(4,)"], "date": "2026-12-07", "stages_s": {}, "supernet_curve": [],
+            "search": {}, "finetune": {}}
+    monkeypatch.setattr(student_recipe, "LOG", log)
+    monkeypatch.setattr(student_recipe, "run_seed", lambda *a, **k: line)
+    monkeypatch.setattr(results_md, "RESULTS", tmp_path)
+    monkeypatch.setattr(results_md, "OUT", tmp_path / "RESULTS.md")
+    out = tmp_path / "B.md"
+    monkeypatch.setattr(sys, "argv", ["student_recipe.py", "--log", "search_recipe", "--seeds", "2", f"--out={out}"])
+    student_recipe.main()
+    assert not log.exists() and json.loads((tmp_path / "search_recipe.jsonl").read_text()) == line
+    assert "### Search recipes" in out.read_text() and "### Student recipes" not in out.read_text()
+    assert "--log search_recipe" in out.read_text()
+    assert "## What makes the found model lose?" in (tmp_path / "RESULTS.md").read_text()

@@ -30,3 +30,16 @@ def test_a_finished_work_directory_logs_its_own_figures(tmp_path):
     assert rec["recipe"]["data.corpus"] == "movie_reviews" and rec["recipe"]["task"] == "mlm"
     assert rec["recipe"]["teacher.train.steps"] == 2000  # the demo's, resolved from the config
     assert rec["reused"] is False
+
+
+def test_overrides_take_the_type_of_the_field_they_replace():
+    """A tuple field reads its value as a Python literal, as ``--config.space.head_choices=(4,)``
+    does on the command line; bools, ints and floats as before."""
+    rec = teacher_recipe.resolved_recipe(
+        "configs/mlm.py:demo", ["space.head_choices=(4,)", "supernet.sandwich=True", "search.eval_batches=8",
+                                "data.mask_rate=0.25"],
+        fields=("space.head_choices", "supernet.sandwich", "search.eval_batches", "data.mask_rate"))
+    assert rec == {"space.head_choices": (4,), "supernet.sandwich": True, "search.eval_batches": 8,
+                   "data.mask_rate": 0.25}
+    assert teacher_recipe.resolved_recipe("configs/mlm.py:demo", [], fields=("space.head_choices",)) == \
+        {"space.head_choices": ()}
