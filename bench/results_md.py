@@ -28,6 +28,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -218,6 +220,24 @@ def other_table(records: list[dict]) -> str:
                            "found gain", "vs matched BERT"], rows)
 
 
+def _tau_cell(s: dict) -> str:
+    """``tau [lo, hi]``; a ranking that is constant over the group (equal parameters) has none."""
+    if not np.isfinite(s["value"]):
+        return "- (constant over the group)"
+    return f"{s['value']:+.2f} [{s['lo']:+.2f}, {s['hi']:+.2f}]"
+
+
+def _arch_table(r: dict) -> str:
+    """The architectures of one supernet-rank run, by retrained loss, with both ranks."""
+    fit = sorted(a["fitness"] for a in r["archs"])
+    ret = sorted(a["retrained_loss"] for a in r["archs"])
+    return markdown_table(
+        ["architecture", "params", "fitness", "retrained loss", "fitness rank", "retrained rank", "near"],
+        [[f"`{x['describe']}`", f"{x['params']:,}", f"{x['fitness']:.4f}", f"{x['retrained_loss']:.4f}",
+          str(1 + fit.index(x["fitness"])), str(1 + ret.index(x["retrained_loss"])), "yes" if x["near"] else ""]
+         for x in sorted(r["archs"], key=lambda a: a["retrained_loss"])])
+
+
 def rank_section(records: list[dict]) -> str:
     if not records:
         return ("Not measured yet: `python bench/supernet_rank.py --workdir DIR` on a finished demo run "
@@ -227,8 +247,7 @@ def rank_section(records: list[dict]) -> str:
         for group in ("all", "near"):
             s = r[group]
             label = f"all {s['n']}" if group == "all" else f"{s['n']} within {r['near_frac']:.0%} in parameters"
-            cells = [f"{s[k]['value']:+.2f} [{s[k]['lo']:+.2f}, {s[k]['hi']:+.2f}]"
-                     for k in ("kendall_fitness", "spearman_fitness", "kendall_params")]
+            cells = [_tau_cell(s[k]) for k in ("kendall_fitness", "spearman_fitness", "kendall_params")]
             rows.append([r["config"], str(r["source"]).split("/")[-2] if "/" in str(r["source"]) else r["source"],
                          label, *cells, r["commit"]])
         a, p = r["all"]["kendall_fitness"], r["all"]["kendall_params"]
@@ -236,15 +255,21 @@ def rank_section(records: list[dict]) -> str:
                  "ranks them worse than their parameter counts do" if a["hi"] < p["lo"] else
                  "is not distinguishable from ranking them by parameter count")
         near = r["near"]["kendall_fitness"]
+        close = [x for x in r["archs"] if x["near"]]
+        fspan = max(x["fitness"] for x in close) - min(x["fitness"] for x in close)
+        rspan = max(x["retrained_loss"] for x in close) - min(x["retrained_loss"] for x in close)
         lines.append(f"On the run of commit {r['commit']} the supernet's fitness {ranks} (Kendall tau "
                      f"{a['value']:+.2f} against {p['value']:+.2f}); among architectures within "
                      f"{r['near_frac']:.0%} in parameters its tau is {near['value']:+.2f} "
                      f"[{near['lo']:+.2f}, {near['hi']:+.2f}]"
                      + (", above 0" if near["lo"] > 0 else ", an interval that includes 0" if near["hi"] >= 0
-                        else ", below 0") + ".")
+                        else ", below 0")
+                     + f"; their fitness spans {fspan:.4f} nats, their retrained loss {rspan:.4f}.")
     return (markdown_table(["config", "source run", "architectures", "Kendall tau (fitness)",
                             "Spearman (fitness)", "Kendall tau (params)", "commit"], rows)
-            + "\n\n" + "\n".join(f"- {x}" for x in lines) + "\n")
+            + "\n\n" + "\n".join(f"- {x}" for x in lines) + "\n\n"
+            + "The architectures of the latest run, by retrained loss (rank 1: the lowest):\n\n"
+            + _arch_table(records[-1]) + "\n")
 
 
 def noise_section(records: list[dict]) -> str:

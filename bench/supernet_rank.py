@@ -153,6 +153,7 @@ def run_one(config: str, source: Path, budget: str | None, n: int, near: int, ne
            f"--stages={STAGES}", "--config.compile_cache_dir=none",
            "--config.export.baselines=()", "--config.export.cka_heads=False",
            "--config.export.measure_latency=False", *[f"--config.{o}" for o in overrides]]
+    commit = _commit()  # the code the run starts from (a commit landing while it runs is not it)
     t0 = time.perf_counter()
     with open(tmp / "run.log", "w") as log:
         rc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode
@@ -172,7 +173,7 @@ def run_one(config: str, source: Path, budget: str | None, n: int, near: int, ne
     cols = lambda rows: ([a["fitness"] for a in rows], [a["retrained_loss"] for a in rows],  # noqa: E731
                          [a["params"] for a in rows])
     near_rows = [a for a in archs if a["near"]]
-    return {"date": datetime.date.today().isoformat(), "commit": _commit(), "config": config,
+    return {"date": datetime.date.today().isoformat(), "commit": commit, "config": config,
             "overrides": overrides, "source": str(source), "budget": name,
             "candidates": len(items), "near_frac": near_frac, "archs": archs,
             "cf": next(float(v) for k, v in ev["baselines"].items() if k.endswith("_loss")),
@@ -182,6 +183,8 @@ def run_one(config: str, source: Path, budget: str | None, n: int, near: int, ne
 
 
 def _cell(s: dict) -> str:
+    if not np.isfinite(s["value"]):  # e.g. parameters, equal over the near group
+        return "- (constant over the group)"
     return f"{s['value']:+.2f} [{s['lo']:+.2f}, {s['hi']:+.2f}]"
 
 

@@ -156,3 +156,26 @@ def test_student_recipe_log_search_recipe_writes_its_own_log_and_section(tmp_pat
     assert "### Search recipes" in out.read_text() and "### Student recipes" not in out.read_text()
     assert "--log search_recipe" in out.read_text()
     assert "## What makes the found model lose?" in (tmp_path / "RESULTS.md").read_text()
+
+
+def test_the_rank_section_states_spans_ranks_and_a_constant_ranking():
+    """A near-equal group of equal parameters has no parameter ranking (shown as such, not NaN);
+    the architecture table's ranks are each column's own order."""
+    import supernet_rank
+
+    archs = [{"describe": f"a{i}", "params": p, "fitness": f, "retrained_loss": l, "near": n}
+             for i, (p, f, l, n) in enumerate([(300, 4.31, 4.30, True), (300, 4.32, 4.25, True),
+                                               (300, 4.33, 4.27, True), (200, 4.40, 4.35, False),
+                                               (400, 4.35, 4.28, False)])]
+    cols = lambda rows: ([a["fitness"] for a in rows], [a["retrained_loss"] for a in rows],  # noqa: E731
+                         [a["params"] for a in rows])
+    near = [a for a in archs if a["near"]]
+    rec = {"config": "c", "source": "/x/run/w", "commit": "abc1234", "near_frac": 0.05, "archs": archs,
+           "all": supernet_rank.rank_stats(*cols(archs), 50), "near": supernet_rank.rank_stats(*cols(near), 50)}
+    text = results_md.rank_section([rec])
+    assert "- (constant over the group)" in text and "nan" not in text
+    assert "their fitness spans 0.0200 nats, their retrained loss 0.0500" in text
+    assert "| `a1` | 300 | 4.3200 | 4.2500 | 2 | 1 | yes |" in text  # 2nd by fitness, 1st retrained
+    assert "- (constant over the group)" in supernet_rank.render([{**rec, "overrides": [], "budget": "b",
+                                                                    "process_s": 1.0, "near_params": [300, 300],
+                                                                    "date": "d", "cf": 5.0}])
