@@ -304,7 +304,10 @@ def search_recipe_table(records: list[dict], demo: dict[str, list[dict]]) -> str
             m = _by_kind(base, "baseline_matched", "bert")
             ref = f"{_arch(base, bname)}{bf['gain_nats']:+.3f}; vs matched " + (
                 "-" if m is None else _vs_cell(_vs(base, bname, m[0]), bf["gain_nats"] - m[1]["gain_nats"]))
-        rows.append([r.get("tag", "-"), task, ", ".join(f"{k}={v}" for k, v in changed.items()) or "(none)",
+        what = ", ".join(f"{k}={v}" for k, v in changed.items()) or "(none)"
+        if r.get("reused"):
+            what += f"; only {r.get('stages')}, on the models of the demo run"
+        rows.append([r.get("tag", "-"), task, what,
                      str(r["seed"]), r["commit"], f"{_arch(r, fname)}{f['params']:,}", f"{f['gain_nats']:+.3f}",
                      *cells, ref])
     return markdown_table(["tag", "task", "differs from today's demo", "seed", "commit", "found (params)",
@@ -334,7 +337,7 @@ def render(student: list[dict], rank: list[dict], noise: list[dict], search: Seq
         parts.append(demo_table(runs, task) + "\n")
         parts.append("\n".join(f"- {s}" for s in demo_findings(runs, task)) + "\n")
     parts.append("## What makes the found model lose?\n")
-    parts.append("Full runs (`python bench/student_recipe.py --log search_recipe --set ...`, lines in "
+    parts.append("Runs (`python bench/student_recipe.py --log search_recipe --set ...`, lines in "
                  "`bench/results/search_recipe.jsonl`) that change one thing of the search or the supernet "
                  "(issue 31 part 3), each against its own size-matched BERT and random search, beside the "
                  "demo run of the same seed.\n")
