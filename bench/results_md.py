@@ -248,6 +248,7 @@ def rank_section(records: list[dict]) -> str:
             s = r[group]
             label = f"all {s['n']}" if group == "all" else f"{s['n']} within {r['near_frac']:.0%} in parameters"
             cells = [_tau_cell(s[k]) for k in ("kendall_fitness", "spearman_fitness", "kendall_params")]
+            cells.append(_tau_cell(s["kendall_early"]) + f" (step {r['early_step']})" if "kendall_early" in s else "-")
             rows.append([r["config"], str(r["source"]).split("/")[-2] if "/" in str(r["source"]) else r["source"],
                          label, *cells, r["commit"]])
         a, p = r["all"]["kendall_fitness"], r["all"]["kendall_params"]
@@ -265,8 +266,15 @@ def rank_section(records: list[dict]) -> str:
                      + (", above 0" if near["lo"] > 0 else ", an interval that includes 0" if near["hi"] >= 0
                         else ", below 0")
                      + f"; their fitness spans {fspan:.4f} nats, their retrained loss {rspan:.4f}.")
+        if "kendall_early" in r["all"]:
+            e = r["all"]["kendall_early"]
+            lines.append(f"Each model's own validation loss at step {r['early_step']} of its retraining ranks "
+                         f"the final losses with tau {e['value']:+.2f} [{e['lo']:+.2f}, {e['hi']:+.2f}]"
+                         + (", better than the supernet's fitness does (intervals apart)" if e["lo"] > a["hi"]
+                            else ", an interval that overlaps the fitness's") + ".")
     return (markdown_table(["config", "source run", "architectures", "Kendall tau (fitness)",
-                            "Spearman (fitness)", "Kendall tau (params)", "commit"], rows)
+                            "Spearman (fitness)", "Kendall tau (params)", "Kendall tau (early retrain loss)",
+                            "commit"], rows)
             + "\n\n" + "\n".join(f"- {x}" for x in lines) + "\n\n"
             + "The architectures of the latest run, by retrained loss (rank 1: the lowest):\n\n"
             + _arch_table(records[-1]) + "\n")
@@ -344,8 +352,9 @@ def render(student: list[dict], rank: list[dict], noise: list[dict], search: Seq
     parts.append(search_recipe_table(list(search), demo) + "\n" if search else "None logged yet.\n")
     parts.append("## Does the supernet rank?\n")
     parts.append("The search's fitness (search-split loss with shared weights) of architectures it scored, "
-                 "against their validation loss once retrained standalone, beside ranking by parameters "
-                 "(90% bootstrap interval over architectures).\n")
+                 "against their validation loss once retrained standalone, beside ranking by parameters and "
+                 "by each model's validation loss early in its own retraining (90% bootstrap interval over "
+                 "architectures).\n")
     parts.append(rank_section(rank))
     parts.append("## The search's fitness noise against its batches\n")
     parts.append(noise_section(noise))

@@ -100,14 +100,19 @@ def _tau(x, y) -> float:
     return float(stats.kendalltau(x, y).statistic)
 
 
-def rank_stats(fitness, loss, params, boot: int, seed: int = 0) -> dict:
+def rank_stats(fitness, loss, params, boot: int, seed: int = 0, early=None) -> dict:
     """Kendall's tau and Spearman's rho of the supernet's fitness against the retrained loss,
-    Kendall's tau of ranking by parameters (``-params``), each with its 90% percentile
-    bootstrap interval over architectures."""
+    Kendall's tau of ranking by parameters (``-params``) and, given ``early`` (each model's
+    validation loss at the retraining's first evaluation), Kendall's tau of that early loss
+    against the final one (``kendall_early``: how well a shorter standalone training ranks);
+    each with its 90% percentile bootstrap interval over architectures."""
     f, l, p = (np.asarray(a, np.float64) for a in (fitness, loss, params))
     fns = {"kendall_fitness": lambda i: _tau(f[i], l[i]),
            "spearman_fitness": lambda i: float(stats.spearmanr(f[i], l[i]).statistic),
            "kendall_params": lambda i: _tau(-p[i], l[i])}
+    if early is not None:
+        e = np.asarray(early, np.float64)
+        fns["kendall_early"] = lambda i: _tau(e[i], l[i])
     rng = np.random.default_rng(seed)
     draws = [rng.integers(0, len(l), len(l)) for _ in range(boot)]
     out = {"n": int(len(l))}
@@ -160,6 +165,24 @@ def run_one(config: str, source: Path, budget: str | None, n: int, near: int, ne
     wall = time.perf_counter() - t0
     if rc != 0:
         raise SystemExit(f"{' '.join(cmd)} exited with {rc}; see {tmp / 'run.log'}")
+    return record_of(w, chosen, len(close), config=config, overrides=overrides, source=source, budget=name,
+                     candidates=len(items), near_frac=near_frac, boot=boot, commit=commit, wall=wall)
+
+
+def _eval_curve(metrics: Path) -> list[list[float]]:
+    """``[step, validation loss]`` of each evaluation in a retraining's ``metrics.jsonl``."""
+    if not metrics.is_file():
+        return []
+    recs = (json.loads(line) for line in metrics.read_text().splitlines() if line.strip())
+    return [[int(r["step"]), float(r["eval/loss"])] for r in recs if "eval/loss" in r]
+
+
+def record_of(w: Path, chosen: list[dict], n_near: int, *, config: str, overrides: list[str], source: Path | str,
+              budget: str, candidates: int, near_frac: float, boot: int, commit: str, wall: float,
+              date: str | None = None) -> dict:
+    """The JSON line of a finished copy ``w`` whose budgets ``r00``, ``r01``, ... are ``chosen``
+    (the first ``n_near`` the near-equal group): each architecture's fitness, retrained loss and
+    retraining curve, and the rank statistics over all and over the near group."""
     ev = json.loads((w / "evaluate" / "result.json").read_text())
     exported = json.loads((w / "export" / "result.json").read_text())
     archs = []
@@ -169,17 +192,38 @@ def run_one(config: str, source: Path, budget: str | None, n: int, near: int, ne
             raise SystemExit(f"r{i:02d}: retrained {m['params']} parameters, the search scored {e['params']}")
         archs.append({"arch_id": e["arch_id"], "describe": exported[f"r{i:02d}"]["describe"],
                       "params": e["params"], "fitness": e["score"], "retrained_loss": m["loss"],
-                      "near": i < len(close)})
-    cols = lambda rows: ([a["fitness"] for a in rows], [a["retrained_loss"] for a in rows],  # noqa: E731
-                         [a["params"] for a in rows])
-    near_rows = [a for a in archs if a["near"]]
-    return {"date": datetime.date.today().isoformat(), "commit": commit, "config": config,
-            "overrides": overrides, "source": str(source), "budget": name,
-            "candidates": len(items), "near_frac": near_frac, "archs": archs,
+                      "near": i < n_near,
+                      "retrain_curve": _eval_curve(w / "retrain" / f"r{i:02d}_run" / "metrics.jsonl")})
+    early_ok = all(len(a["retrain_curve"]) >= 2 for a in archs) and \
+        len({a["retrain_curve"][0][0] for a in archs}) == 1
+
+    def group(rows):
+        return rank_stats([a["fitness"] for a in rows], [a["retrained_loss"] for a in rows],
+                          [a["params"] for a in rows], boot,
+                          early=[a["retrain_curve"][0][1] for a in rows] if early_ok else None)
+
+    return {"date": date or datetime.date.today().isoformat(), "commit": commit, "config": config,
+            "overrides": overrides, "source": str(source), "budget": budget,
+            "candidates": candidates, "near_frac": near_frac, "archs": archs,
             "cf": next(float(v) for k, v in ev["baselines"].items() if k.endswith("_loss")),
-            "all": rank_stats(*cols(archs), boot), "near": rank_stats(*cols(near_rows), boot),
-            "near_params": [min(a["params"] for a in near_rows), max(a["params"] for a in near_rows)],
+            "all": group(archs), "near": group([a for a in archs if a["near"]]),
+            "early_step": archs[0]["retrain_curve"][0][0] if early_ok else None,
+            "near_params": [min(a["params"] for a in archs if a["near"]), max(a["params"] for a in archs if a["near"])],
             "process_s": round(wall, 1), "load_1m": os.getloadavg()[0], "workdir": str(w)}
+
+
+def collect(line: dict, boot: int) -> dict:
+    """``line`` recomputed from its finished copy (``line["workdir"]``): what a newer version of
+    this script records (e.g. the retraining curves), with the line's own run facts kept."""
+    w = Path(line["workdir"])
+    budgets = json.loads((w / "search" / "result.json").read_text())["budgets"]
+    chosen = [{"arch_id": b["arch_id"], "score": b["score"], "params": b["params"]}
+              for _, b in sorted(budgets.items())]
+    return {**record_of(w, chosen, sum(a["near"] for a in line["archs"]), config=line["config"],
+                        overrides=line["overrides"], source=line["source"], budget=line["budget"],
+                        candidates=line["candidates"], near_frac=line["near_frac"], boot=boot,
+                        commit=line["commit"], wall=line["process_s"], date=line["date"]),
+            "load_1m": line["load_1m"]}
 
 
 def _cell(s: dict) -> str:
@@ -197,13 +241,16 @@ def render(records: list[dict]) -> str:
                      f"{s['n']} within {r['near_frac']:.0%} ({r['near_params'][0]:,}-{r['near_params'][1]:,} params)")
             rows.append([r["config"], " ".join(r["overrides"]) or "(defaults)", r["budget"], label,
                          _cell(s["kendall_fitness"]), _cell(s["spearman_fitness"]),
-                         _cell(s["kendall_params"]), f"{r['process_s']:.0f}", r["commit"]])
+                         _cell(s["kendall_params"]),
+                         _cell(s["kendall_early"]) + f" (step {r['early_step']})" if "kendall_early" in s else "-",
+                         f"{r['process_s']:.0f}", r["commit"]])
         details.append(f"- `{r['config']}` {' '.join(r['overrides']) or '(defaults)'} ({r['date']}, "
                        f"cf {r['cf']:.3f}): " + "; ".join(
                            f"{a['params']:,} params fitness {a['fitness']:.4f} retrained {a['retrained_loss']:.4f}"
                            + (" (near)" if a["near"] else "") for a in sorted(r["archs"], key=lambda a: a["fitness"])))
     body = markdown_table(["config", "overrides", "budget", "architectures", "Kendall tau (fitness)",
-                           "Spearman (fitness)", "Kendall tau (params)", "process s", "commit"], rows)
+                           "Spearman (fitness)", "Kendall tau (params)", "Kendall tau (early retrain loss)",
+                           "process s", "commit"], rows)
     return (f"\n### {TITLE} ({records[-1]['date']})\n\n"
             f"Command: `python bench/supernet_rank.py --workdir DIR` (one JSON line per run in "
             f"`bench/results/supernet_rank.jsonl`; this section is written from all of them)  \n"
@@ -212,7 +259,9 @@ def render(records: list[dict]) -> str:
             f"The search's fitness (search-split loss with the supernet's shared weights) of architectures "
             f"it scored, against their validation loss once exported (no CKA heads) and retrained "
             f"standalone with the run's retraining recipe; beside it, ranking by parameters (more "
-            f"parameters: lower loss). Positive: the ranking agrees with the retrained order. "
+            f"parameters: lower loss), and each model's own validation loss at its retraining's first "
+            f"evaluation (how well a short standalone training would rank). Positive: the ranking "
+            f"agrees with the retrained order. "
             f"[90% bootstrap interval over architectures.]\n\n{body}\n\n"
             f"Architectures (by fitness):\n\n" + "\n".join(details) + "\n")
 
@@ -229,9 +278,18 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=[], help="dotted config overrides the work directory was made with")
     ap.add_argument("--keep", default=None, help="directory for the copy (default: /tmp)")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--collect", default=None,
+                    help="a logged run's copy (its line's workdir): recompute that line from it, in place")
     ap.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
     args = ap.parse_args()
-    if not args.report_only:
+    if args.collect:
+        lines = read_jsonl(LOG)
+        at = [i for i, r in enumerate(lines) if Path(r["workdir"]).resolve() == Path(args.collect).resolve()]
+        if not at:
+            raise SystemExit(f"no line of {LOG} has workdir {args.collect}")
+        lines[at[-1]] = collect(lines[at[-1]], args.boot)
+        LOG.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in lines))
+    elif not args.report_only:
         if not args.workdir:
             ap.error("--workdir is required (or --report-only)")
         if not 2 <= args.near <= args.n - 2:
@@ -246,7 +304,7 @@ def main() -> None:
     text = render(records)
     print(text)
     replace_section(args.out, (TITLE,), text)
-    if not args.report_only:  # a new line landed: RESULTS.md is written from it too
+    if args.collect or not args.report_only:  # a line is new or changed: RESULTS.md follows it
         results_md.write()
 
 

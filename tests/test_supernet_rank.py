@@ -72,7 +72,8 @@ def test_one_run_retrains_the_searched_architectures(tmp_path):
                           f"--workdir={wd}", "--stages=data,teacher,supernet,search"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    rec = supernet_rank.run_one("configs/clm.py:test", wd, None, 6, 2, 0.10, [], tmp_path, boot=50)
+    rec = supernet_rank.run_one("configs/clm.py:test", wd, None, 6, 2, 0.10, ["retrain.train.eval_every=3"],
+                                tmp_path, boot=50)
     state = json.loads((wd / "search" / "state_small.json").read_text())
     assert rec["budget"] == "small" and rec["candidates"] == len(state["evaluated"])
     copy = rec["workdir"]
@@ -89,5 +90,12 @@ def test_one_run_retrains_the_searched_architectures(tmp_path):
     assert max(near) <= 1.10 * min(near)
     assert rec["all"]["kendall_fitness"]["value"] == pytest.approx(stats.kendalltau(
         [a["fitness"] for a in rec["archs"]], [a["retrained_loss"] for a in rec["archs"]]).statistic)
+    for a in rec["archs"]:  # the retraining's own evaluations, the last one its final loss
+        assert a["retrain_curve"] and a["retrain_curve"][-1][1] == pytest.approx(a["retrained_loss"], rel=1e-6)
+    assert rec["early_step"] == 3  # the first of the retraining's two evaluations
+    assert rec["all"]["kendall_early"]["value"] == pytest.approx(stats.kendalltau(
+        [a["retrain_curve"][0][1] for a in rec["archs"]], [a["retrained_loss"] for a in rec["archs"]]).statistic)
+    again = supernet_rank.collect(rec, boot=50)  # recomputed from the copy: the same line
+    assert {k: v for k, v in again.items() if k != "load_1m"} == {k: v for k, v in rec.items() if k != "load_1m"}
     assert supernet_rank.TITLE in supernet_rank.render([rec])
     assert not (wd / "export").exists()  # the source run is untouched
