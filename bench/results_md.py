@@ -238,6 +238,27 @@ def _arch_table(r: dict) -> str:
          for x in sorted(r["archs"], key=lambda a: a["retrained_loss"])])
 
 
+def _families(describe: str) -> list[str]:
+    """The family of each active layer of an architecture's ``describe`` (``b0h4 - m2h1 -``)."""
+    names = {"b": "bert", "m": "mobilebert"}
+    return [names[t[0]] for t in describe.split() if t != "-" and t[0] in names and t[1:2].isdigit()]
+
+
+def _by_end_family(archs: list[dict]) -> str:
+    """The mean retrained loss of the architectures grouped by the family of their first and of
+    their last active layer: where in the stack a family sits, which the fitness may not see."""
+    out = []
+    for which, idx in (("first", 0), ("last", -1)):
+        groups: dict[str, list[float]] = {}
+        for a in archs:
+            fams = _families(a["describe"])
+            if fams:
+                groups.setdefault(fams[idx], []).append(a["retrained_loss"])
+        out.append(f"{which} layer " + ", ".join(
+            f"{f} {np.mean(v):.4f} (n={len(v)})" for f, v in sorted(groups.items())))
+    return "; ".join(out)
+
+
 def rank_section(records: list[dict]) -> str:
     if not records:
         return ("Not measured yet: `python bench/supernet_rank.py --workdir DIR` on a finished demo run "
@@ -266,6 +287,7 @@ def rank_section(records: list[dict]) -> str:
                      + (", above 0" if near["lo"] > 0 else ", an interval that includes 0" if near["hi"] >= 0
                         else ", below 0")
                      + f"; their fitness spans {fspan:.4f} nats, their retrained loss {rspan:.4f}.")
+        lines.append(f"Mean retrained loss by the family of the {_by_end_family(r['archs'])}.")
         if "kendall_early" in r["all"]:
             e = r["all"]["kendall_early"]
             lines.append(f"Each model's own validation loss at step {r['early_step']} of its retraining ranks "

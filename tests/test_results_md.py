@@ -181,3 +181,11 @@ def test_the_rank_section_states_spans_ranks_and_a_constant_ranking():
     assert "- (constant over the group)" in supernet_rank.render([{**rec, "overrides": [], "budget": "b",
                                                                     "process_s": 1.0, "near_params": [300, 300],
                                                                     "date": "d", "cf": 5.0}])
+
+
+def test_the_retrained_loss_is_grouped_by_the_family_at_each_end():
+    archs = [{"describe": d, "retrained_loss": l} for d, l in
+             (("b0h4 - m2h4 -", 4.25), ("- - m0h4 b2h1", 4.32), ("m0h1 b2h1 - -", 4.33), ("b0h4 b0h4 - - ffn=128", 4.26))]
+    assert results_md._families("b0h4 - m2h1 - ffn=128") == ["bert", "mobilebert"]
+    assert results_md._by_end_family(archs) == ("first layer bert 4.2550 (n=2), mobilebert 4.3250 (n=2); "
+                                                "last layer bert 4.3033 (n=3), mobilebert 4.2500 (n=1)")
