@@ -213,10 +213,10 @@ def other_table(records: list[dict]) -> str:
             what += f"; only {r.get('stages')}"
         fname, f = _found(r)
         m = _by_kind(r, "baseline_matched", "bert")
-        rows.append([r.get("tag", "-"), task, what, str(r["seed"]), r["commit"], f"{f['params']:,}",
+        rows.append([r.get("tag", "-"), task, what, str(r["seed"]), r["commit"], f"{_arch(r, fname)}{f['params']:,}",
                      f"{f['gain_nats']:+.3f}", "-" if m is None else
                      f"{m[1]['params']:,}: {_vs_cell(_vs(r, fname, m[0]), f['gain_nats'] - m[1]['gain_nats'])}"])
-    return markdown_table(["tag", "task", "differs from today's demo", "seed", "commit", "found params",
+    return markdown_table(["tag", "task", "differs from today's demo", "seed", "commit", "found (params)",
                            "found gain", "vs matched BERT"], rows)
 
 
@@ -345,6 +345,31 @@ def search_recipe_table(records: list[dict], demo: dict[str, list[dict]]) -> str
                           rows)
 
 
+def first_family_finding(records: Sequence[dict]) -> str | None:
+    """Over every logged run whose found architecture is recorded (one per set of models: a rerun
+    of the last stages on the same models counts once), the found model's advantage over the
+    size-matched BERT (matched loss minus found; negative: the found model loses), grouped by
+    the family of the found model's first active layer."""
+    seen, groups = set(), {}
+    for r in records:
+        fname, f = _found(r)
+        d = (r.get("archs") or {}).get(fname)
+        m = _by_kind(r, "baseline_matched", "bert")
+        if not d or m is None or not _families(d):
+            continue
+        key = (d, round(f["gain_nats"], 4), round(m[1]["gain_nats"], 4))  # a rerun of evaluate: equal to 1e-4
+        if key in seen:
+            continue
+        seen.add(key)
+        groups.setdefault(_families(d)[0], []).append(f["gain_nats"] - m[1]["gain_nats"])
+    if not groups:
+        return None
+    return ("Over every logged run with its found architecture recorded (each set of models once), the "
+            "found model's advantage over the size-matched BERT by the family of its first active layer: "
+            + "; ".join(f"{fam} mean {np.mean(v):+.3f} nats, range {min(v):+.3f} to {max(v):+.3f} (n={len(v)})"
+                        for fam, v in sorted(groups.items())) + ".")
+
+
 def render(student: list[dict], rank: list[dict], noise: list[dict], search: Sequence[dict] = ()) -> str:
     demo, other = split_runs(student)
     parts = ["# Results: does the search earn its keep?\n",
@@ -372,6 +397,9 @@ def render(student: list[dict], rank: list[dict], noise: list[dict], search: Seq
                  "(issue 31 part 3), each against its own size-matched BERT and random search, beside the "
                  "demo run of the same seed.\n")
     parts.append(search_recipe_table(list(search), demo) + "\n" if search else "None logged yet.\n")
+    finding = first_family_finding([*student, *search])
+    if finding:
+        parts.append(f"- {finding}\n")
     parts.append("## Does the supernet rank?\n")
     parts.append("The search's fitness (search-split loss with shared weights) of architectures it scored, "
                  "against their validation loss once retrained standalone, beside ranking by parameters and "

@@ -261,12 +261,21 @@ def main() -> None:
                     help="a finished work directory (one seed): copy it and run only --stages on it")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
+    ap.add_argument("--fill-archs", action="store_true",
+                    help="add each exported model's architecture to the lines logged before it was "
+                         "recorded, read from their work directories where these still exist")
     ap.add_argument("--log", choices=sorted(LOGS), default="student_recipe",
                     help="search_recipe: a run that changes one thing of the search or supernet (issue 31 part 3)")
     args = ap.parse_args()
     title, log_name = LOGS[args.log]
     log = LOG.with_name(log_name)  # beside LOG (tests move it)
-    if not args.report_only:
+    if args.fill_archs:
+        lines = read_jsonl(log)
+        filled = [r | {"archs": archs_of(Path(r["workdir"]))} if not r.get("archs") and
+                  (Path(r["workdir"]) / "export" / "result.json").is_file() else r for r in lines]
+        log.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in filled))
+        print(f"[student_recipe] architectures added to {sum(a is not b for a, b in zip(filled, lines))} line(s)")
+    elif not args.report_only:
         for seed in [int(s) for s in args.seeds.split(",") if s.strip()]:
             rec = run_seed(args.config, seed, list(args.set), args.stages, args.tag,
                            Path(args.keep) if args.keep else None, Path(args.reuse) if args.reuse else None)
@@ -280,7 +289,7 @@ def main() -> None:
     text = render(records, title, log_name)
     print(text)
     replace_section(args.out, (title,), text)
-    if not args.report_only:  # a new line landed: RESULTS.md is written from it too
+    if args.fill_archs or not args.report_only:  # a line is new or changed: RESULTS.md follows it
         import results_md  # here: results_md reads this module's fields
 
         results_md.write()

@@ -189,3 +189,13 @@ def test_the_retrained_loss_is_grouped_by_the_family_at_each_end():
     assert results_md._families("b0h4 - m2h1 - ffn=128") == ["bert", "mobilebert"]
     assert results_md._by_end_family(archs) == ("first layer bert 4.2550 (n=2), mobilebert 4.3250 (n=2); "
                                                 "last layer bert 4.3033 (n=3), mobilebert 4.2500 (n=1)")
+
+
+def test_the_first_family_finding_groups_each_set_of_models_once():
+    a = _run(1, 1.12, _v(-0.011), _v(0.058), 4.8)  # b0h1 - m2h1 -: bert first
+    b = {**_run(2, 1.038, _v(-0.066), _v(-0.059), 6.8), "archs": {"small": "- - m0h4 b2h1"}}
+    rerun = {**b, "reused": "/x"}  # the same models again: counted once
+    text = results_md.first_family_finding([a, b, rerun])
+    assert "bert mean -0.011 nats, range -0.011 to -0.011 (n=1)" in text
+    assert "mobilebert mean -0.066 nats, range -0.066 to -0.066 (n=1)" in text
+    assert results_md.first_family_finding([{**a, "archs": {}}]) is None

@@ -141,3 +141,27 @@ def test_versus_reads_each_found_model_against_its_baselines(tmp_path):
     assert student_recipe.versus_of(tmp_path) == {
         "small": {"small_random": {"gain": 0.05, "lo": 0.048, "hi": 0.052, "verdict": "lower"}}}
     assert student_recipe.versus_of(tmp_path / "missing") == {}
+
+
+def test_fill_archs_adds_the_exported_architectures_to_older_lines(tmp_path, monkeypatch):
+    """A line logged before ``archs`` was recorded gains them from its work directory's export;
+    a line that has them, or whose work directory is gone, is left as it was."""
+    w = tmp_path / "w"
+    (w / "export").mkdir(parents=True)
+    (w / "export" / "result.json").write_text(json.dumps(
+        {"small": {"describe": "- - m0h4 b2h1", "params": 1}, "small_matched_bert": {"describe": "b0h4 b0h4 - - ffn=128"}}))
+    old = {**_record(2, 1.0), "workdir": str(w)}
+    has = {**_record(1, 1.0), "workdir": str(w), "archs": {"small": "x"}}
+    gone = {**_record(0, 1.0), "workdir": str(tmp_path / "gone")}
+    log = tmp_path / "student_recipe.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in (old, has, gone)))
+    monkeypatch.setattr(student_recipe, "LOG", log)
+    monkeypatch.setattr(student_recipe, "render", lambda records, *a: "\n### Student recipes\n")
+    import results_md
+    monkeypatch.setattr(results_md, "write", lambda *a, **k: "")
+    monkeypatch.setattr(sys, "argv", ["student_recipe.py", "--fill-archs", f"--out={tmp_path / 'B.md'}"])
+    student_recipe.main()
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    assert lines[0]["archs"] == {"small": "- - m0h4 b2h1", "small_matched_bert": "b0h4 b0h4 - - ffn=128"}
+    assert lines[0] == {**old, "archs": lines[0]["archs"]}
+    assert lines[1] == has and lines[2] == gone
