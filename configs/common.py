@@ -155,6 +155,10 @@ def base_config(task: str, variant: str) -> ml_collections.ConfigDict:
         random_control=False,          # also the best of as many random legal architectures (same
                                        # scorer), exported and retrained as kind random_best: the
                                        # control the evolution must beat
+        rerank_top=0,                  # > 0: re-rank each budget's (and the random control's) k best
+                                       # by a short standalone KD training scored on the search split
+                                       # (elm_jax.search.rerank); the retraining recipe, rerank_steps long
+        rerank_steps=200,
     ))
     # Export: the CKA head module (DESIGN §1.3) re-splits each layer into fewer, wider heads.
     # Hand-designed baselines per budget and family (elm_jax.search.baselines): the largest uniform

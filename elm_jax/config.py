@@ -315,6 +315,8 @@ def validate_search(cfg) -> None:
 
     search = _get(cfg, "search")
     _bool(cfg, "search.random_control")
+    _int(cfg, "search.rerank_top", 0)
+    _int(cfg, "search.rerank_steps", 1)
     try:
         check_search_params(search, SEARCH_PARAMS)
         parse_budgets(_get(cfg, "search.budgets"))

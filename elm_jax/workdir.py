@@ -136,6 +136,8 @@ def stage_fields(cfg: Any, stage: Any) -> dict[str, Any]:
     prefixes = stage.config_fields
     if stage.name == "teacher" and not str(_flatten(cfg).get("teacher.source", "train")).startswith("train"):
         prefixes = ("teacher.source", "precision")  # a pretrained teacher: its model/train unused
+    if stage.name == "search" and int(_flatten(cfg).get("search.rerank_top", 0) or 0) > 0:
+        prefixes = (*prefixes, "retrain", "precision")  # re-ranking trains with the retraining recipe
     return fields_under(cfg, prefixes)
 
 

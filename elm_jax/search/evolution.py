@@ -387,7 +387,9 @@ RANDOM_KIND = "random_best"
 @dataclasses.dataclass(frozen=True)
 class RandomResult:
     """The random-search control of one budget: ``sample`` ``{arch_id: score}`` of the distinct
-    legal architectures drawn, ``best`` the minimum-score one among them (and only them)."""
+    legal architectures drawn, ``best`` the minimum-score one among them (and only them);
+    ``archs`` the drawn architectures themselves by id (not in :meth:`to_dict`: the search's
+    re-ranking reads them)."""
 
     budget: str
     best: Arch
@@ -396,6 +398,7 @@ class RandomResult:
     flops: int
     latency_ms: float | None
     sample: dict[str, float]
+    archs: dict[str, Arch] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {**_best_fields(self), "sampled": len(self.sample), "sample": dict(self.sample)}
@@ -440,4 +443,5 @@ def random_search(space: SearchSpace, scorer: Any, constraints: Constraints, n: 
     best = next(a for a in canon if a.arch_id == best_id)
     m = constraints.measures(best)
     return RandomResult(budget=constraints.name, best=best, score=score, params=int(m["params"]),
-                        flops=int(m["flops"]), latency_ms=m.get("latency_ms"), sample=scores)
+                        flops=int(m["flops"]), latency_ms=m.get("latency_ms"), sample=scores,
+                        archs={a.arch_id: a for a in canon})

@@ -15,6 +15,7 @@ same scorer (:func:`~elm_jax.search.evolution.random_search`; exported and retra
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -31,6 +32,7 @@ from elm_jax.search.fitness_noise import population_noise
 from elm_jax.search.evolution import (RandomResult, ScoreCache, SearchResult, evolutionary_search,
                                       random_search)
 from elm_jax.search.pareto import pareto_sets, plot_pareto
+from elm_jax.search.rerank import ShortTraining, rerank, top_candidates
 from elm_jax.search.scoring import PopulationScorer
 
 # ----------------------------------------------------------------------------------
@@ -38,13 +40,18 @@ from elm_jax.search.scoring import PopulationScorer
 # ----------------------------------------------------------------------------------
 
 def _budget_entry(res: SearchResult, task: str, noise: Mapping[str, Any],
-                  rnd: RandomResult | None = None) -> dict[str, Any]:
+                  rnd: RandomResult | None = None,
+                  reranked: Mapping[str, Any] | None = None) -> dict[str, Any]:
     e = {"arch": res.best.to_dict(), "arch_id": res.best.arch_id, "describe": res.best.describe(),
          "score": res.score, "params": res.params, "flops": res.flops,
          "latency_ms": res.latency_ms, "history": res.history, "scored": len(res.scored),
          "evaluated": len(res.evaluated), "noise": dict(noise)}
+    if reranked and "found" in reranked:
+        e["rerank"] = reranked["found"]
     if rnd is not None:
         e["random"] = rnd.to_dict()
+        if reranked and "random" in reranked:
+            e["random"]["rerank"] = reranked["random"]
     if task == "clm":
         e["perplexity"] = math.exp(res.score)
         if rnd is not None:
@@ -60,6 +67,21 @@ def _describe_noise(n: Mapping[str, Any]) -> str:
     return (f"fitness spread (sd over {n['candidates']} scored) {n['spread']:.4f} nats, range "
             f"{n['range']:.4f}; standard error on {n['rows']} rows: {n['se']:.4f} per candidate, "
             f"{n['paired_se']:.4f} paired against the best; spread / paired SE = {ratio}{verdict}")
+
+
+def _reranked(res: SearchResult | RandomResult, pool: Mapping[str, float], archs: Mapping[str, Arch],
+              c: Constraints, k: int, short: Callable[[Arch, str], float]):
+    """``res`` with its best replaced by the lowest short-training loss among the ``k``
+    best-scoring legal architectures of ``pool`` (``{arch_id: fitness}``, the architectures in
+    ``archs``; :mod:`elm_jax.search.rerank`), and the record of that re-ranking
+    (``fitness_best``: the architecture the fitness alone chose)."""
+    ids = top_candidates(pool, archs, c.ok, k)
+    best_id, rows = rerank(ids, pool, archs, short)
+    best = archs[best_id]
+    m = c.measures(best)
+    out = dataclasses.replace(res, best=best, score=float(pool[best_id]), params=int(m["params"]),
+                              flops=int(m["flops"]), latency_ms=m.get("latency_ms"))
+    return out, {"candidates": rows, "fitness_best": res.best.arch_id, "split": "search"}
 
 
 def run(cfg: Any, workdir: str | os.PathLike, data: Any,
@@ -122,6 +144,15 @@ def run(cfg: Any, workdir: str | os.PathLike, data: Any,
           f"{capacity} architectures per compiled call over {n_dev} device(s)")
 
     writer = is_main_process()
+    k_rerank = int(cfg.search.get("rerank_top", 0))
+    short = None
+    if k_rerank:
+        from elm_jax.lm import load_teacher
+
+        short = ShortTraining(cfg, load_teacher(workdir), data, mesh, out / "rerank")
+        print(f"[search] re-ranking each budget's {k_rerank} best by {cfg.search.rerank_steps} steps of "
+              f"standalone KD training, scored on the search split")
+    reranked: dict[str, dict[str, Any]] = {}
     cache = ScoreCache()
     results: dict[str, SearchResult] = {}
     noise: dict[str, dict[str, Any]] = {}
@@ -143,9 +174,26 @@ def run(cfg: Any, workdir: str | os.PathLike, data: Any,
         print(f"[search] {c.describe()} -> {res.best.describe()}  loss {res.score:.4f}{ppl}, "
               f"{res.params:,} params, {res.flops:,} FLOPs{lat} ({len(res.scored)} scored)")
         print(f"[search] {c.name}: {_describe_noise(noise[c.name])}")
+        if short is not None:
+            def short_loss(arch: Arch, name: str, budget: str = c.name) -> float:
+                return short.loss(net, widths, arch, f"{budget}/{name}")
+
+            res, rr = _reranked(res, res.scored, cache.archs, c, k_rerank, short_loss)
+            results[c.name] = res
+            reranked.setdefault(c.name, {})["found"] = rr
+            print(f"[search] {c.name}: re-ranked " + ", ".join(
+                f"{r['describe']} {r['fitness']:.4f} -> {r['short_loss']:.4f}" for r in rr["candidates"])
+                  + f"; best {res.best.describe()}")
         if cfg.search.random_control:  # as many random legal architectures, the same scorer
             rnd = randoms[c.name] = random_search(space, scorer, c, len(res.evaluated), int(cfg.seed),
                                                   cache=cache)
+            if short is not None:  # the control re-ranked as the evolution's best was
+                def random_loss(arch: Arch, name: str, budget: str = c.name) -> float:
+                    return short.loss(net, widths, arch, f"{budget}_random/{name}")
+
+                rnd, rr = _reranked(rnd, rnd.sample, rnd.archs, c, k_rerank, random_loss)
+                randoms[c.name] = rnd
+                reranked.setdefault(c.name, {})["random"] = rr
             print(f"[search] {c.name}: random-search control, best of {len(rnd.sample)} random "
                   f"legal architectures: {rnd.best.describe()} loss {rnd.score:.4f} "
                   f"({rnd.params:,} params); random minus evolution {rnd.score - res.score:+.4f} nats "
@@ -169,7 +217,7 @@ def run(cfg: Any, workdir: str | os.PathLike, data: Any,
     result = {"task": space.task, "complete": True, "seq_len": seq_len, "eval_batches": n_batches,
               "eval_split": data.search.split,
               "budget_names": names,
-              "budgets": {n: _budget_entry(r, space.task, noise[n], randoms.get(n))
+              "budgets": {n: _budget_entry(r, space.task, noise[n], randoms.get(n), reranked.get(n))
                           for n, r in results.items()},
               "pareto": pareto, "scored": entries,
               "scorer": {"capacity": capacity, "devices": n_dev, "calls": scorer.calls,
