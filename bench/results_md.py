@@ -313,6 +313,11 @@ def noise_section(records: list[dict]) -> str:
     return markdown_table(["source run", "search batches", "budget", "sd / paired SE", "best", "commit"], rows) + "\n"
 
 
+#: Config sections a search recipe changes (an override under one is shown even where the line's
+#: recipe predates its field).
+SEARCH_RECIPE_PREFIXES = ("space.", "supernet.", "search.", "retrain.")
+
+
 def search_recipe_table(records: list[dict], demo: dict[str, list[dict]]) -> str:
     """One row per ``search_recipe.jsonl`` line: what it changed from the demo, its found model
     against the size-matched BERT and the random search's best (paired), beside the same seed's
@@ -334,7 +339,10 @@ def search_recipe_table(records: list[dict], demo: dict[str, list[dict]]) -> str
             m = _by_kind(base, "baseline_matched", "bert")
             ref = f"{_arch(base, bname)}{bf['gain_nats']:+.3f}; vs matched " + (
                 "-" if m is None else _vs_cell(_vs(base, bname, m[0]), bf["gain_nats"] - m[1]["gain_nats"]))
-        what = ", ".join(f"{k}={v}" for k, v in changed.items()) or "(none)"
+        # an override of the model or search the line's recipe predates (not an evaluation setting)
+        unrecorded = [o for o in r.get("overrides", []) if o.split("=")[0] not in r["recipe"]
+                      and o.split("=")[0].startswith(SEARCH_RECIPE_PREFIXES) and not o.startswith("search.random_control")]
+        what = ", ".join([*(f"{k}={v}" for k, v in changed.items()), *unrecorded]) or "(none)"
         if r.get("reused"):
             what += f"; only {r.get('stages')}, on the models of the demo run"
         rows.append([r.get("tag", "-"), task, what,

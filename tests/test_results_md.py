@@ -136,6 +136,11 @@ def test_a_search_recipe_reads_against_the_demo_of_its_seed():
     assert cells[3] == "2" and cells[6] == "+1.101"
     assert cells[7] == "+0.004 [+0.002, +0.006] better" and cells[8].endswith("better")
     assert cells[9] == "`b0h1 - m2h1 -` +1.038; vs matched -0.066 [-0.068, -0.064] worse"  # seed 2's demo
+    older = {k: v for k, v in defaults.items() if k != "space.families"}  # a recipe before the field
+    bert_only = {**_run(2, 1.1, _v(0.0), _v(0.0), 6.0, recipe=older), "overrides": ['space.families=("bert",)', "finetune.seeds=3",
+                                                                   "search.random_control=True"]}
+    row = results_md.search_recipe_table([bert_only], demo).splitlines()[-1]
+    assert 'space.families=("bert",)' in row and "finetune" not in row and "random_control" not in row
     rerun = {**heads4, "reused": "/x/w", "stages": "retrain,finetune,evaluate"}
     assert "; only retrain,finetune,evaluate, on the models of the demo run" in results_md.search_recipe_table([rerun], demo)
     text = results_md.render(demo["mlm"], [], [], [heads4])
