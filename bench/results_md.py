@@ -344,7 +344,7 @@ def search_recipe_table(records: list[dict], demo: dict[str, list[dict]]) -> str
                       and o.split("=")[0].startswith(SEARCH_RECIPE_PREFIXES) and not o.startswith("search.random_control")]
         what = ", ".join([*(f"{k}={v}" for k, v in changed.items()), *unrecorded]) or "(none)"
         if r.get("reused"):
-            what += f"; only {r.get('stages')}, on the models of the demo run"
+            what += f"; only {r.get('stages')}, on the earlier stages of the demo run"
         rows.append([r.get("tag", "-"), task, what,
                      str(r["seed"]), r["commit"], f"{_arch(r, fname)}{f['params']:,}", f"{f['gain_nats']:+.3f}",
                      *cells, ref])

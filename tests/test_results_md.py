@@ -142,7 +142,7 @@ def test_a_search_recipe_reads_against_the_demo_of_its_seed():
     row = results_md.search_recipe_table([bert_only], demo).splitlines()[-1]
     assert 'space.families=("bert",)' in row and "finetune" not in row and "random_control" not in row
     rerun = {**heads4, "reused": "/x/w", "stages": "retrain,finetune,evaluate"}
-    assert "; only retrain,finetune,evaluate, on the models of the demo run" in results_md.search_recipe_table([rerun], demo)
+    assert "; only retrain,finetune,evaluate, on the earlier stages of the demo run" in results_md.search_recipe_table([rerun], demo)
     text = results_md.render(demo["mlm"], [], [], [heads4])
     assert "## What makes the found model lose?" in text and "space.head_choices=[4]" in text
 
