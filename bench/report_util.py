@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ast
-
 import datetime
 import json
 import os
@@ -39,6 +38,12 @@ def append_jsonl(path: Path, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    """Rewrites the result log ``path`` as ``records``, one sorted-key JSON line each (for a
+    script that recomputes its own lines from their work directories)."""
+    path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
 
 
 def read_jsonl(path: Path) -> list[dict]:

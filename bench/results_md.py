@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from report_util import markdown_table, read_jsonl  # noqa: E402  (bench/ is the script directory)
 from student_recipe import RECIPE_FIELDS  # noqa: E402
+from supernet_rank import early_cell, tau_cell  # noqa: E402
 from teacher_recipe import resolved_recipe  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
@@ -220,13 +221,6 @@ def other_table(records: list[dict]) -> str:
                            "found gain", "vs matched BERT"], rows)
 
 
-def _tau_cell(s: dict) -> str:
-    """``tau [lo, hi]``; a ranking that is constant over the group (equal parameters) has none."""
-    if not np.isfinite(s["value"]):
-        return "- (constant over the group)"
-    return f"{s['value']:+.2f} [{s['lo']:+.2f}, {s['hi']:+.2f}]"
-
-
 def _arch_table(r: dict) -> str:
     """The architectures of one supernet-rank run, by retrained loss, with both ranks."""
     fit = sorted(a["fitness"] for a in r["archs"])
@@ -268,8 +262,8 @@ def rank_section(records: list[dict]) -> str:
         for group in ("all", "near"):
             s = r[group]
             label = f"all {s['n']}" if group == "all" else f"{s['n']} within {r['near_frac']:.0%} in parameters"
-            cells = [_tau_cell(s[k]) for k in ("kendall_fitness", "spearman_fitness", "kendall_params")]
-            cells.append(_tau_cell(s["kendall_early"]) + f" (step {r['early_step']})" if "kendall_early" in s else "-")
+            cells = [tau_cell(s[k]) for k in ("kendall_fitness", "spearman_fitness", "kendall_params")]
+            cells.append(early_cell(r, s))
             rows.append([r["config"], str(r["source"]).split("/")[-2] if "/" in str(r["source"]) else r["source"],
                          label, *cells, r["commit"]])
         a, p = r["all"]["kendall_fitness"], r["all"]["kendall_params"]

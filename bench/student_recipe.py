@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from make_run_cost import _commit, timed_run  # noqa: E402  (bench/ is the script directory)
-from report_util import append_jsonl, markdown_table, read_jsonl, replace_section  # noqa: E402
+from report_util import append_jsonl, markdown_table, read_jsonl, replace_section, write_jsonl  # noqa: E402
 from teacher_recipe import resolved_recipe  # noqa: E402
 
 from elm_jax import pipeline  # noqa: E402
@@ -274,7 +274,7 @@ def main() -> None:
         lines = read_jsonl(log)
         filled = [r | {"archs": archs_of(Path(r["workdir"]))} if not r.get("archs") and
                   (Path(r["workdir"]) / "export" / "result.json").is_file() else r for r in lines]
-        log.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in filled))
+        write_jsonl(log, filled)
         print(f"[student_recipe] architectures added to {sum(a is not b for a, b in zip(filled, lines))} line(s)")
     elif not args.report_only:
         for seed in [int(s) for s in args.seeds.split(",") if s.strip()]:

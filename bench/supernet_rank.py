@@ -44,8 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from make_run_cost import _commit  # noqa: E402  (bench/ is the script directory)
-import results_md  # noqa: E402
-from report_util import append_jsonl, markdown_table, read_jsonl, replace_section  # noqa: E402
+from report_util import append_jsonl, markdown_table, read_jsonl, replace_section, write_jsonl  # noqa: E402
 from search_noise import UPSTREAM, copy_upstream  # noqa: E402  (what the search's successors read too)
 
 TITLE = "Does the supernet rank?"
@@ -226,10 +225,16 @@ def collect(line: dict, boot: int) -> dict:
             "load_1m": line["load_1m"]}
 
 
-def _cell(s: dict) -> str:
-    if not np.isfinite(s["value"]):  # e.g. parameters, equal over the near group
+def tau_cell(s: dict) -> str:
+    """``tau [lo, hi]``; a ranking constant over the group (e.g. equal parameters) has none."""
+    if not np.isfinite(s["value"]):
         return "- (constant over the group)"
     return f"{s['value']:+.2f} [{s['lo']:+.2f}, {s['hi']:+.2f}]"
+
+
+def early_cell(r: dict, s: dict) -> str:
+    """The early-retraining tau of group ``s`` of line ``r`` with its step, or ``-``."""
+    return tau_cell(s["kendall_early"]) + f" (step {r['early_step']})" if "kendall_early" in s else "-"
 
 
 def render(records: list[dict]) -> str:
@@ -240,9 +245,8 @@ def render(records: list[dict]) -> str:
             label = (f"all {s['n']}" if group == "all" else
                      f"{s['n']} within {r['near_frac']:.0%} ({r['near_params'][0]:,}-{r['near_params'][1]:,} params)")
             rows.append([r["config"], " ".join(r["overrides"]) or "(defaults)", r["budget"], label,
-                         _cell(s["kendall_fitness"]), _cell(s["spearman_fitness"]),
-                         _cell(s["kendall_params"]),
-                         _cell(s["kendall_early"]) + f" (step {r['early_step']})" if "kendall_early" in s else "-",
+                         tau_cell(s["kendall_fitness"]), tau_cell(s["spearman_fitness"]),
+                         tau_cell(s["kendall_params"]), early_cell(r, s),
                          f"{r['process_s']:.0f}", r["commit"]])
         details.append(f"- `{r['config']}` {' '.join(r['overrides']) or '(defaults)'} ({r['date']}, "
                        f"cf {r['cf']:.3f}): " + "; ".join(
@@ -288,7 +292,7 @@ def main() -> None:
         if not at:
             raise SystemExit(f"no line of {LOG} has workdir {args.collect}")
         lines[at[-1]] = collect(lines[at[-1]], args.boot)
-        LOG.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in lines))
+        write_jsonl(LOG, lines)
     elif not args.report_only:
         if not args.workdir:
             ap.error("--workdir is required (or --report-only)")
@@ -305,6 +309,8 @@ def main() -> None:
     print(text)
     replace_section(args.out, (TITLE,), text)
     if args.collect or not args.report_only:  # a line is new or changed: RESULTS.md follows it
+        import results_md  # here: results_md reads this module's cells
+
         results_md.write()
 
 

@@ -82,8 +82,9 @@ def test_search_stage_reranks_its_best_and_the_random_controls(tmp_path, capsys)
     assert Arch.from_dict(b["arch"]).arch_id == b["arch_id"] and b["params"] == params[b["arch_id"]]
     # the short loss is a real training's search-split loss: a fresh one elsewhere gives it again
     net, widths, _ = load_supernet(tmp_path / "supernet" / "final")
-    again = ShortTraining(cfg, load_teacher(tmp_path), data, sharding.make_mesh(cfg.mesh), tmp_path / "again")
-    assert again.loss(net, widths, Arch.from_dict(b["arch"]), "x") == pytest.approx(chosen["short_loss"], rel=1e-5)
+    again = ShortTraining(cfg, load_teacher(tmp_path), data, sharding.make_mesh(cfg.mesh), tmp_path / "again",
+                          net, widths)
+    assert again.loss(Arch.from_dict(b["arch"]), "x") == pytest.approx(chosen["short_loss"], rel=1e-5)
     assert all(r["short_loss"] != r["fitness"] for r in rr["candidates"])  # trained, not the fitness
     # the random control: its own sample's 2 best, re-ranked the same way
     rnd = b["random"]

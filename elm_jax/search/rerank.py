@@ -45,9 +45,11 @@ def top_candidates(scores: Mapping[str, float], archs: Mapping[str, Arch], ok: C
 
 
 class ShortTraining:
-    """Short KD trainings of extracted architectures against one frozen teacher."""
+    """Short KD trainings of architectures extracted from one supernet (``net`` at ``widths``)
+    against one frozen teacher."""
 
-    def __init__(self, cfg: Any, teacher: Any, data: Any, mesh: Any, root: Path):
+    def __init__(self, cfg: Any, teacher: Any, data: Any, mesh: Any, root: Path, net: Any, widths: Any):
+        self.net, self.widths = net, widths
         self.rc = cfg.retrain
         self.steps = int(cfg.search.rerank_steps)
         self.seed = int(cfg.seed)
@@ -56,11 +58,11 @@ class ShortTraining:
         self.teacher_hidden = teacher.cfg.hidden
         self.loss_fn, self.eval_fn = kd_fns(graphdef, rest, self.rc.kd_loss, float(self.rc.gt_weight))
 
-    def loss(self, net: Any, widths: Any, arch: Arch, name: str) -> float:
+    def loss(self, arch: Arch, name: str) -> float:
         """``arch``'s search-split loss after ``search.rerank_steps`` steps of KD retraining from
         its inherited weights (engine run ``<root>/<name>``: resumes, and a finished one is
         only evaluated again)."""
-        student = DenseStudent(extract(net, widths, arch), self.teacher_hidden, self.seed)
+        student = DenseStudent(extract(self.net, self.widths, arch), self.teacher_hidden, self.seed)
         tc = ConfigDict(self.rc.train.to_dict() | {"seed": self.seed, "steps": self.steps,
                                                    "eval_every": self.steps,
                                                    "checkpoint_every": self.steps})

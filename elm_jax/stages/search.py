@@ -70,13 +70,13 @@ def _describe_noise(n: Mapping[str, Any]) -> str:
 
 
 def _reranked(res: SearchResult | RandomResult, pool: Mapping[str, float], archs: Mapping[str, Arch],
-              c: Constraints, k: int, short: Callable[[Arch, str], float]):
+              c: Constraints, k: int, short: ShortTraining, runs: str):
     """``res`` with its best replaced by the lowest short-training loss among the ``k``
     best-scoring legal architectures of ``pool`` (``{arch_id: fitness}``, the architectures in
-    ``archs``; :mod:`elm_jax.search.rerank`), and the record of that re-ranking
-    (``fitness_best``: the architecture the fitness alone chose)."""
+    ``archs``; :mod:`elm_jax.search.rerank`; the trainings under ``rerank/<runs>/``), and the
+    record of that re-ranking (``fitness_best``: the architecture the fitness alone chose)."""
     ids = top_candidates(pool, archs, c.ok, k)
-    best_id, rows = rerank(ids, pool, archs, short)
+    best_id, rows = rerank(ids, pool, archs, lambda a, name: short.loss(a, f"{runs}/{name}"))
     best = archs[best_id]
     m = c.measures(best)
     out = dataclasses.replace(res, best=best, score=float(pool[best_id]), params=int(m["params"]),
@@ -149,7 +149,7 @@ def run(cfg: Any, workdir: str | os.PathLike, data: Any,
     if k_rerank:
         from elm_jax.lm import load_teacher
 
-        short = ShortTraining(cfg, load_teacher(workdir), data, mesh, out / "rerank")
+        short = ShortTraining(cfg, load_teacher(workdir), data, mesh, out / "rerank", net, widths)
         print(f"[search] re-ranking each budget's {k_rerank} best by {cfg.search.rerank_steps} steps of "
               f"standalone KD training, scored on the search split")
     reranked: dict[str, dict[str, Any]] = {}
@@ -175,10 +175,7 @@ def run(cfg: Any, workdir: str | os.PathLike, data: Any,
               f"{res.params:,} params, {res.flops:,} FLOPs{lat} ({len(res.scored)} scored)")
         print(f"[search] {c.name}: {_describe_noise(noise[c.name])}")
         if short is not None:
-            def short_loss(arch: Arch, name: str, budget: str = c.name) -> float:
-                return short.loss(net, widths, arch, f"{budget}/{name}")
-
-            res, rr = _reranked(res, res.scored, cache.archs, c, k_rerank, short_loss)
+            res, rr = _reranked(res, res.scored, cache.archs, c, k_rerank, short, c.name)
             results[c.name] = res
             reranked.setdefault(c.name, {})["found"] = rr
             print(f"[search] {c.name}: re-ranked " + ", ".join(
@@ -188,10 +185,7 @@ def run(cfg: Any, workdir: str | os.PathLike, data: Any,
             rnd = randoms[c.name] = random_search(space, scorer, c, len(res.evaluated), int(cfg.seed),
                                                   cache=cache)
             if short is not None:  # the control re-ranked as the evolution's best was
-                def random_loss(arch: Arch, name: str, budget: str = c.name) -> float:
-                    return short.loss(net, widths, arch, f"{budget}_random/{name}")
-
-                rnd, rr = _reranked(rnd, rnd.sample, rnd.archs, c, k_rerank, random_loss)
+                rnd, rr = _reranked(rnd, rnd.sample, rnd.archs, c, k_rerank, short, f"{c.name}_random")
                 randoms[c.name] = rnd
                 reranked.setdefault(c.name, {})["random"] = rr
             print(f"[search] {c.name}: random-search control, best of {len(rnd.sample)} random "
