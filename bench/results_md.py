@@ -10,6 +10,8 @@ Every figure and every sentence that states a finding is computed here from the 
 - ``search_noise.jsonl``: the search's fitness noise against its number of batches.
 - ``search_recipe.jsonl``: full runs that change one thing of the search or the supernet, each
   read against the demo run of its seed (what makes the found model lose).
+- ``rerank_rule.jsonl``: the re-ranking rule re-applied at other tie levels to the short
+  trainings of a logged run (``bench/rerank_rule.py``).
 
 Reading a comparison: ``found vs X`` is X's validation loss minus the found model's (nats; positive:
 the found model is better), with the 90% paired bootstrap interval over validation batches of
@@ -372,7 +374,26 @@ def first_family_finding(records: Sequence[dict]) -> str | None:
                         for fam, v in sorted(groups.items())) + ".")
 
 
-def render(student: list[dict], rank: list[dict], noise: list[dict], search: Sequence[dict] = ()) -> str:
+def rerank_rule_section(lines: Sequence[dict]) -> str:
+    """One row per (line, tie level, side) of ``rerank_rule.jsonl``: which candidate the rule picks,
+    whether that is the run's own pick and the fitness's, and every candidate's short loss with its
+    paired standard error against the lowest (``*``: tied with the lowest)."""
+    rows = []
+    for r in lines:
+        for level, budgets in sorted(r["levels"].items(), key=lambda kv: float(kv[0])):
+            for budget, sides in budgets.items():
+                for side, x in sides.items():
+                    cands = ", ".join(f"`{c['describe']}` {c['short_loss']:.4f} ± {c['short_se']:.4f}"
+                                      + ("*" if c["tied"] else "") for c in x["candidates"])
+                    rows.append([r["source"], str(r["seed"]), f"{float(level):g}", f"{budget} {side}",
+                                 f"`{x['describe']}`", "yes" if x["same_as_run"] else "no",
+                                 "yes" if x["pick"] == x["fitness_best"] else "no", cands])
+    return markdown_table(["run", "seed", "tie level", "search", "pick", "the run's pick", "the fitness's pick",
+                           "candidates in fitness order: short loss ± paired SE (* tied)"], rows)
+
+
+def render(student: list[dict], rank: list[dict], noise: list[dict], search: Sequence[dict] = (),
+           rule: Sequence[dict] = ()) -> str:
     demo, other = split_runs(student)
     parts = ["# Results: does the search earn its keep?\n",
              "Written by `python bench/results_md.py` from the committed JSON lines in `bench/results/`; "
@@ -402,6 +423,14 @@ def render(student: list[dict], rank: list[dict], noise: list[dict], search: Seq
     finding = first_family_finding([*student, *search])
     if finding:
         parts.append(f"- {finding}\n")
+    if rule:
+        parts.append("### The re-ranking rule at other tie levels\n")
+        parts.append("`python bench/rerank_rule.py --tag TAG --seed S` re-applies the rule of "
+                     "`search.rerank_top` (`elm_jax/search/rerank.py`) to the short trainings a logged run "
+                     "made, without training again: at tie level 0 the lowest short loss wins; at a level "
+                     "above 0 the best fitness among the short losses whose paired interval against the "
+                     "lowest contains 0. Lines in `bench/results/rerank_rule.jsonl`.\n")
+        parts.append(rerank_rule_section(rule) + "\n")
     parts.append("## Does the supernet rank?\n")
     parts.append("The search's fitness (search-split loss with shared weights) of architectures it scored, "
                  "against their validation loss once retrained standalone, beside ranking by parameters and "
@@ -428,7 +457,7 @@ def write(results: Path | None = None, out: Path | None = None) -> str:
     results, out = Path(results or RESULTS), Path(out or OUT)
     load = lambda name: read_jsonl(results / name) if (results / name).is_file() else []  # noqa: E731
     text = render(load("student_recipe.jsonl"), load("supernet_rank.jsonl"), load("search_noise.jsonl"),
-                  load("search_recipe.jsonl"))
+                  load("search_recipe.jsonl"), load("rerank_rule.jsonl"))
     Path(out).write_text(text)
     return text
 

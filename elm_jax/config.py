@@ -317,6 +317,7 @@ def validate_search(cfg) -> None:
     _bool(cfg, "search.random_control")
     _int(cfg, "search.rerank_top", 0)
     _int(cfg, "search.rerank_steps", 1)
+    _float(cfg, "search.rerank_tie_level", 0.0, 1.0, hi_open=True)
     try:
         check_search_params(search, SEARCH_PARAMS)
         parse_budgets(_get(cfg, "search.budgets"))

@@ -5,10 +5,16 @@ from __future__ import annotations
 
 import json
 
+import os
+import sys
+
+import numpy as np
 import pytest
 
 from elm_jax.arch import Arch
 from elm_jax.search.rerank import rerank, top_candidates
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 
 
 class _A:
@@ -27,23 +33,75 @@ def test_top_candidates_are_the_k_best_legal_finite_scores():
     assert top_candidates(scores, archs, ok, 10) == ["b", "d", "f", "a"]
 
 
-def test_rerank_takes_the_lowest_short_loss_ties_by_fitness():
+def _rows(losses, weights):
+    """``[R, 3]`` rows with these per-row loss sums and token counts."""
+    return np.stack([np.asarray(losses, float), np.asarray(weights, float), np.zeros(len(weights))], 1)
+
+
+def test_rerank_plain_argmin_at_level_zero_ties_by_fitness():
     scores = {"a": 4.1, "b": 4.2, "c": 4.3}
     archs = {k: _A(k, 1) for k in scores}
-    short = {"a": 4.5, "b": 4.4, "c": 4.4}
+    w = np.full(6, 10.0)
+    short = {"a": _rows(w * 4.5, w), "b": _rows(w * 4.4, w), "c": _rows(w * 4.4, w)}
     names = []
 
-    def loss(arch, name):
+    def rows(arch, name):
         names.append(name)
         return short[arch.name]
 
-    best, rows = rerank(["a", "b", "c"], scores, archs, loss)
+    best, out = rerank(["c", "a", "b"], scores, archs, rows, tie_level=0.0)
     assert best == "b"  # b and c tie on the short loss: b has the better fitness
-    assert [(r["arch_id"], r["fitness"], r["short_loss"]) for r in rows] == [
-        ("a", 4.1, 4.5), ("b", 4.2, 4.4), ("c", 4.3, 4.4)]
+    assert [(r["arch_id"], r["fitness"], r["short_loss"], r["tied"]) for r in out] == [
+        ("a", 4.1, pytest.approx(4.5), False), ("b", 4.2, pytest.approx(4.4), True),
+        ("c", 4.3, pytest.approx(4.4), True)]  # in fitness order, whatever order came in
     assert len(set(names)) == 3  # each candidate its own run
     with pytest.raises(ValueError, match="no candidate"):
-        rerank([], scores, archs, loss)
+        rerank([], scores, archs, rows)
+    with pytest.raises(ValueError, match="tie_level"):
+        rerank(["a"], scores, archs, rows, tie_level=1.0)
+
+
+def test_rerank_ties_inside_the_paired_noise_go_to_the_fitness():
+    rng = np.random.default_rng(0)
+    R = 400
+    w = rng.integers(5, 15, R).astype(float)
+    base = w * 4.3 + rng.normal(0, 2.0, R)  # row difficulty, shared by every candidate
+
+    def own(sd=0.5):  # a candidate's own row noise, summing to 0 (its loss moves by the shift alone)
+        e = rng.normal(0, sd, R)
+        return e - e.mean()
+
+    short = {"a": _rows(base, w),                               # the fitness's pick
+             "b": _rows(base + own() - 0.001 * w, w),           # lower by 0.001, less than its noise
+             "c": _rows(base + own() + 0.05 * w, w)}            # clearly higher
+    scores = {"a": 4.10, "b": 4.11, "c": 4.12}
+    archs = {k: _A(k, 1) for k in scores}
+    best, out = rerank(["a", "b", "c"], scores, archs, lambda a, n: short[a.name], tie_level=0.9)
+    by = {r["arch_id"]: r for r in out}
+    # an independent paired standard error: the delta method on the row differences
+    L = {k: v[:, 0].sum() / w.sum() for k, v in short.items()}
+    assert L["b"] == pytest.approx(L["a"] - 0.001) and min(L, key=L.get) == "b"
+    d = (short["a"][:, 0] - L["a"] * w) - (short["b"][:, 0] - L["b"] * w)
+    se = np.sqrt(R / (R - 1) * np.sum(d ** 2)) / w.sum()
+    assert by["a"]["short_se"] == pytest.approx(se) and by["b"]["short_se"] == 0.0
+    assert abs(L["a"] - L["b"]) < 1.645 * se  # a is inside b's noise: tied, and the better fitness
+    assert by["a"]["tied"] and by["b"]["tied"] and not by["c"]["tied"]
+    assert best == "a"
+    # the plain argmin takes b
+    assert rerank(["a", "b", "c"], scores, archs, lambda a, n: short[a.name], tie_level=0.0)[0] == "b"
+    # and a clear winner wins at any level
+    short["b"] = _rows(base + own() - 0.05 * w, w)
+    assert rerank(["a", "b", "c"], scores, archs, lambda a, n: short[a.name], tie_level=0.9)[0] == "b"
+
+
+def test_arch_of_a_description_extracts_the_same_layers():
+    import rerank_rule
+    from elm_jax.arch import LayerChoice
+
+    a = Arch((LayerChoice("bert", 2, 4), LayerChoice("mobilebert", 1, 2, False), LayerChoice("mobilebert", 0, 1)))
+    b = rerank_rule.arch_of(a.describe(), ["bert", "mobilebert"])
+    assert b.describe() == a.describe() == "b2h4 - m0h1"
+    assert [x for x in b.layers if x.active] == [x for x in a.layers if x.active]
 
 
 def test_search_stage_reranks_its_best_and_the_random_controls(tmp_path, capsys):
@@ -77,7 +135,10 @@ def test_search_stage_reranks_its_best_and_the_random_controls(tmp_path, capsys)
     rr = b["rerank"]
     assert [r["arch_id"] for r in rr["candidates"]] == legal[:2]  # the fitness's 2 best legal ones
     assert rr["fitness_best"] == legal[0] and rr["split"] == "search"
-    chosen = min(rr["candidates"], key=lambda r: (r["short_loss"], r["fitness"]))
+    # the fitness's best among the short losses tied with the lowest (rows in fitness order)
+    lowest = min(rr["candidates"], key=lambda r: (r["short_loss"], r["fitness"]))
+    assert lowest["tied"] and lowest["short_se"] == 0.0
+    chosen = next(r for r in rr["candidates"] if r["tied"])
     assert b["arch_id"] == chosen["arch_id"] and b["score"] == state["cache"][chosen["arch_id"]]
     assert Arch.from_dict(b["arch"]).arch_id == b["arch_id"] and b["params"] == params[b["arch_id"]]
     # the short loss is a real training's search-split loss: a fresh one elsewhere gives it again
@@ -90,8 +151,18 @@ def test_search_stage_reranks_its_best_and_the_random_controls(tmp_path, capsys)
     rnd = b["random"]
     top = sorted(rnd["sample"], key=lambda k: (rnd["sample"][k], k))[:2]
     assert [r["arch_id"] for r in rnd["rerank"]["candidates"]] == top
-    assert rnd["arch_id"] == min(rnd["rerank"]["candidates"], key=lambda r: (r["short_loss"], r["fitness"]))["arch_id"]
+    assert rnd["arch_id"] == next(r for r in rnd["rerank"]["candidates"] if r["tied"])["arch_id"]
     assert "re-ranked" in capsys.readouterr().out
+    # bench/rerank_rule.py re-applies the rule to these trainings without training again
+    import rerank_rule
+
+    line = {"workdir": str(tmp_path), "config": "configs/mlm.py:test", "seed": int(cfg.seed),
+            "overrides": ["search.rerank_steps=2"]}
+    again = rerank_rule.reapply(line, [0.0, 0.9])
+    assert again["max_abs_short_loss_diff"] < 1e-5  # the very trainings, evaluated again
+    at = {lv: again["levels"][lv]["small"] for lv in ("0.0", "0.9")}
+    assert at["0.9"]["found"]["same_as_run"] and at["0.9"]["random"]["same_as_run"]  # the stage's level
+    assert at["0.0"]["found"]["pick"] == lowest["arch_id"]  # level 0: the plain argmin
     # re-ranking trains with the retraining recipe: the search stage's fingerprint holds it then
     fields = stage_fields(cfg, BY_NAME["search"])
     assert "retrain.train.lr" in fields and "search.rerank_steps" in fields

@@ -204,3 +204,19 @@ def test_the_first_family_finding_groups_each_set_of_models_once():
     assert "bert mean -0.011 nats, range -0.011 to -0.011 (n=1)" in text
     assert "mobilebert mean -0.066 nats, range -0.066 to -0.066 (n=1)" in text
     assert results_md.first_family_finding([{**a, "archs": {}}]) is None
+
+
+def test_the_rerank_rule_section_lists_each_level_and_side():
+    cand = lambda d, loss, se, tied: {"arch_id": d, "describe": d, "fitness": 4.3, "short_loss": loss,  # noqa: E731
+                                      "short_se": se, "tied": tied}
+    side = lambda pick, run, fit, cands: {"pick": pick, "describe": pick, "run_pick": run,  # noqa: E731
+                                          "same_as_run": pick == run, "fitness_best": fit, "candidates": cands}
+    line = {"source": "search_recipe:rerank4", "seed": 1, "levels": {
+        "0.9": {"small": {"found": side("a", "b", "a", [cand("a", 4.2401, 0.0006, True), cand("b", 4.2393, 0.0, True)])}},
+        "0.0": {"small": {"found": side("b", "b", "a", [cand("a", 4.2401, 0.0006, False), cand("b", 4.2393, 0.0, True)])}}}}
+    rows = [x for x in results_md.rerank_rule_section([line]).splitlines() if x.startswith("| search_recipe")]
+    assert len(rows) == 2 and "| 0 |" in rows[0] and "| 0.9 |" in rows[1]  # levels in order
+    assert "| `b` | yes | no |" in rows[0] and "| `a` | no | yes |" in rows[1]
+    assert "`a` 4.2401 ± 0.0006*, `b` 4.2393 ± 0.0000*" in rows[1]
+    assert "### The re-ranking rule at other tie levels" in results_md.render([], [], [], [], [line])
+    assert "re-ranking rule" not in results_md.render([], [], [], [], [])

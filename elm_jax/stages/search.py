@@ -76,7 +76,8 @@ def _reranked(res: SearchResult | RandomResult, pool: Mapping[str, float], archs
     ``archs``; :mod:`elm_jax.search.rerank`; the trainings under ``rerank/<runs>/``), and the
     record of that re-ranking (``fitness_best``: the architecture the fitness alone chose)."""
     ids = top_candidates(pool, archs, c.ok, k)
-    best_id, rows = rerank(ids, pool, archs, lambda a, name: short.loss(a, f"{runs}/{name}"))
+    best_id, rows = rerank(ids, pool, archs, lambda a, name: short.rows(a, f"{runs}/{name}"),
+                           tie_level=short.tie_level)
     best = archs[best_id]
     m = c.measures(best)
     out = dataclasses.replace(res, best=best, score=float(pool[best_id]), params=int(m["params"]),
@@ -151,7 +152,8 @@ def run(cfg: Any, workdir: str | os.PathLike, data: Any,
 
         short = ShortTraining(cfg, load_teacher(workdir), data, mesh, out / "rerank", net, widths)
         print(f"[search] re-ranking each budget's {k_rerank} best by {cfg.search.rerank_steps} steps of "
-              f"standalone KD training, scored on the search split")
+              f"standalone KD training, scored on the search split; short losses within the "
+              f"{cfg.search.rerank_tie_level:.0%} paired interval of the lowest tie, the fitness decides")
     reranked: dict[str, dict[str, Any]] = {}
     cache = ScoreCache()
     results: dict[str, SearchResult] = {}
@@ -179,7 +181,8 @@ def run(cfg: Any, workdir: str | os.PathLike, data: Any,
             results[c.name] = res
             reranked.setdefault(c.name, {})["found"] = rr
             print(f"[search] {c.name}: re-ranked " + ", ".join(
-                f"{r['describe']} {r['fitness']:.4f} -> {r['short_loss']:.4f}" for r in rr["candidates"])
+                f"{r['describe']} {r['fitness']:.4f} -> {r['short_loss']:.4f}"
+                + (" (tied with the lowest)" if r["tied"] else "") for r in rr["candidates"])
                   + f"; best {res.best.describe()}")
         if cfg.search.random_control:  # as many random legal architectures, the same scorer
             rnd = randoms[c.name] = random_search(space, scorer, c, len(res.evaluated), int(cfg.seed),
