@@ -220,3 +220,22 @@ def test_the_rerank_rule_section_lists_each_level_and_side():
     assert "`a` 4.2401 ± 0.0006*, `b` 4.2393 ± 0.0000*" in rows[1]
     assert "### The re-ranking rule at other tie levels" in results_md.render([], [], [], [], [line])
     assert "re-ranking rule" not in results_md.render([], [], [], [], [])
+
+
+def test_a_rule_pick_already_retrained_by_the_demo_run_reads_its_verdict():
+    demo_run = {**_run(1, 1.12, _v(-0.011), _v(0.058), 4.8), "workdir": "/w/demo"}
+    rr = {**_run(1, 1.109, _v(-0.026), _v(-0.011), 4.8), "tag": "rerank4", "workdir": "/w/rr", "reused": "/w/demo",
+          "archs": {"small": "b0h1 - m2h2 m0h4"}}
+    rr["models"]["small"]["loss"], rr["models"]["small_random"]["loss"] = 4.2522, 4.2411
+    demo_run["models"]["small"]["loss"] = 4.2419
+    x = lambda pick, same: {"pick": pick, "describe": pick, "same_as_run": same, "fitness_best": "b0h1 - m2h1 -",  # noqa: E731
+                            "run_pick": "b0h1 - m2h2 m0h4", "candidates": []}
+    rule = {"source": "search_recipe:rerank4", "seed": 1, "workdir": "/w/rr", "levels": {
+        "0.0": {"small": {"found": x("b0h1 - m2h2 m0h4", True), "random": x("r", True)}},
+        "0.9": {"small": {"found": x("b0h1 - m2h1 -", False), "random": x("r", True)}}}}
+    (line,) = results_md.rerank_rule_findings([rule], [rr], {"mlm": [demo_run]})
+    assert "tie level 0.9" in line and "`b0h1 - m2h1 -`" in line and "the demo run of this seed" in line
+    assert "-0.011 [-0.013, -0.009] worse" in line  # the demo run's own paired verdict
+    assert "-0.0008 (unpaired: two runs)" in line  # 4.2411 - 4.2419
+    rule["workdir"] = "/elsewhere"  # not the logged run's trainings: nothing is claimed
+    assert results_md.rerank_rule_findings([rule], [rr], {"mlm": [demo_run]}) == []
