@@ -311,7 +311,7 @@ def noise_section(records: list[dict]) -> str:
 
 #: Config sections a search recipe changes (an override under one is shown even where the line's
 #: recipe predates its field).
-SEARCH_RECIPE_PREFIXES = ("space.", "supernet.", "search.", "retrain.")
+SEARCH_RECIPE_PREFIXES = ("space.", "supernet.", "search.", "retrain.", "export.cka")
 
 
 def search_recipe_table(records: list[dict], demo: dict[str, list[dict]]) -> str:

@@ -60,7 +60,8 @@ RECIPE_FIELDS = ("task", "data.corpus", "data.mask_rate", "teacher.train.steps",
                  "retrain.train.steps", "retrain.train.lr", "retrain.train.decay_start_frac",
                  "retrain.gt_weight", "finetune.train.steps", "finetune.train.lr",
                  "finetune.pooling", "space.head_choices", "space.families", "search.rerank_top",
-                 "search.rerank_steps", "search.rerank_tie_level")
+                 "search.rerank_steps", "search.rerank_tie_level", "export.cka_heads",
+                 "export.cka_threshold")
 
 
 def recipe_of_workdir(workdir: Path, fields: tuple[str, ...] = RECIPE_FIELDS) -> dict | None:
