@@ -136,9 +136,15 @@ def stage_fields(cfg: Any, stage: Any) -> dict[str, Any]:
     prefixes = stage.config_fields
     if stage.name == "teacher" and not str(_flatten(cfg).get("teacher.source", "train")).startswith("train"):
         prefixes = ("teacher.source", "precision")  # a pretrained teacher: its model/train unused
-    if stage.name == "search" and int(_flatten(cfg).get("search.rerank_top", 0) or 0) > 0:
+    reranks = stage.name == "search" and int(_flatten(cfg).get("search.rerank_top", 0) or 0) > 0
+    if reranks:
         prefixes = (*prefixes, "retrain", "precision")  # re-ranking trains with the retraining recipe
-    return fields_under(cfg, prefixes)
+    out = fields_under(cfg, prefixes)
+    if stage.name == "search" and not reranks:
+        # the tie rule of a re-ranking that does not run changes nothing (and a work directory
+        # made before the field existed stays valid)
+        out.pop("search.rerank_tie_level", None)
+    return out
 
 
 def fields_under(cfg: Any, prefixes: Sequence[str]) -> dict[str, Any]:

@@ -104,6 +104,18 @@ def test_arch_of_a_description_extracts_the_same_layers():
     assert [x for x in b.layers if x.active] == [x for x in a.layers if x.active]
 
 
+def test_the_tie_level_is_part_of_the_search_fingerprint_only_when_reranking():
+    from elm_jax.config import load_config
+    from elm_jax.pipeline import BY_NAME
+    from elm_jax.workdir import stage_fields
+
+    cfg = load_config("configs/mlm.py:test")
+    assert "search.rerank_tie_level" not in stage_fields(cfg, BY_NAME["search"])
+    assert "search.eval_batches" in stage_fields(cfg, BY_NAME["search"])
+    cfg.search.rerank_top = 2
+    assert stage_fields(cfg, BY_NAME["search"])["search.rerank_tie_level"] == 0.9
+
+
 def test_search_stage_reranks_its_best_and_the_random_controls(tmp_path, capsys):
     from elm_jax.config import load_config
     from elm_jax.data.prepare import prepare_data
