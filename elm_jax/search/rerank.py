@@ -97,9 +97,10 @@ def rerank(ids: list[str], scores: Mapping[str, float], archs: Mapping[str, Arch
            short_rows: Callable[[Arch, str], np.ndarray], tie_level: float = 0.9,
            ) -> tuple[str, list[dict[str, Any]]]:
     """The id the module docstring's rule picks among ``ids`` (the best fitness among the short
-    losses tied with the lowest at ``tie_level``; 0: the plain argmin, ties by fitness, then id) and one row per candidate, in fitness order: ``{arch_id, describe, fitness,
-    short_loss, short_se, tied}``, ``short_se`` the paired standard error of its short loss minus
-    the lowest. ``short_rows(arch, run_name)`` gives a candidate's ``[R, 3]`` search rows."""
+    losses tied with the lowest at ``tie_level``; 0: the plain argmin, ties by fitness, then id)
+    and one row per candidate, in fitness order: ``{arch_id, describe, fitness, short_loss,
+    short_se, tied}``, ``short_se`` the paired standard error of its short loss minus the
+    lowest. ``short_rows(arch, run_name)`` gives a candidate's ``[R, 3]`` search rows."""
     if not ids:
         raise ValueError("rerank: no candidate to re-rank")
     if not 0.0 <= tie_level < 1.0:
