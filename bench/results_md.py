@@ -393,10 +393,10 @@ def rerank_rule_section(lines: Sequence[dict]) -> str:
 
 
 def rerank_rule_findings(lines: Sequence[dict], search: Sequence[dict], demo: dict[str, list[dict]]) -> list[str]:
-    """Where the rule, re-applied, picks for the found model an architecture that a logged run
-    already retrained from the same supernet (the demo run the re-ranked run was copied from, or
-    the re-ranked run itself), that run's verdict against the size-matched BERT and the random
-    search's best: the pick's result without training it again."""
+    """Where the rule, re-applied, picks for a found model another architecture that the demo run
+    the re-ranked run was copied from already retrained from the same supernet, that run's verdict
+    against the size-matched BERT, and its loss against the re-ranked random control's (unpaired:
+    two runs) where the rule keeps the control: the pick's result without training it again."""
     out = []
     for r in lines:
         tag = r["source"].split(":", 1)[-1]
@@ -404,30 +404,28 @@ def rerank_rule_findings(lines: Sequence[dict], search: Sequence[dict], demo: di
                     and x.get("workdir") == r["workdir"]), None)
         if src is None:
             continue
-        runs = [src, *(d for d in demo.get(src["recipe"].get("task"), []) if d.get("workdir") == src.get("reused"))]
+        runs = [d for d in demo.get(src["recipe"].get("task"), []) if d.get("workdir") == src.get("reused")]
+        rnd = _by_kind(src, "random_best", None)
         for level, budgets in sorted(r["levels"].items(), key=lambda kv: float(kv[0])):
-            x = (budgets.get("small") or {}).get("found")
-            if x is None or x["same_as_run"]:
-                continue
-            for run in runs:
-                fname, f = _found(run)
-                if (run.get("archs") or {}).get(fname) != x["describe"]:
+            for sides in budgets.values():
+                x = sides.get("found")
+                if x is None or x["same_as_run"]:
                     continue
-                m, rnd = _by_kind(run, "baseline_matched", "bert"), _by_kind(src, "random_best", None)
-                who = "the demo run of this seed" if run is not src else f"the {tag} run"
-                vs_m = "-" if m is None else _vs_cell(_vs(run, fname, m[0]))
-                # the random control as the re-ranked run's rule picked it, where unchanged at this level
-                vs_r = "-"
-                if rnd is not None and (budgets["small"].get("random") or {}).get("same_as_run"):
-                    diff = rnd[1]["loss"] - f["loss"] if "loss" in f and "loss" in rnd[1] else None
-                    vs_r = "-" if diff is None else f"{diff:+.4f} (unpaired: two runs)"
-                    if run is src:
-                        vs_r = _vs_cell(_vs(run, fname, rnd[0]))
-                out.append(f"At tie level {float(level):g} the rule picks `{x['describe']}` for seed {r['seed']}'s "
-                           f"{tag} run (it picked `{_arch_name(src)}`); {who} retrained that architecture "
-                           f"from the same supernet: vs matched BERT {vs_m}; vs the re-ranked random control "
-                           f"{vs_r}.")
-                break
+                for run in runs:
+                    fname, f = _found(run)
+                    if (run.get("archs") or {}).get(fname) != x["describe"]:
+                        continue
+                    m = _by_kind(run, "baseline_matched", "bert")
+                    vs_m = "-" if m is None else _vs_cell(_vs(run, fname, m[0]))
+                    vs_r = "-"
+                    if rnd is not None and (sides.get("random") or {}).get("same_as_run") \
+                            and "loss" in f and "loss" in rnd[1]:
+                        vs_r = f"{rnd[1]['loss'] - f['loss']:+.4f} (unpaired: two runs)"
+                    out.append(f"At tie level {float(level):g} the rule picks `{x['describe']}` for seed "
+                               f"{r['seed']}'s {tag} run (it picked `{_arch_name(src)}`); the demo run of this "
+                               f"seed retrained that architecture from the same supernet: vs matched BERT "
+                               f"{vs_m}; vs the re-ranked random control {vs_r}.")
+                    break
     return out
 
 

@@ -64,17 +64,34 @@ RECIPE_FIELDS = ("task", "data.corpus", "data.mask_rate", "teacher.train.steps",
                  "export.cka_threshold")
 
 
+def recorded_fields(workdir: Path) -> dict:
+    """Every config field of the per-stage fingerprints of ``workdir`` (``{}`` without them)."""
+    path = workdir / "fingerprints.json"
+    used: dict = {}
+    if path.is_file():
+        for stage in json.loads(path.read_text()).get("stages", {}).values():
+            used.update(stage.get("fields", {}))
+    return used
+
+
 def recipe_of_workdir(workdir: Path, fields: tuple[str, ...] = RECIPE_FIELDS) -> dict | None:
     """The recipe a run actually used: ``fields`` from the per-stage config fields of its
     ``fingerprints.json`` (so a config file edited while the run goes cannot be logged in its
     place); None when the file lacks any of them."""
-    path = workdir / "fingerprints.json"
-    if not path.is_file():
-        return None
-    used: dict = {}
-    for stage in json.loads(path.read_text()).get("stages", {}).values():
-        used.update(stage.get("fields", {}))
+    used = recorded_fields(workdir)
     return {f: used[f] for f in fields} if all(f in used for f in fields) else None
+
+
+def logged_recipe(workdir: Path, config: str, overrides: list[str]) -> dict:
+    """The recipe a line logs: :func:`recipe_of_workdir`, or where the fingerprints lack a field
+    (one no stage's results depend on in this config, e.g. the tie rule of a re-ranking that is
+    off) the resolved config for that field alone, the recorded fields kept."""
+    full = recipe_of_workdir(workdir)
+    if full is not None:
+        return full
+    used = recorded_fields(workdir)
+    resolved = resolved_recipe(config, overrides, fields=RECIPE_FIELDS)
+    return {f: used.get(f, resolved[f]) for f in RECIPE_FIELDS}
 
 
 def curve_of(metrics: Path, key: str = "eval/loss") -> list[list[float]]:
@@ -183,7 +200,7 @@ def run_seed(config: str, seed: int, overrides: list[str], stages: str, tag: str
     cf = next(float(v) for k, v in ev["baselines"].items() if k.endswith("_loss"))
     return {"date": datetime.date.today().isoformat(), "commit": commit, "config": config,
             "overrides": overrides,
-            "recipe": recipe_of_workdir(w) or resolved_recipe(config, overrides, fields=RECIPE_FIELDS),
+            "recipe": logged_recipe(w, config, overrides),
             "tag": tag, "seed": seed, "stages_s": run["stages"], "total_s": run["total_s"],
             "teacher_reused": run["teacher_reused"], "teacher_gain": run["teacher_gain_nats"],
             "cf": cf, "models": ev["models"],

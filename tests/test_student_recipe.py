@@ -130,6 +130,9 @@ def test_the_recipe_logged_is_the_one_the_run_used(tmp_path):
     (tmp_path / "fingerprints.json").write_text(json.dumps({"stages": stages, "version": 1}))
     assert student_recipe.recipe_of_workdir(tmp_path) is None  # incomplete: the resolved config instead
     assert student_recipe.recipe_of_workdir(tmp_path / "missing") is None
+    # the logged recipe keeps every recorded field and takes the missing one from the config
+    logged = student_recipe.logged_recipe(tmp_path, "configs/mlm.py:demo", [f"{names[-1]}=0.5"])
+    assert logged == {**fields, names[-1]: 0.5}
 
 
 def test_versus_reads_each_found_model_against_its_baselines(tmp_path):
