@@ -53,16 +53,18 @@ def _commit() -> str:
 
 
 def timed_run(config: str, workdir: Path, cache: Path | None, log_path: Path,
-              extra: Sequence[str] = ()) -> dict:
+              extra: Sequence[str] = (), env: dict | None = None) -> dict:
     """One ``make run``-equivalent process (``extra``: more command-line flags, e.g. ``--stages=``
-    or ``--config.F=V``; ``cache=None``: the default data cache): total seconds, seconds per stage
+    or ``--config.F=V``; ``cache=None``: the default data cache; ``env``: the process's environment,
+    default this one's): total seconds, seconds per stage
     and the run's figures (:func:`run_results`)."""
     cmd = [sys.executable, "-u", "-m", "elm_jax.main", f"--config={config}", f"--workdir={workdir}",
            *([f"--config.data.cache_dir={cache}"] if cache is not None else []), *extra]
     marks: list[tuple[str, float]] = [("data", 0.0)]
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=env)
         for line in proc.stdout:
             log.write(line)
             m = _STAGE.match(line)

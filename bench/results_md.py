@@ -83,7 +83,8 @@ def split_runs(records: list[dict]) -> tuple[dict[str, list[dict]], list[dict]]:
     defaults = {t: default_recipe(t) for t in DEMOS}
     for r in records:
         task = r["recipe"].get("task")
-        if task in defaults and not changed_fields(r["recipe"], defaults[task]) and not r.get("reused"):
+        if (task in defaults and not changed_fields(r["recipe"], defaults[task]) and not r.get("reused")
+                and not r.get("host_devices")):
             demo.setdefault(task, {})[int(r["seed"])] = r
         else:
             other.append(r)
@@ -211,7 +212,9 @@ def other_table(records: list[dict]) -> str:
     for r in records:
         task = r["recipe"].get("task")
         changed = changed_fields(r["recipe"], defaults.get(task, {}))
-        what = ", ".join(f"{k}={v}" for k, v in changed.items()) or "(recipe at the defaults)"
+        what = ", ".join([*(f"{k}={v}" for k, v in changed.items()),
+                          *([f"on {r['host_devices']} CPU devices"] if r.get("host_devices") else [])]
+                         ) or "(recipe at the defaults)"
         if r.get("reused"):
             what += f"; only {r.get('stages')}"
         fname, f = _found(r)
@@ -338,7 +341,8 @@ def search_recipe_table(records: list[dict], demo: dict[str, list[dict]]) -> str
         # an override of the model or search the line's recipe predates (not an evaluation setting)
         unrecorded = [o for o in r.get("overrides", []) if o.split("=")[0] not in r["recipe"]
                       and o.split("=")[0].startswith(SEARCH_RECIPE_PREFIXES) and not o.startswith("search.random_control")]
-        what = ", ".join([*(f"{k}={v}" for k, v in changed.items()), *unrecorded]) or "(none)"
+        what = ", ".join([*(f"{k}={v}" for k, v in changed.items()), *unrecorded,
+                          *([f"on {r['host_devices']} CPU devices"] if r.get("host_devices") else [])]) or "(none)"
         if r.get("reused"):
             what += f"; only {r.get('stages')}, on the earlier stages of the demo run"
         rows.append([r.get("tag", "-"), task, what,

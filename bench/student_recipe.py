@@ -12,6 +12,9 @@ for the same key (:mod:`elm_jax.teacher_cache`; the first run of a seed trains a
 a recipe is timed on its student stages. ``--stages`` leaves out stages (e.g. ``finetune``);
 with ``--reuse DIR`` (a finished work directory) only ``--stages`` run, on a copy of ``DIR``
 (e.g. ``--stages finetune,evaluate`` to try a fine-tuning recipe on the same models).
+``--host-devices N`` runs the pipeline on N CPU devices (``--xla_force_host_platform_device_count``),
+as a recipe that needs several data-parallel devices does (``supernet.sample_per=device``, the
+sandwich rule); the line records ``host_devices``.
 
 Appends one JSON line to ``bench/results/student_recipe.jsonl`` (``--log search_recipe``:
 ``search_recipe.jsonl``, runs that change one thing of the search or the supernet, issue 31
@@ -183,8 +186,17 @@ def reuse_workdir(source: Path, dest: Path, stages: str) -> None:
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
+def host_devices_env(n: int, env: dict | None = None) -> dict:
+    """``env`` (default ``os.environ``) with XLA's host platform split into ``n`` CPU devices
+    (an earlier device-count flag is replaced)."""
+    env = dict(os.environ if env is None else env)
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={int(n)}"])
+    return env
+
+
 def run_seed(config: str, seed: int, overrides: list[str], stages: str, tag: str,
-             keep: Path | None, reuse: Path | None = None) -> dict:
+             keep: Path | None, reuse: Path | None = None, host_devices: int = 0) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix=f"student_recipe_{tag}_s{seed}_", dir=keep))
     if reuse is not None:
         reuse_workdir(reuse, tmp / "w", stages)
@@ -193,7 +205,8 @@ def run_seed(config: str, seed: int, overrides: list[str], stages: str, tag: str
     load0 = os.getloadavg()[0]
     run = timed_run(config, tmp / "w", None, tmp / "run.log",
                     [f"--stages={stages}", "--config.compile_cache_dir=none",
-                     *[f"--config.{o}" for o in ov]])
+                     *[f"--config.{o}" for o in ov]],
+                    env=host_devices_env(host_devices) if host_devices else None)
     load1 = os.getloadavg()[0]
     w = tmp / "w"
     ev = run["evaluate"]
@@ -208,7 +221,8 @@ def run_seed(config: str, seed: int, overrides: list[str], stages: str, tag: str
             "search": search_fitness(w), "finetune": finetune_accuracies(w), "versus": versus_of(w),
             "archs": archs_of(w),
             "load_1m": [load0, load1], "workdir": str(w),
-            **({"reused": str(reuse), "stages": stages} if reuse is not None else {})}
+            **({"reused": str(reuse), "stages": stages} if reuse is not None else {}),
+            **({"host_devices": int(host_devices)} if host_devices else {})}
 
 
 def _recipe_key(rec: dict) -> tuple:
@@ -278,6 +292,8 @@ def main() -> None:
     ap.add_argument("--keep", default=None, help="directory for the work directories (default: /tmp)")
     ap.add_argument("--reuse", default=None,
                     help="a finished work directory (one seed): copy it and run only --stages on it")
+    ap.add_argument("--host-devices", type=int, default=0,
+                    help="run on this many CPU devices (XLA's host platform split; 0: as the machine has)")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--out", default=str(REPO / "BENCHMARKS.md"))
     ap.add_argument("--fill-archs", action="store_true",
@@ -297,7 +313,8 @@ def main() -> None:
     elif not args.report_only:
         for seed in [int(s) for s in args.seeds.split(",") if s.strip()]:
             rec = run_seed(args.config, seed, list(args.set), args.stages, args.tag,
-                           Path(args.keep) if args.keep else None, Path(args.reuse) if args.reuse else None)
+                           Path(args.keep) if args.keep else None, Path(args.reuse) if args.reuse else None,
+                           args.host_devices)
             append_jsonl(log, rec)
             found = {n: m["gain_nats"] for n, m in rec["models"].items() if m.get("kind") == "found"}
             print(f"[student_recipe] seed {seed}: cf {rec['cf']:.4f}, found gain {found}, "

@@ -145,6 +145,18 @@ def test_a_search_recipe_reads_against_the_demo_of_its_seed():
     assert "; only retrain,finetune,evaluate, on the earlier stages of the demo run" in results_md.search_recipe_table([rerun], demo)
     text = results_md.render(demo["mlm"], [], [], [heads4])
     assert "## What makes the found model lose?" in text and "space.head_choices=[4]" in text
+    sandwich = {**_run(0, 1.1, _v(0.0), _v(0.0), 6.0, recipe={**defaults, "supernet.sandwich": True}),
+                "host_devices": 4}
+    row = results_md.search_recipe_table([sandwich], demo).splitlines()[-1]
+    assert "supernet.sandwich=True, on 4 CPU devices" in row
+
+
+def test_a_run_on_split_host_devices_is_not_the_demo():
+    """The demo's figures come from the machine's own devices: a line run with the host platform
+    split (``--host-devices``) is a recipe, even at the default config."""
+    demo, other = results_md.split_runs([{**_run(0, 1.0, _v(0.0), _v(0.0), 5.0), "host_devices": 4}])
+    assert not demo.get("mlm") and len(other) == 1
+    assert "on 4 CPU devices" in results_md.other_table(other)
 
 
 def test_student_recipe_log_search_recipe_writes_its_own_log_and_section(tmp_path, monkeypatch):

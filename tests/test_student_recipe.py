@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import subprocess
 import sys
 
 import pytest
@@ -168,3 +169,14 @@ def test_fill_archs_adds_the_exported_architectures_to_older_lines(tmp_path, mon
     assert lines[0]["archs"] == {"small": "- - m0h4 b2h1", "small_matched_bert": "b0h4 b0h4 - - ffn=128"}
     assert lines[0] == {**old, "archs": lines[0]["archs"]}
     assert lines[1] == has and lines[2] == gone
+
+
+def test_host_devices_env_splits_the_cpu_and_replaces_an_earlier_count():
+    env = student_recipe.host_devices_env(4, {"XLA_FLAGS": "--xla_foo=1 --xla_force_host_platform_device_count=8",
+                                              "HOME": "/h"})
+    assert env["XLA_FLAGS"].split() == ["--xla_foo=1", "--xla_force_host_platform_device_count=4"]
+    assert env["HOME"] == "/h"
+    code = "import jax; print(jax.device_count())"
+    out = subprocess.run([sys.executable, "-c", code], env=student_recipe.host_devices_env(3),
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "3"
