@@ -123,6 +123,9 @@ def base_config(task: str, variant: str) -> ml_collections.ConfigDict:
         train=_decay_from_half(train_config(steps=1000, lr=1e-3, eval_every=500, checkpoint_every=500)),
         sample_per="step",             # 'step': one architecture per step; 'device': one per device
         sandwich=False,                # with sample_per='device': largest, smallest, random others
+        # with sample_per='device': architectures per device per step, each on an equal block of
+        # the device's rows, run one after the other (the sandwich rule on one device: 3 or more)
+        paths_per_device=1,
         kd_loss="pearson",             # 'pearson' (ELM's relational loss) | 'mse'
         # Weight of the ground-truth MLM/CLM loss. The search's fitness is each candidate's MLM/CLM
         # loss with inherited weights, which needs a trained LM head (KD on features alone never

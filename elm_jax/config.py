@@ -248,6 +248,9 @@ def validate(cfg: ml_collections.ConfigDict, stages: Sequence[str] | None = None
         mode = _choice(cfg, f"{sc}.sample_per", ("step", "device"))
         if _get(cfg, f"{sc}.sandwich") and mode != "device":
             _fail(f"{sc}.sandwich", "the sandwich rule needs supernet.sample_per='device'", True)
+        paths = _int(cfg, f"{sc}.paths_per_device", 1)
+        if paths > 1 and mode != "device":
+            _fail(f"{sc}.paths_per_device", "several paths per device need supernet.sample_per='device'", paths)
         _choice(cfg, f"{sc}.kd_loss", ("pearson", "mse"))
         _float(cfg, f"{sc}.gt_weight", 0.0)
         _int(cfg, f"{sc}.calc_every", 1)

@@ -122,6 +122,12 @@ class SupernetPath:
         return jax.tree_util.tree_map_with_path(leaf, params)
 
 
+def paths_per_device(sc) -> int:
+    """Architectures each device trains per supernet step: ``supernet.paths_per_device`` with
+    ``sample_per='device'`` (absent in older configs: 1), else 1."""
+    return int(sc.get("paths_per_device", 1) or 1) if sc.sample_per == "device" else 1
+
+
 def supernet_trainer(cfg, space: SearchSpace, teacher: DenseLM, mesh) -> engine.Trainer:
     """The supernet stage's engine: a ``Student`` (supernet + KD projections) trained with
     ``D(teacher, student)`` summed over embedding / attention / block features (plus
@@ -133,11 +139,13 @@ def supernet_trainer(cfg, space: SearchSpace, teacher: DenseLM, mesh) -> engine.
         teacher = with_compute_dtype(teacher, dtype)
     t_graphdef, t_params, t_rest = nnx.split(teacher, nnx.Param, ...)
     sums = sharded_sums(mesh, distill_sums_fn(t_graphdef, t_rest, sc.kd_loss))
+    # training rows hold supernet.paths_per_device architectures per device (sample_per='device')
+    train_sums = sharded_sums(mesh, distill_sums_fn(t_graphdef, t_rest, sc.kd_loss), groups=paths_per_device(sc))
     gt = float(sc.gt_weight)
 
     def loss_fn(model, batch, rng, frozen):
         del rng
-        s = sums(model, batch, frozen)
+        s = train_sums(model, batch, frozen)
         return _kd_mean(s) + gt * s["loss_sum"] / jnp.maximum(s["weight_sum"], 1.0), s
 
     def eval_fn(model, batch, frozen):

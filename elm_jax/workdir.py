@@ -140,6 +140,10 @@ def stage_fields(cfg: Any, stage: Any) -> dict[str, Any]:
     if reranks:
         prefixes = (*prefixes, "retrain", "precision")  # re-ranking trains with the retraining recipe
     out = fields_under(cfg, prefixes)
+    if out.get("supernet.paths_per_device") == 1:
+        # one path per device is what every run did before the field existed: a work directory
+        # made then stays valid
+        out.pop("supernet.paths_per_device")
     if stage.name == "search" and not reranks:
         # the tie rule of a re-ranking that does not run changes nothing (and a work directory
         # made before the field existed stays valid)

@@ -7,7 +7,10 @@ and every device reads the architecture of its first local example (:func:`local
 
 - ``mode='step'``: every row holds the same architecture (one per step);
 - ``mode='device'``: the rows of device ``d`` hold architecture ``d`` (one per data-parallel
-  device, each device running its own ``lax.switch`` path, as a pmapped step would).
+  device, each device running its own ``lax.switch`` path, as a pmapped step would); with
+  ``paths_per_device=G`` they hold ``G`` architectures on ``G`` equal blocks, which the step
+  runs one after the other (``sharded_sums(..., groups=G)``), so the sandwich rule's several
+  paths fit on one device.
 
 :class:`ArchBatches` samples the architectures on the host as a pure function of
 ``(seed, step)``; :class:`FixedArchBatches` attaches one fixed architecture (evaluation).
@@ -51,22 +54,28 @@ class ArchBatches:
     """
 
     def __init__(self, source: Any, space: SearchSpace, widths: np.ndarray, *,
-                 mode: str, num_devices: int, seed: int, sandwich: bool = False):
+                 mode: str, num_devices: int, seed: int, sandwich: bool = False,
+                 paths_per_device: int = 1):
         if mode not in ("step", "device"):
             raise ValueError(f"supernet.sample_per must be 'step' or 'device', got {mode!r}")
-        if sandwich and (mode != "device" or num_devices < 3):
+        paths_per_device = int(paths_per_device)
+        if paths_per_device < 1 or (paths_per_device > 1 and mode != "device"):
+            raise ValueError("supernet.paths_per_device must be 1, or >= 1 with sample_per='device'; got "
+                             f"{paths_per_device} with {mode!r}")
+        if sandwich and (mode != "device" or num_devices * paths_per_device < 3):
             raise ValueError("the sandwich rule needs supernet.sample_per='device' and at least 3 "
-                             f"data-parallel devices (largest, smallest, random); got {mode!r} "
-                             f"with {num_devices}")
+                             "paths per step (data-parallel devices x supernet.paths_per_device: largest, "
+                             f"smallest, random); got {mode!r} with {num_devices} x {paths_per_device}")
         self.source, self.space, self.widths = source, space, space.validate_widths(widths)
         self.mode, self.num_devices, self.seed, self.sandwich = mode, num_devices, seed, sandwich
+        self.paths_per_device = paths_per_device
 
     def archs(self, step: int) -> list[Arch]:
-        """The architectures of step ``step``: one, or one per device (sandwich: the largest
-        and the smallest under the current widths on the first two devices, random ones on
-        the rest)."""
+        """The architectures of step ``step``: one, or ``paths_per_device`` per device, in device
+        order (sandwich: the largest and the smallest under the current widths first, random
+        ones after)."""
         rng = np.random.default_rng([self.seed, 0xA5C7, step])
-        n = self.num_devices if self.mode == "device" else 1
+        n = self.num_devices * self.paths_per_device if self.mode == "device" else 1
         if not self.sandwich:
             return [self.space.sample(rng) for _ in range(n)]
         w = self.widths

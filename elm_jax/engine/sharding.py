@@ -15,6 +15,7 @@ import math
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding
@@ -134,16 +135,32 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str,
     return out
 
 
-def sharded_sums(mesh: Mesh, sums_fn: Callable[..., dict]) -> Callable:
+def sharded_sums(mesh: Mesh, sums_fn: Callable[..., dict], groups: int = 1) -> Callable:
     """``(model, batch, *frozen) -> sums``: ``sums_fn`` per device under ``shard_map``, summed
-    over devices. ``frozen`` pytrees (a teacher's weights) are passed whole to every device."""
+    over devices. ``frozen`` pytrees (a teacher's weights) are passed whole to every device.
+
+    ``groups > 1``: each device's rows are ``groups`` equal contiguous blocks (each with its own
+    architecture, :mod:`elm_jax.data.arch_batches`), and ``sums_fn`` runs once per block, the
+    sums added: ``sum_d sum_g sums_fn(rows of block g on device d)``. On one device with ``G``
+    groups this is the same sum as on ``G`` devices with one each."""
     axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    groups = int(groups)
+    if groups < 1:
+        raise ValueError(f"groups must be >= 1, got {groups}")
 
     def run(model: nnx.Module, batch: dict, *frozen: Any) -> dict:
         graphdef, state = nnx.split(model)
 
         def per_device(state, batch, *frozen):
-            sums = sums_fn(nnx.merge(graphdef, state), batch, *frozen)
+            m = nnx.merge(graphdef, state)
+            rows = next(iter(batch.values())).shape[0]
+            if rows % groups:
+                raise ValueError(f"{rows} rows per device cannot be split into {groups} equal groups")
+            per = rows // groups
+            sums = None
+            for g in range(groups):
+                part = sums_fn(m, jax.tree.map(lambda x: x[g * per:(g + 1) * per], batch), *frozen)
+                sums = part if sums is None else jax.tree.map(jnp.add, sums, part)
             return jax.tree.map(lambda v: jax.lax.psum(v, axes), sums)
 
         specs = (P(), P(axes)) + (P(),) * len(frozen)

@@ -60,7 +60,7 @@ from elm_jax.lm import load_teacher
 from elm_jax.models.dense import DenseLM
 from elm_jax.models.io import save_supernet
 from elm_jax.space import SearchSpace
-from elm_jax.students import supernet_trainer
+from elm_jax.students import paths_per_device, supernet_trainer
 
 
 def space_of(cfg, vocab_size: int) -> SearchSpace:
@@ -69,7 +69,10 @@ def space_of(cfg, vocab_size: int) -> SearchSpace:
 
 
 class SupernetHooks:
-    """PCA statistics, CKA logging and epoch-end width growth between steps (checkpointed)."""
+    """PCA statistics, CKA logging and epoch-end width growth between steps (checkpointed).
+
+    The statistics run each device's rows through the architecture of its first row: with
+    ``supernet.paths_per_device > 1``, that of its first path."""
 
     def __init__(self, cfg, space: SearchSpace, trainer: engine.Trainer, epoch_steps: int):
         self.cfg, self.space, self.trainer, self.epoch_steps = cfg, space, trainer, epoch_steps
@@ -184,12 +187,14 @@ def run(cfg, workdir: str | os.PathLike, data: DataBundle) -> dict[str, Any]:
     epoch_steps = int(sc.epoch_steps) or max(1, int(round(data.train.steps_per_epoch)))
     hooks = SupernetHooks(cfg, space, trainer, epoch_steps)
     train_src = ArchBatches(data.train, space, hooks.widths, mode=sc.sample_per,
-                            num_devices=num_devices, seed=cfg.seed, sandwich=sc.sandwich)
+                            num_devices=num_devices, seed=cfg.seed, sandwich=sc.sandwich,
+                            paths_per_device=paths_per_device(sc))
     eval_src = FixedArchBatches(data.eval, space, space.largest(), hooks.widths)
     hooks.sources = [train_src, eval_src]
     print(f"[supernet] {space.layers} layers x {space.candidates} candidates x {list(space.families)}, "
           f"{trainer.num_params():,} parameters (with projections); {tc.steps} steps, "
           f"{sc.kd_loss} distillation, architectures per {sc.sample_per}"
+          f"{f' ({paths_per_device(sc)} per device)' if paths_per_device(sc) > 1 else ''}"
           f"{' (sandwich)' if sc.sandwich else ''}, epoch = {epoch_steps} steps")
     state, summary = engine.fit(trainer, train_src, eval_src, workdir, name="supernet",
                                 meta={"task": cfg.task}, hooks=hooks,
