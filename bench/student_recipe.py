@@ -59,7 +59,7 @@ STUDENT_STAGES = "data,teacher,supernet,search,export,retrain,finetune,evaluate"
 RECIPE_FIELDS = ("task", "data.corpus", "data.mask_rate", "teacher.train.steps",
                  "supernet.train.steps", "supernet.train.lr", "supernet.train.decay_start_frac",
                  "supernet.gt_weight", "supernet.kd_loss", "supernet.sample_per", "supernet.sandwich",
-                 "supernet.epoch_steps", "search.eval_batches",
+                 "supernet.paths_per_device", "supernet.epoch_steps", "search.eval_batches",
                  "retrain.train.steps", "retrain.train.lr", "retrain.train.decay_start_frac",
                  "retrain.gt_weight", "finetune.train.steps", "finetune.train.lr",
                  "finetune.pooling", "space.head_choices", "space.families", "search.rerank_top",
