@@ -138,9 +138,10 @@ def supernet_trainer(cfg, space: SearchSpace, teacher: DenseLM, mesh) -> engine.
     if teacher.cfg.dtype != dtype:  # same weights, computing in the run's precision
         teacher = with_compute_dtype(teacher, dtype)
     t_graphdef, t_params, t_rest = nnx.split(teacher, nnx.Param, ...)
-    sums = sharded_sums(mesh, distill_sums_fn(t_graphdef, t_rest, sc.kd_loss))
+    per_device = distill_sums_fn(t_graphdef, t_rest, sc.kd_loss)
+    sums = sharded_sums(mesh, per_device)
     # training rows hold supernet.paths_per_device architectures per device (sample_per='device')
-    train_sums = sharded_sums(mesh, distill_sums_fn(t_graphdef, t_rest, sc.kd_loss), groups=paths_per_device(sc))
+    train_sums = sharded_sums(mesh, per_device, groups=paths_per_device(sc))
     gt = float(sc.gt_weight)
 
     def loss_fn(model, batch, rng, frozen):

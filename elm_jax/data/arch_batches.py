@@ -60,7 +60,7 @@ class ArchBatches:
             raise ValueError(f"supernet.sample_per must be 'step' or 'device', got {mode!r}")
         paths_per_device = int(paths_per_device)
         if paths_per_device < 1 or (paths_per_device > 1 and mode != "device"):
-            raise ValueError("supernet.paths_per_device must be 1, or >= 1 with sample_per='device'; got "
+            raise ValueError("supernet.paths_per_device must be >= 1, and 1 unless sample_per='device'; got "
                              f"{paths_per_device} with {mode!r}")
         if sandwich and (mode != "device" or num_devices * paths_per_device < 3):
             raise ValueError("the sandwich rule needs supernet.sample_per='device' and at least 3 "
