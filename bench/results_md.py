@@ -68,11 +68,32 @@ def default_recipe(task: str) -> dict:
     return json.loads(json.dumps(resolved_recipe(f"{REPO / path}:{variant}", [], fields=RECIPE_FIELDS)))
 
 
+# The value a logged line that lacks a field ran with, where the field's default has changed since
+# it was added to the recipe (a line without it ran one architecture per device).
+LEGACY_VALUES = {"supernet.paths_per_device": 1}
+
+
 def changed_fields(recipe: dict, defaults: dict) -> dict:
     """The fields of a logged ``recipe`` that differ from ``defaults``. A field the line lacks (it
     was added to the recipe after the line was logged, when no run had changed it) counts as its
-    default."""
-    return {k: v for k, v in recipe.items() if defaults.get(k) != v}
+    default, or as its :data:`LEGACY_VALUES` value where the default has changed since."""
+    full = {**recipe, **{k: v for k, v in LEGACY_VALUES.items() if k in defaults and k not in recipe}}
+    return {k: v for k, v in full.items() if defaults.get(k) != v}
+
+
+def departed_from(r: dict, student: Sequence[dict], demo: dict[str, list[dict]]) -> dict | None:
+    """The run a recipe line ``r`` departs from: the run whose work directory it reused; else the
+    latest full run of its task and seed whose recipe differs from its own only in the fields its
+    overrides set; else the demo run of its seed at today's defaults."""
+    if r.get("reused"):
+        return next((d for d in reversed(list(student)) if d.get("workdir") == r["reused"]), None)
+    task, set_by_r = r["recipe"].get("task"), {o.split("=")[0] for o in r.get("overrides", [])}
+    for d in reversed(list(student)):
+        if (d is not r and d["recipe"].get("task") == task and d["seed"] == r["seed"] and not d.get("reused")
+                and not d.get("host_devices") and set(changed_fields(r["recipe"], d["recipe"])) <= set_by_r
+                and set(changed_fields(d["recipe"], r["recipe"])) <= set_by_r):
+            return d
+    return next((d for d in demo.get(task, []) if d["seed"] == r["seed"]), None)
 
 
 def split_runs(records: list[dict]) -> tuple[dict[str, list[dict]], list[dict]]:
@@ -317,10 +338,10 @@ def noise_section(records: list[dict]) -> str:
 SEARCH_RECIPE_PREFIXES = ("space.", "supernet.", "search.", "retrain.", "export.cka")
 
 
-def search_recipe_table(records: list[dict], demo: dict[str, list[dict]]) -> str:
+def search_recipe_table(records: list[dict], demo: dict[str, list[dict]], student: Sequence[dict] = ()) -> str:
     """One row per ``search_recipe.jsonl`` line: what it changed from the demo, its found model
-    against the size-matched BERT and the random search's best (paired), beside the same seed's
-    demo run (the latest at the defaults), so each change reads against the run it departs from."""
+    against the size-matched BERT and the random search's best (paired), beside the run it departs
+    from (:func:`departed_from`, among the ``student`` lines), so each change reads against it."""
     defaults = {t: default_recipe(t) for t in DEMOS}
     rows = []
     for r in records:
@@ -331,12 +352,12 @@ def search_recipe_table(records: list[dict], demo: dict[str, list[dict]]) -> str
         for kind, fam in (("baseline_matched", "bert"), ("random_best", None)):
             b = _by_kind(r, kind, fam)
             cells.append("-" if b is None else _vs_cell(_vs(r, fname, b[0]), f["gain_nats"] - b[1]["gain_nats"]))
-        base = next((d for d in demo.get(task, []) if d["seed"] == r["seed"]), None)
+        base = departed_from(r, student, demo)
         ref = "-"
         if base is not None:
             bname, bf = _found(base)
             m = _by_kind(base, "baseline_matched", "bert")
-            ref = f"{_arch(base, bname)}{bf['gain_nats']:+.3f}; vs matched " + (
+            ref = f"{base.get('tag', '-')}: {_arch(base, bname)}{bf['gain_nats']:+.3f}; vs matched " + (
                 "-" if m is None else _vs_cell(_vs(base, bname, m[0]), bf["gain_nats"] - m[1]["gain_nats"]))
         # an override of the model or search the line's recipe predates (not an evaluation setting)
         unrecorded = [o for o in r.get("overrides", []) if o.split("=")[0] not in r["recipe"]
@@ -349,7 +370,7 @@ def search_recipe_table(records: list[dict], demo: dict[str, list[dict]]) -> str
                      str(r["seed"]), r["commit"], f"{_arch(r, fname)}{f['params']:,}", f"{f['gain_nats']:+.3f}",
                      *cells, ref])
     return markdown_table(["tag", "task", "differs from today's demo", "seed", "commit", "found (params)",
-                           "found gain", "vs matched BERT", "vs random", "the demo at this seed: found gain"],
+                           "found gain", "vs matched BERT", "vs random", "the run it departs from: found gain"],
                           rows)
 
 
@@ -396,7 +417,8 @@ def rerank_rule_section(lines: Sequence[dict]) -> str:
                            "candidates in fitness order: short loss ± paired SE (* tied)"], rows)
 
 
-def rerank_rule_findings(lines: Sequence[dict], search: Sequence[dict], demo: dict[str, list[dict]]) -> list[str]:
+def rerank_rule_findings(lines: Sequence[dict], search: Sequence[dict], demo: dict[str, list[dict]],
+                         student: Sequence[dict] = ()) -> list[str]:
     """Where the rule, re-applied, picks for a found model another architecture that the demo run
     the re-ranked run was copied from already retrained from the same supernet, that run's verdict
     against the size-matched BERT, and its loss against the re-ranked random control's (unpaired:
@@ -408,7 +430,8 @@ def rerank_rule_findings(lines: Sequence[dict], search: Sequence[dict], demo: di
                     and x.get("workdir") == r["workdir"]), None)
         if src is None:
             continue
-        runs = [d for d in demo.get(src["recipe"].get("task"), []) if d.get("workdir") == src.get("reused")]
+        runs = [d for d in [*student, *demo.get(src["recipe"].get("task"), [])]
+                if d.get("workdir") == src.get("reused")][:1]
         rnd = _by_kind(src, "random_best", None)
         for level, budgets in sorted(r["levels"].items(), key=lambda kv: float(kv[0])):
             for sides in budgets.values():
@@ -464,8 +487,9 @@ def render(student: list[dict], rank: list[dict], noise: list[dict], search: Seq
     parts.append("Runs (`python bench/student_recipe.py --log search_recipe --set ...`, lines in "
                  "`bench/results/search_recipe.jsonl`) that change one thing of the search or the supernet "
                  "(issue 31 part 3), each against its own size-matched BERT and random search, beside the "
-                 "demo run of the same seed.\n")
-    parts.append(search_recipe_table(list(search), demo) + "\n" if search else "None logged yet.\n")
+                 "run it departs from: the run whose earlier stages it reused, or the run of its seed at "
+                 "its recipe without its overrides.\n")
+    parts.append(search_recipe_table(list(search), demo, student) + "\n" if search else "None logged yet.\n")
     finding = first_family_finding([*student, *search])
     if finding:
         parts.append(f"- {finding}\n")
@@ -477,7 +501,7 @@ def render(student: list[dict], rank: list[dict], noise: list[dict], search: Seq
                      "above 0 the best fitness among the short losses whose paired interval against the "
                      "lowest contains 0. Lines in `bench/results/rerank_rule.jsonl`.\n")
         parts.append(rerank_rule_section(rule) + "\n")
-        found = rerank_rule_findings(rule, search, demo)
+        found = rerank_rule_findings(rule, search, demo, student)
         if found:
             parts.append("\n".join(f"- {x}" for x in found) + "\n")
     parts.append("## Does the supernet rank?\n")

@@ -70,6 +70,37 @@ def test_a_field_added_to_the_recipe_later_counts_as_its_default():
     assert "space.head_choices=[4]" in results_md.other_table(other)
 
 
+def test_a_field_whose_default_changed_counts_as_what_older_lines_ran():
+    """A line logged before ``supernet.paths_per_device`` joined the recipe ran one architecture
+    per device: against a default of 4 it is not the demo, and the table says so."""
+    defaults = results_md.default_recipe("mlm")
+    assert defaults["supernet.paths_per_device"] == 4 and defaults["supernet.sandwich"] is True
+    old = {k: v for k, v in defaults.items() if k != "supernet.paths_per_device"}
+    demo, other = results_md.split_runs([_run(0, 1.0, _v(0.0), _v(0.05), 5.0, recipe=old)])
+    assert not demo.get("mlm") and "supernet.paths_per_device=1" in results_md.other_table(other)
+    assert results_md.changed_fields(old, {**defaults, "supernet.paths_per_device": 1}) == {}
+
+
+def test_a_recipe_line_reads_against_the_run_it_departs_from():
+    """The run whose work directory it reused; else the run of its seed whose recipe differs only
+    in what its overrides set; else the demo of its seed."""
+    defaults = results_md.default_recipe("mlm")
+    base = {**_run(0, 1.0, _v(0.0), _v(0.0), 5.0, recipe={**defaults, "supernet.sandwich": False}),
+            "workdir": "/w/base", "tag": "base"}
+    other_seed = {**base, "seed": 1, "workdir": "/w/s1"}
+    demo = {"mlm": [_run(0, 1.2, _v(0.0), _v(0.0), 5.0)]}
+    reused = {**_run(0, 1.1, _v(0.0), _v(0.0), 5.0), "reused": "/w/base"}
+    assert results_md.departed_from(reused, [base, other_seed], demo) is base
+    full = {**_run(0, 1.1, _v(0.0), _v(0.0), 5.0), "overrides": ["supernet.sandwich=True", "finetune.seeds=1"]}
+    assert results_md.departed_from(full, [base, other_seed], demo) is base
+    full_s1 = {**full, "seed": 1}
+    assert results_md.departed_from(full_s1, [base, other_seed], demo) is other_seed
+    unrelated = {**full, "overrides": ["search.eval_batches=8"]}  # differs from base in what it did not set
+    assert results_md.departed_from(unrelated, [base, other_seed], demo) is demo["mlm"][0]
+    row = results_md.search_recipe_table([reused], demo, [base, other_seed]).splitlines()[-1]
+    assert "base: `b0h1 - m2h1 -` +1.000" in row
+
+
 def test_the_sentences_count_what_the_runs_show():
     runs = [_run(0, 1.07, _v(0.01), _v(0.05), 5.7),     # ahead of matched
             _run(1, 1.12, _v(-0.011), _v(0.058), 4.8),  # behind matched
@@ -135,7 +166,7 @@ def test_a_search_recipe_reads_against_the_demo_of_its_seed():
     cells = [c.strip() for c in row[0].strip("|").split("|")]
     assert cells[3] == "2" and cells[6] == "+1.101"
     assert cells[7] == "+0.004 [+0.002, +0.006] better" and cells[8].endswith("better")
-    assert cells[9] == "`b0h1 - m2h1 -` +1.038; vs matched -0.066 [-0.068, -0.064] worse"  # seed 2's demo
+    assert cells[9] == "t: `b0h1 - m2h1 -` +1.038; vs matched -0.066 [-0.068, -0.064] worse"  # seed 2's demo
     older = {k: v for k, v in defaults.items() if k != "space.families"}  # a recipe before the field
     bert_only = {**_run(2, 1.1, _v(0.0), _v(0.0), 6.0, recipe=older), "overrides": ['space.families=("bert",)', "finetune.seeds=3",
                                                                    "search.random_control=True"]}
@@ -145,10 +176,11 @@ def test_a_search_recipe_reads_against_the_demo_of_its_seed():
     assert "; only retrain,finetune,evaluate, on the earlier stages of the demo run" in results_md.search_recipe_table([rerun], demo)
     text = results_md.render(demo["mlm"], [], [], [heads4])
     assert "## What makes the found model lose?" in text and "space.head_choices=[4]" in text
-    sandwich = {**_run(0, 1.1, _v(0.0), _v(0.0), 6.0, recipe={**defaults, "supernet.sandwich": True}),
+    flipped = not defaults["supernet.sandwich"]
+    sandwich = {**_run(0, 1.1, _v(0.0), _v(0.0), 6.0, recipe={**defaults, "supernet.sandwich": flipped}),
                 "host_devices": 4}
     row = results_md.search_recipe_table([sandwich], demo).splitlines()[-1]
-    assert "supernet.sandwich=True, on 4 CPU devices" in row
+    assert f"supernet.sandwich={flipped}, on 4 CPU devices" in row
 
 
 def test_a_run_on_split_host_devices_is_not_the_demo():
