@@ -31,7 +31,7 @@ from elm_jax.data.tokenizer import SpecialIds
 from elm_jax.models import hf
 from elm_jax.models.dense import DenseConfig, DenseLM, init_dense
 from elm_jax.stages.supernet import space_of
-from elm_jax.students import supernet_trainer
+from elm_jax.students import paths_per_device, supernet_trainer
 from elm_jax.data.arch_batches import ArchBatches
 from elm_jax.engine.sharding import BATCH_AXES
 from elm_jax.lm import dense_config_from
@@ -117,7 +117,7 @@ def build(cfg: Any, *, synthetic: bool, widths: str | np.ndarray = "initial",
         w = np.asarray(widths, np.int32)
     sc = cfg.supernet
     src = ArchBatches(train_src, space, w, mode=sc.sample_per, num_devices=num_devices, seed=cfg.seed,
-                      sandwich=sc.sandwich)
+                      sandwich=sc.sandwich, paths_per_device=paths_per_device(sc))
     return SupernetBench(cfg, space, mesh, teacher, trainer, src, evals, num_devices)
 
 

@@ -128,3 +128,19 @@ def test_one_path_per_device_is_left_out_of_the_fingerprint():
     assert "supernet.paths_per_device" not in stage_fields(cfg, BY_NAME["supernet"])
     cfg.supernet.paths_per_device = 4
     assert stage_fields(cfg, BY_NAME["supernet"])["supernet.paths_per_device"] == 4
+
+
+def test_the_benchmarks_sample_the_paths_the_stage_samples():
+    """bench/supernet_setup.build (mfu.py, compile_count.py) draws each step's architectures as the
+    supernet stage does: with supernet.paths_per_device=G, G per device (the demo's defaults)."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    import supernet_setup
+
+    cfg = _cfg(2, sandwich=True)
+    bench = supernet_setup.build(cfg, synthetic=True)
+    archs = bench.train.archs(0)
+    assert bench.num_devices == len(jax.devices()) and len(archs) == 2 * bench.num_devices
+    assert archs[0] == bench.space.largest() and archs[1] == bench.space.smallest()
