@@ -50,13 +50,31 @@ class Student(nnx.Module):
 KD_RATIOS: dict[str, tuple[str, str]] = dict(LM_RATIOS)
 
 
-def distill_sums_fn(teacher_graphdef: Any, teacher_rest: Any, kind: str):
-    """Per-device sums of the supernet objective for the rows' architecture."""
+def teacher_features_fn(teacher_graphdef: Any, teacher_rest: Any):
+    """``(batch, teacher_params) -> batch`` with ``batch['teacher_features']``: the frozen
+    teacher's embedding, per-layer attention and block outputs of the rows (each ``[B, S, H]``,
+    no gradient). The ``prepare`` of :func:`elm_jax.engine.sharding.sharded_sums`: computed once
+    on a device's rows however many architectures share them."""
 
-    def sums(student: Student, batch: dict, teacher_params: Any) -> dict:
+    def prepare(batch: dict, teacher_params: Any) -> dict:
         teacher = nnx.merge(teacher_graphdef, teacher_params, teacher_rest)
         t = teacher(batch["inputs"], batch["mask"], batch["segment_ids"])
-        t_emb, t_attn, t_block = jax.tree.map(jax.lax.stop_gradient, (t.embedding, t.attn_outs, t.block_outs))
+        feats = jax.tree.map(jax.lax.stop_gradient, (t.embedding, t.attn_outs, t.block_outs))
+        return batch | {"teacher_features": feats}
+
+    return prepare
+
+
+def distill_sums_fn(teacher_graphdef: Any, teacher_rest: Any, kind: str):
+    """Per-device sums of the supernet objective for the rows' architecture; the teacher's
+    features are ``batch['teacher_features']`` (:func:`teacher_features_fn`) where present, else
+    computed here."""
+    prepare = teacher_features_fn(teacher_graphdef, teacher_rest)
+
+    def sums(student: Student, batch: dict, teacher_params: Any) -> dict:
+        if "teacher_features" not in batch:
+            batch = prepare(batch, teacher_params)
+        t_emb, t_attn, t_block = batch["teacher_features"]
         arch = local_arch(batch)
         out = student.net(batch["inputs"], arch, batch["mask"], batch["segment_ids"],
                           head_positions_BxK=head_positions(batch))
@@ -140,8 +158,10 @@ def supernet_trainer(cfg, space: SearchSpace, teacher: DenseLM, mesh) -> engine.
     t_graphdef, t_params, t_rest = nnx.split(teacher, nnx.Param, ...)
     per_device = distill_sums_fn(t_graphdef, t_rest, sc.kd_loss)
     sums = sharded_sums(mesh, per_device)
-    # training rows hold supernet.paths_per_device architectures per device (sample_per='device')
-    train_sums = sharded_sums(mesh, per_device, groups=paths_per_device(sc))
+    # training rows hold supernet.paths_per_device architectures per device (sample_per='device');
+    # the teacher runs once over a device's rows, not once per architecture
+    train_sums = sharded_sums(mesh, per_device, groups=paths_per_device(sc),
+                              prepare=teacher_features_fn(t_graphdef, t_rest))
     gt = float(sc.gt_weight)
 
     def loss_fn(model, batch, rng, frozen):

@@ -144,3 +144,28 @@ def test_the_benchmarks_sample_the_paths_the_stage_samples():
     archs = bench.train.archs(0)
     assert bench.num_devices == len(jax.devices()) and len(archs) == 2 * bench.num_devices
     assert archs[0] == bench.space.largest() and archs[1] == bench.space.smallest()
+
+
+def test_the_teacher_runs_once_per_device_and_gives_each_block_its_rows_features():
+    """The train step computes the frozen teacher once over a device's rows (``prepare``) and
+    slices its features with the blocks: its sums equal those of the objective run block by
+    block with the teacher computed on each block alone (the computation before the change)."""
+    from elm_jax.students import distill_sums_fn
+
+    cfg = _cfg(4, sandwich=True)
+    space = SearchSpace.from_config(cfg.space, vocab_size=VOCAB, max_len=cfg.data.seq_len, task="mlm")
+    mesh = sharding.make_mesh(cfg.mesh, devices=jax.devices()[:1])
+    teacher = init_dense(dense_config_from(cfg, VOCAB), seed=7)
+    trainer = supernet_trainer(cfg, space, teacher, mesh)
+    state = trainer.init_state()
+    host = _source(cfg, space, 1).batch(2)
+    model = nnx.merge(trainer.graphdef, state.params, state.other, copy=True)
+    _, sums = jax.jit(lambda m, b, f: trainer.loss_fn(m, b, jax.random.key(0), f))(
+        model, sharding.global_batch(host, mesh), trainer.frozen)
+    t_graphdef, _, t_rest = nnx.split(teacher, nnx.Param, ...)
+    per_block = distill_sums_fn(t_graphdef, t_rest, cfg.supernet.kd_loss)
+    rows = cfg.data.batch_size // 4
+    ref = [per_block(model, {k: v[g * rows:(g + 1) * rows] for k, v in host.items()}, trainer.frozen)
+           for g in range(4)]
+    for key in ("loss_sum", "weight_sum", "kd_total", "kd_count"):
+        np.testing.assert_allclose(float(sums[key]), sum(float(r[key]) for r in ref), rtol=2e-5)

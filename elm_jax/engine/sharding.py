@@ -135,14 +135,20 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str,
     return out
 
 
-def sharded_sums(mesh: Mesh, sums_fn: Callable[..., dict], groups: int = 1) -> Callable:
+def sharded_sums(mesh: Mesh, sums_fn: Callable[..., dict], groups: int = 1,
+                 prepare: Callable[..., dict] | None = None) -> Callable:
     """``(model, batch, *frozen) -> sums``: ``sums_fn`` per device under ``shard_map``, summed
     over devices. ``frozen`` pytrees (a teacher's weights) are passed whole to every device.
 
     ``groups > 1``: each device's rows are ``groups`` equal contiguous blocks (each with its own
     architecture, :mod:`elm_jax.data.arch_batches`), and ``sums_fn`` runs once per block, the
     sums added: ``sum_d sum_g sums_fn(rows of block g on device d)``. On one device with ``G``
-    groups this is the same sum as on ``G`` devices with one each."""
+    groups this is the same sum as on ``G`` devices with one each.
+
+    ``prepare``: ``(batch, *frozen) -> batch``, run once on each device's rows before they are
+    split into blocks; every leaf it adds must have the rows on its first axis (it is sliced
+    with them). For work that is the same whatever the blocks' architectures, such as the frozen
+    teacher's features: one forward over all the rows instead of ``groups`` small ones."""
     axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
     groups = int(groups)
     if groups < 1:
@@ -153,6 +159,8 @@ def sharded_sums(mesh: Mesh, sums_fn: Callable[..., dict], groups: int = 1) -> C
 
         def per_device(state, batch, *frozen):
             m = nnx.merge(graphdef, state)
+            if prepare is not None:
+                batch = prepare(batch, *frozen)
             rows = next(iter(batch.values())).shape[0]
             if rows % groups:
                 raise ValueError(f"{rows} rows per device cannot be split into {groups} equal groups")
