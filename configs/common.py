@@ -1,6 +1,7 @@
 """Pieces shared by ``configs/mlm.py`` and ``configs/clm.py``.
 
-Variants (``--config=configs/mlm.py:VARIANT``):
+Variants (``--config=configs/mlm.py:VARIANT``, or several comma-separated, applied in order so
+later ones win: ``:demo,test`` is the demo's rules at the test's sizes):
   ``demo``  (default) CPU-sized run on the embedded Shakespeare/Milton corpus: minutes on 2 cores.
   ``test``  tiny, for the test suite: seconds.
   ``paper`` the paper-scale settings (DESIGN §1): H=528, 12 layers, seq 128, global batch 256,
@@ -8,6 +9,8 @@ Variants (``--config=configs/mlm.py:VARIANT``):
 """
 
 from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
 
 import ml_collections
 
@@ -42,12 +45,46 @@ def _decay_from_half(tc: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     return tc
 
 
-def base_config(task: str, variant: str) -> ml_collections.ConfigDict:
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown config variant {variant!r}; choose one of {VARIANTS}")
+Overlay = Callable[[ml_collections.ConfigDict], None]
+
+
+def parse_variants(spec: str | None, known: Sequence[str] = VARIANTS) -> tuple[str, ...]:
+    """The variants of a ``--config=FILE:SPEC`` argument: ``SPEC`` is one variant or several,
+    comma-separated (``minilm,test``), applied in that order so later ones win; empty: ``demo``."""
+    names = tuple(v.strip() for v in (spec or "demo").split(","))
+    for v in names:
+        if v not in known:
+            raise ValueError(f"unknown config variant {v!r}; choose one of {tuple(known)} "
+                             "(several: comma-separated, later ones winning)")
+    return names
+
+
+def base_config(task: str, variant: str | None = "demo",
+                task_overlays: Mapping[str, Overlay] | None = None) -> ml_collections.ConfigDict:
+    """The config of ``task`` for the variant spec ``variant`` (:func:`parse_variants`).
+
+    Each variant is an overlay on the defaults: its shared part here (``test``, ``paper``,
+    ``demo``), then its part in ``task_overlays`` (the task's config file: its teacher recipe, its
+    teacher checkpoint), one variant after the other, so in ``demo,test`` the test sizes replace
+    the demo's wherever both set a field. A variant that only the task file knows (``minilm``) has
+    no shared part."""
+    task_overlays = dict(task_overlays or {})
+    names = parse_variants(variant, tuple(VARIANTS) + tuple(v for v in task_overlays
+                                                            if v not in VARIANTS))
+    c = _defaults(task)
+    c.variant = ",".join(names)
+    for v in names:
+        _apply_shared(c, v)
+        if v in task_overlays:
+            task_overlays[v](c)
+    return c
+
+
+def _defaults(task: str) -> ml_collections.ConfigDict:
+    """Every field at its default: what the variants overlay (the ``demo`` sizes)."""
     c = ml_collections.ConfigDict()
     c.task = task
-    c.variant = variant
+    c.variant = ""
     c.seed = 0
 
     c.data = ml_collections.ConfigDict(dict(
@@ -226,7 +263,11 @@ def base_config(task: str, variant: str) -> ml_collections.ConfigDict:
                                        # () = all). (4,): the paper's fixed heads, which the CKA
                                        # head module may then reduce at export
     ))
+    return c
 
+
+def _apply_shared(c: ml_collections.ConfigDict, variant: str) -> None:
+    """The part of ``variant`` that both tasks share, in place."""
     if variant == "test":
         c.data.update(seq_len=32, batch_size=8, eval_batch_size=8, eval_batches=2, max_docs=6)
         c.data.tokenizer.update(vocab_size=256, max_train_chars=200_000)
@@ -284,4 +325,3 @@ def base_config(task: str, variant: str) -> ml_collections.ConfigDict:
         # where uniform one-per-step sampling left it 0.011-0.066 behind; per-device uniform
         # sampling, the control, 0.031 behind).
         c.supernet.update(sample_per="device", sandwich=True, paths_per_device=4)
-    return c

@@ -37,6 +37,27 @@ def test_paper_variants_need_the_teacher_checkpoint():
 def test_unknown_variant():
     with pytest.raises(ValueError, match="unknown config variant 'huge'"):
         load_config("configs/mlm.py:huge")
+    with pytest.raises(ValueError, match="unknown config variant 'huge'"):
+        load_config("configs/mlm.py:demo,huge")
+
+
+@pytest.mark.parametrize("task", ["mlm", "clm"])
+def test_variants_combine_later_ones_winning(task):
+    demo, test = load_config(f"configs/{task}.py:demo"), load_config(f"configs/{task}.py:test")
+    both = load_config(f"configs/{task}.py:demo,test")
+    config_lib.validate(both)
+    assert both.variant == "demo,test"
+    # Fields both set come from the later variant, in the shared and the task file's parts alike.
+    assert both.teacher.train.to_dict() == test.teacher.train.to_dict() != demo.teacher.train.to_dict()
+    assert both.space.to_dict() == test.space.to_dict() != demo.space.to_dict()
+    assert both.data.tokenizer.vocab_size == test.data.tokenizer.vocab_size
+    # Fields only the earlier variant sets survive the later one.
+    assert demo.supernet.sandwich and not test.supernet.sandwich and both.supernet.sandwich
+    reverse = load_config(f"configs/{task}.py:test,demo")
+    assert reverse.teacher.train.to_dict() == demo.teacher.train.to_dict()
+    assert reverse.space.to_dict() == test.space.to_dict()  # the demo sets no space field
+    if task == "mlm":  # the demo's 40% masking; the test variant leaves the default
+        assert both.data.mask_rate == 0.4 != test.data.mask_rate
 
 
 BAD = [
@@ -127,6 +148,10 @@ def test_cli_data_stage_and_clear_errors(tmp_path):
 
     unknown = _cli("--config=configs/mlm.py:test", f"--workdir={tmp_path}", "--stages=bogus")
     assert unknown.returncode == 2 and "unknown stage" in unknown.stderr
+
+    combo = _cli("--config=configs/mlm.py:test,huge", f"--workdir={tmp_path}", "--stages=data")
+    assert combo.returncode == 2 and "unknown config variant 'huge'" in combo.stderr
+    assert "Traceback" not in combo.stderr
 
     nowork = _cli("--config=configs/mlm.py:test", "--stages=data")
     assert nowork.returncode == 2 and "--workdir is required" in nowork.stderr
