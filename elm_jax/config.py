@@ -22,9 +22,10 @@ from typing import Any, Sequence
 import ml_collections
 import numpy as np
 
+from elm_jax import pretrained
 from elm_jax.space import SearchSpace
 
-TEACHER_KINDS = ("train", "hf_bert", "hf_gpt2", "checkpoint")
+TEACHER_KINDS = ("train", "hf_bert", "hf_gpt2", "checkpoint", "pretrained")
 
 
 class ConfigError(ValueError):
@@ -204,7 +205,12 @@ def validate(cfg: ml_collections.ConfigDict, stages: Sequence[str] | None = None
         if not path:
             _fail("data.tokenizer.path", f"tokenizer kind {kind!r} needs the model file or the "
                   "checkpoint directory that holds it", path)
-        if not os.path.exists(path):
+        if pretrained.is_pretrained(path):
+            try:
+                pretrained.resolve_path(path)
+            except pretrained.PretrainedError as e:
+                _fail("data.tokenizer.path", str(e), path)
+        elif not os.path.exists(path):
             _fail("data.tokenizer.path", "does not exist", path)
 
     _int(cfg, "mesh.data", -1)
@@ -220,9 +226,15 @@ def validate(cfg: ml_collections.ConfigDict, stages: Sequence[str] | None = None
         source = _str(cfg, "teacher.source")
         kind, _, arg = source.partition(":")
         if kind not in TEACHER_KINDS:
-            _fail("teacher.source", f"must be 'train' or one of {[k + ':DIR' for k in TEACHER_KINDS[1:]]}",
-                  source)
-        if kind != "train":
+            _fail("teacher.source", f"must be 'train', one of "
+                  f"{[k + ':DIR' for k in TEACHER_KINDS if k not in ('train', 'pretrained')]} or "
+                  f"'pretrained:NAME' (NAME: one of {sorted(pretrained.CHECKPOINTS)})", source)
+        if kind == "pretrained":
+            try:
+                pretrained.resolve_source(source)
+            except pretrained.PretrainedError as e:
+                _fail("teacher.source", str(e), source)
+        elif kind != "train":
             if not arg:
                 _fail("teacher.source", f"'{kind}:' needs a directory after the colon", source)
             if not os.path.isdir(arg):

