@@ -249,7 +249,7 @@ def plot_search(workdir: str | os.PathLike) -> Path | None:
 # The report
 # ----------------------------------------------------------------------------------
 
-MODEL_HEADER = ("model", "kind", "architecture", "params", "params - found", "FLOPs/seq",
+MODEL_HEADER = ("model", "kind", "architecture", "params", "non-embedding params", "params - found", "FLOPs/seq",
                 "pred. latency ms", "meas. latency ms", "val loss (inherited)", "val loss (retrained)",
                 "gain (nats)", "perplexity", "fine-tune test acc.")
 
@@ -264,7 +264,9 @@ def model_rows(workdir: str | os.PathLike) -> list[list[Any]]:
     rows = []
     for name, e in export.items():
         ev, ft, rt = evaluate.get(name, {}), finetune.get(name, {}), retrain.get(name, {})
+        emb = ev.get("embedding_params")
         rows.append([name, e.get("kind", "found"), f"`{e.get('describe', '?')}`", e.get("params"),
+                     None if emb is None or e.get("params") is None else e["params"] - emb,
                      e.get("param_gap"), e.get("flops"), e.get("predicted_latency_ms"),
                      e.get("measured_latency_ms"),
                      rt.get("before", {}).get("loss"), ev.get("loss"), _gain(ev), ev.get("perplexity"),

@@ -15,7 +15,8 @@ from flax import nnx
 from random_weights import randomize
 
 from elm_jax.engine.losses import weighted_cross_entropy
-from elm_jax.models.dense import BlockSpec, DenseConfig, DenseLM, count_params, init_dense
+from elm_jax.models.dense import (BlockSpec, DenseConfig, DenseLM, count_embedding_params, count_params,
+                                  init_dense)
 from elm_jax.models.layers import neighbour_concat
 
 # Every family, with different FFN widths and head counts per layer (3 layers keep the
@@ -96,6 +97,25 @@ def test_param_count_matches_hand_count(embedding, head):
     cfg = make_cfg(blocks=MIXED5, embedding=embedding, head=head, final_norm=head == "clm",
                    causal=head == "clm", embed_norm=head != "none")
     assert count_params(cfg) == expected_param_count(cfg)
+
+
+@pytest.mark.parametrize("embedding", ["standard", "factorized"])
+@pytest.mark.parametrize("head", ["mlm", "clm", "none"])
+def test_embedding_params_are_the_tables_and_the_piece_bias(embedding, head):
+    """The embedding count is the word table (V*E factorised, V*H standard), the position and
+    segment tables and the MLM head's bias V, written out by hand; the rest does not change with
+    the vocabulary."""
+    kw = dict(blocks=MIXED5, embedding=embedding, head=head, final_norm=head == "clm",
+              causal=head == "clm")
+    cfg = make_cfg(**kw)
+    H, V, E = cfg.hidden, cfg.vocab_size, cfg.embed_size
+    want = V * (E if embedding == "factorized" else H) + cfg.max_len * H + cfg.type_vocab_size * H
+    want += V if head == "mlm" else 0
+    model = DenseLM(cfg, rngs=nnx.Rngs(0))
+    assert count_embedding_params(model) == want
+    bigger = DenseLM(make_cfg(vocab_size=30522, **kw), rngs=nnx.Rngs(0))
+    assert (count_params(bigger) - count_embedding_params(bigger)
+            == count_params(model) - count_embedding_params(model))
 
 
 @pytest.mark.parametrize("embedding,head", [("standard", "mlm"), ("factorized", "clm")])

@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 
+import elm_jax
 from elm_jax import pretrained
 from elm_jax.config import ConfigError, load_config, validate
 
@@ -126,4 +127,14 @@ def test_minilm_test_runs_end_to_end(tmp_path):
     found = ev["models"]["small"]
     assert found["kind"] == "found" and np.isfinite(found["loss"])
     assert found["params"] <= 16_000 + extra
+    # both counts, as papers report them: every parameter, and those that do not grow with the
+    # vocabulary (the tables and the head's per-piece bias out), recounted from the saved model
+    mc = elm_jax.load_model(tmp_path / "retrain" / "small").cfg
+    assert found["embedding_params"] == (mc.vocab_size * mc.embed_size + mc.max_len * mc.hidden
+                                         + mc.type_vocab_size * mc.hidden + mc.vocab_size)
+    assert mc.vocab_size == 30522
+    from elm_jax.report import MODEL_HEADER, model_rows
+
+    row = dict(zip(MODEL_HEADER, next(r for r in model_rows(tmp_path) if r[0] == "small")))
+    assert row["non-embedding params"] == found["params"] - found["embedding_params"] > 0
     assert json.loads((tmp_path / "data" / "stats.json").read_text())["tokenizer"]["vocab_size"] == 30522

@@ -75,7 +75,7 @@ def _complete_workdir(wd):
     _write(wd / "finetune" / "result.json", {"small": {"test_accuracy": 0.625},
                                              "small_uniform_mobilebert": {"test_accuracy": 0.5}})
     _write(wd / "evaluate" / "result.json", {
-        "small": {"loss": 5.5238, "perplexity": 250.6, "params": 15104},
+        "small": {"loss": 5.5238, "perplexity": 250.6, "params": 15104, "embedding_params": 4000},
         "small_uniform_mobilebert": {"loss": 5.5203, "perplexity": 249.7, "params": 15904},
         "teacher": {"loss": 5.1713, "perplexity": 176.147, "params": 27744}})
 
@@ -110,6 +110,7 @@ def test_report_command_on_a_complete_workdir(tmp_path):
     assert set(rows) == {"small", "small_uniform_mobilebert"}
     small, mob = rows["small"], rows["small_uniform_mobilebert"]
     assert small["architecture"] == "`b1h2 -`" and small["params"] == "15,104"
+    assert small["non-embedding params"] == "11,104"  # 15,104 less the fixture's 4,000 in tables
     assert small["FLOPs/seq"] == "983,040" and small["pred. latency ms"] == "-"
     assert small["meas. latency ms"] == "0.384" and small["val loss (inherited)"] == "5.542"
     assert small["val loss (retrained)"] == "5.524" and small["fine-tune test acc."] == "0.625"

@@ -469,6 +469,23 @@ def count_params(model_or_state: Any) -> int:
     return int(sum(int(np.prod(getattr(x, "shape", ()))) for x in leaves))
 
 
+#: The parameters a model holds per vocabulary piece, position or segment: its lookup tables and
+#: the MLM head's per-piece output bias (the tied decoder owns no table of its own).
+EMBEDDING_PARAMS = ("embed.word.", "embed.position.", "embed.segment.", "head.bias")
+
+
+def count_embedding_params(model: "DenseLM") -> int:
+    """Parameters of ``model`` in :data:`EMBEDDING_PARAMS`. ``count_params(model) - this`` are
+    its non-embedding parameters (the convention of Kaplan et al. 2020, which counts neither the
+    vocabulary nor the position tables): what stays when the vocabulary changes, so budgets and
+    models compare across tokenizers. Everything else, the factorised embedding's projection
+    and the embedding and head norms included, is counted as non-embedding."""
+    from elm_jax.models.io import flat_params
+
+    return int(sum(v.size for k, v in flat_params(model).items()
+                   if k.startswith(EMBEDDING_PARAMS[:3]) or k == EMBEDDING_PARAMS[3]))
+
+
 def _has_variables(state: nnx.State) -> bool:
     leaves = jax.tree_util.tree_leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
     return any(isinstance(x, nnx.Variable) for x in leaves)
@@ -477,6 +494,7 @@ def _has_variables(state: nnx.State) -> bool:
 __all__ = [
     "BlockSpec", "DenseConfig", "DenseLM", "ModelOutput", "BlockOut", "BertBlock",
     "GPT2Block", "MobileBertBlock", "MLMHead", "CLMHead", "init_dense", "count_params",
+    "count_embedding_params", "EMBEDDING_PARAMS",
     "FAMILIES", "FAMILY_ACT",
 ]
 

@@ -10,7 +10,9 @@ The file (``SCHEMA_VERSION`` 2; other tools read it):
   ``None`` until the fine-tuning stage records one);
 - ``models``: model name (the teacher is ``teacher``) -> ``kind`` (``teacher`` | ``found`` |
   ``baseline_largest`` | ``baseline_matched`` | ``random_best``, the random-search control's
-  best), ``params``, ``param_gap`` (baselines and ``random_best``: params minus the found model's), ``loss``, ``perplexity``, ``accuracy`` (masked / next-token accuracy),
+  best), ``params`` (every parameter), ``embedding_params`` (its lookup tables and the head's
+  per-piece bias, :func:`~elm_jax.models.dense.count_embedding_params`: ``params`` minus it is
+  the non-embedding count the report shows beside the total), ``param_gap`` (baselines and ``random_best``: params minus the found model's), ``loss``, ``perplexity``, ``accuracy`` (masked / next-token accuracy),
   ``gain_nats = baseline loss - loss`` (> 0: the model beats the trivial answer), ``gain_noise``
   (its standard error paired over the evaluation rows with the trivial answer's, and the 90%
   normal interval: ``{gain, se, lo, hi, level, verdict}`` of
@@ -41,6 +43,7 @@ from elm_jax.engine import sharding
 from elm_jax.evaluation import SCHEMA_VERSION, finetune_accuracy, versus_line
 from elm_jax.fileio import atomic_write_json
 from elm_jax.lm import lm_row_sums, with_perplexity
+from elm_jax.models.dense import count_embedding_params
 from elm_jax.models.io import final_models, flat_params, is_model_dir, load_model
 from elm_jax.search.fitness_noise import loss_gain
 
@@ -77,6 +80,7 @@ def run(cfg, workdir: str | os.PathLike, data) -> dict[str, Any]:
         e = exported.get(name, {})
         entry = {"kind": "teacher" if name == "teacher" else e.get("kind", "found"),
                  "params": sum(v.size for v in flat_params(model).values()),
+                 "embedding_params": count_embedding_params(model),
                  "param_gap": e.get("param_gap"), "loss": loss, "perplexity": with_perplexity({"loss": loss})["perplexity"],
                  "accuracy": float(r[:, 2].sum() / r[:, 1].sum()), "gain_nats": trivial - loss,
                  "gain_noise": loss_gain(r, cf_rows)}
