@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import importlib.util
 import json
 from pathlib import Path
+
+from elm_jax.data.corpus import sha256_file
 
 PREFIX = "pretrained:"
 
@@ -64,14 +65,6 @@ def checkpoint(name: str) -> Checkpoint:
     return CHECKPOINTS[name]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 @functools.lru_cache(maxsize=None)
 def _checked(directory: str, weights: str, sha256: str, shape: tuple, size: int, mtime: float) -> None:
     """Raises unless ``directory`` holds the expected checkpoint; cached per file size and mtime,
@@ -84,7 +77,7 @@ def _checked(directory: str, weights: str, sha256: str, shape: tuple, size: int,
     wrong = [f"{k}={cfg.get(k)!r} (expected {v!r})" for k, v in shape if cfg.get(k) != v]
     if wrong:
         raise PretrainedError(f"{cfg_file} is not the expected checkpoint: " + ", ".join(wrong))
-    digest = _sha256(Path(directory) / weights)
+    digest = sha256_file(Path(directory) / weights)
     if digest != sha256:
         raise PretrainedError(f"{Path(directory) / weights} has sha256 {digest[:12]}..., expected "
                               f"{sha256[:12]}... (a different or damaged file)")
