@@ -480,9 +480,8 @@ def count_embedding_params(model: "DenseLM") -> int:
     vocabulary nor the position tables): what stays when the vocabulary changes, so budgets and
     models compare across tokenizers. Everything else, the factorised embedding's projection
     and the embedding and head norms included, is counted as non-embedding."""
-    from elm_jax.models.io import flat_params
-
-    return int(sum(v.size for k, v in flat_params(model).items()
+    names = {".".join(map(str, k)): v for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    return int(sum(int(np.prod(v.get_value().shape)) for k, v in names.items()
                    if k.startswith(EMBEDDING_PARAMS[:3]) or k == EMBEDDING_PARAMS[3]))
 
 
