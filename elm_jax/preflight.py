@@ -45,8 +45,8 @@ def check_devices(cfg: Any, stages: Sequence[str]) -> int:
                 f"(mesh {dict(mesh.shape)}); use a multiple of {n}, e.g. {up} (got {int(node)})")
     sc = cfg.supernet
     paths = int(sc.get("paths_per_device", 1) or 1) if sc.get("sample_per") == "device" else 1
-    if "supernet" in stages and (int(cfg.data.batch_size) // n) % paths:
-        rows = int(cfg.data.batch_size) // n
+    rows = int(cfg.data.batch_size) // n
+    if "supernet" in stages and rows % paths:
         raise ConfigError(
             f"config.supernet.paths_per_device: each of the {n} devices gets {rows} rows of "
             f"data.batch_size={int(cfg.data.batch_size)}, which do not split evenly over {paths} "

@@ -480,9 +480,10 @@ def count_embedding_params(model: "DenseLM") -> int:
     vocabulary nor the position tables): what stays when the vocabulary changes, so budgets and
     models compare across tokenizers. Everything else, the factorised embedding's projection
     and the embedding and head norms included, is counted as non-embedding."""
-    names = {".".join(map(str, k)): v for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    return int(sum(int(np.prod(v.get_value().shape)) for k, v in names.items()
-                   if k.startswith(EMBEDDING_PARAMS[:3]) or k == EMBEDDING_PARAMS[3]))
+    tables, bias = EMBEDDING_PARAMS[:3], EMBEDDING_PARAMS[3]
+    return int(sum(int(np.prod(v.get_value().shape))
+                   for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+                   if (name := ".".join(map(str, k))).startswith(tables) or name == bias))
 
 
 def _has_variables(state: nnx.State) -> bool:
